@@ -1,0 +1,11 @@
+"""Data layer: atoms <-> graphs, neighbor lists, LMDB shards, manifest, sampling, statistics."""
+from .graph import add_edges, build_graph, from_atoms, neighbor_list
+
+__all__ = ["from_atoms", "build_graph", "add_edges", "neighbor_list", "ShardedDataset"]
+
+
+def __getattr__(name):
+    if name == "ShardedDataset":
+        from .dataset import ShardedDataset
+        return ShardedDataset
+    raise AttributeError(name)
