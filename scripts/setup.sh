@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create (or update) the project's virtual environment in .venv and install foundation with everything it needs.
+# Idempotent: a second run only checks. torch comes first (pinned to the CPU build; an unpinned torch pulls a
+# multi-GB CUDA build), then deepspeed without build isolation (its build imports torch), then the package.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
+fi
+pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+"$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "[setup] installing $TORCH_SPEC"; pip_install "$TORCH_SPEC"; }
+"$VENV/bin/python" -c "import deepspeed" 2>/dev/null || { echo "[setup] installing deepspeed"; DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed; }
+echo "[setup] installing foundation and its dependencies"
+pip_install -e ".[test,xtb]"
+echo "[setup] done: $VENV/bin/foundation --help"
