@@ -32,6 +32,12 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="recompute checksums and decode every record")
     p.set_defaults(func=_run_inspect)
 
+    p = dsub.add_parser("generate", help="make a labelled multi-element corpus with EMT (metals) and GFN2-xTB (molecules)")
+    p.add_argument("--preset", default="demo", help="corpus size preset: demo (default) or tiny")
+    p.add_argument("--out", required=True, help="output directory; one converted dataset per part inside")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_generate)
+
 
 def _run_convert(args: argparse.Namespace) -> int:
     from .data.convert import convert
@@ -45,6 +51,13 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import inspect
     print(inspect(args.path, verify=args.verify))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .data.generate import generate
+    for part, path in generate(args.preset, args.out, seed=args.seed).items():
+        print(f"{part}: {path}")
     return 0
 
 
