@@ -1,0 +1,225 @@
+"""FoundationCalculator: ASE numerical checks, skin neighbor list == rebuild, pbc cases, heads, dtypes, batching."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, fcc111, molecule
+from ase.calculators.calculator import PropertyNotImplementedError
+
+from foundation import keys
+from foundation.calculator import FoundationCalculator, SkinNeighborList
+from foundation.data.graph import neighbor_list
+from foundation.hub import HubMixin
+
+
+# --- a smooth, conservative fixture model with two heads and a charge output (the calculator is generic) ---
+@dataclasses.dataclass
+class PairConfig:
+    elements: list
+    r_max: float = 4.0
+    heads: list = dataclasses.field(default_factory=lambda: ["pbe", "r2scan"])
+    num_basis: int = 6
+    charges: bool = True
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        return cls(**d)
+
+
+class PairModel(HubMixin, torch.nn.Module):
+    """E = sum_i [e0_zi + sum_j phi_head(zi,zj,r_ij)] + a sum_i q_i^2, q from neighbor sums (total charge kept)."""
+
+    config_class = PairConfig
+
+    def __init__(self, config: PairConfig):
+        super().__init__()
+        self.config = config
+        n, k, h = len(config.elements), config.num_basis, len(config.heads)
+        self.w = torch.nn.Parameter(0.05 * torch.randn(h, n, n, k))
+        self.wq = torch.nn.Parameter(0.3 * torch.randn(n, k))
+        self.register_buffer("e0", -torch.rand(n))
+        self.register_buffer("mu", torch.linspace(1.0, config.r_max, k))
+        from ase.data import atomic_numbers
+        index = torch.full((119,), -1, dtype=torch.long)
+        index[[atomic_numbers[e] for e in config.elements]] = torch.arange(n)
+        self.register_buffer("z_index", index, persistent=False)
+
+    def forward(self, batch, compute_forces=True, compute_stress=False):
+        pos, cell, b = batch[keys.POSITIONS], batch[keys.CELL].view(-1, 3, 3), batch.batch
+        send, recv = batch[keys.EDGE_INDEX]
+        disp = torch.zeros_like(cell, requires_grad=True)
+        strain = 0.5 * (disp + disp.transpose(1, 2))
+        pos = pos.requires_grad_(True)
+        p = pos + torch.einsum("ni,nij->nj", pos, strain[b])
+        shifts = batch[keys.SHIFTS] + torch.einsum("ei,eij->ej", batch[keys.SHIFTS], strain[b[send]])
+        vec = p[recv] - p[send] + shifts
+        r = vec.norm(dim=1)
+        x = r / self.config.r_max
+        fcut = torch.where(x < 1, (1 - x ** 2) ** 3, torch.zeros_like(x))
+        basis = torch.exp(-((r[:, None] - self.mu) ** 2) / 0.5) * fcut[:, None]
+        z = self.z_index[batch[keys.ATOMIC_NUMBERS]]
+        head = batch[keys.HEAD][b[recv]]
+        pair = (self.w[head, z[recv], z[send]] * basis).sum(1) + 0.5 * (1.2 / r) ** 8 * fcut
+        q_raw = torch.zeros_like(pos[:, 0]).index_add(0, recv, (self.wq[z[send]] * basis).sum(1))
+        excess = torch.zeros_like(cell[:, 0, 0]).index_add(0, b, q_raw) - batch[keys.TOTAL_CHARGE]
+        q = q_raw - (excess / torch.bincount(b).to(q_raw.dtype))[b]
+        node = self.e0[z] + torch.zeros_like(q).index_add(0, recv, 0.5 * pair) + 0.1 * q ** 2
+        energy = torch.zeros_like(cell[:, 0, 0]).index_add(0, b, node)
+        out = {keys.ENERGY: energy, keys.NODE_ENERGY: node, keys.CHARGES: q,
+               keys.DIPOLE: torch.zeros_like(cell[:, 0]).index_add(0, b, q[:, None] * pos)}
+        wrt = [pos, disp] if compute_stress else [pos]
+        grads = torch.autograd.grad(energy.sum(), wrt, allow_unused=True)
+        out[keys.FORCES] = -grads[0]
+        if compute_stress:
+            volume = torch.linalg.det(cell).abs()
+            out[keys.STRESS] = grads[1] / volume[:, None, None]
+        return {k: v.detach() for k, v in out.items()}
+
+
+def pair_model(elements=("Cu", "Au"), seed=0, **kw) -> PairModel:
+    torch.manual_seed(seed)
+    return PairModel(PairConfig(elements=list(elements), **kw)).double()
+
+
+def cu_au_bulk(seed=1, rattle=0.05) -> Atoms:
+    atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 1))
+    atoms.symbols[::3] = "Au"
+    atoms.rattle(rattle, seed=seed)
+    atoms.set_cell(atoms.cell.array @ (np.eye(3) + 0.02 * np.random.default_rng(seed).standard_normal((3, 3))),
+                   scale_atoms=True)
+    return atoms
+
+
+def slab() -> Atoms:
+    atoms = fcc111("Cu", size=(2, 2, 3), a=3.7, vacuum=6.0)
+    atoms.symbols[-2:] = "Au"
+    atoms.rattle(0.05, seed=3)
+    return atoms  # pbc (True, True, False)
+
+
+def cluster() -> Atoms:
+    atoms = Atoms("Cu4Au2", positions=np.random.default_rng(2).uniform(0, 4.5, (6, 3)))
+    atoms.positions += np.random.default_rng(5).normal(0, 0.01, (6, 3))
+    return atoms
+
+
+@pytest.mark.parametrize("make", [cu_au_bulk, slab, cluster], ids=["bulk", "slab", "molecule"])
+def test_forces_match_ase_numerical_forces(make):
+    atoms = make()
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    analytic = atoms.get_forces()
+    numeric = atoms.calc.calculate_numerical_forces(atoms, d=1e-4)
+    assert np.abs(analytic).max() > 1e-2  # a real test: forces are not trivially zero
+    np.testing.assert_allclose(analytic, numeric, atol=1e-6)
+    e = atoms.get_potential_energy()
+    assert atoms.get_potential_energy(force_consistent=True) == e
+    np.testing.assert_allclose(atoms.get_potential_energies().sum(), e, rtol=1e-12)
+
+
+def test_stress_matches_ase_numerical_stress_and_needs_a_periodic_cell():
+    atoms = cu_au_bulk()
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    analytic = atoms.get_stress()
+    numeric = atoms.calc.calculate_numerical_stress(atoms, d=1e-6)
+    assert np.abs(analytic).max() > 1e-4
+    np.testing.assert_allclose(analytic, numeric, atol=1e-7)
+    for make in (slab, cluster):
+        other = make()
+        other.calc = FoundationCalculator(pair_model())
+        with pytest.raises(PropertyNotImplementedError):
+            other.get_stress()
+
+
+def test_skin_neighbor_list_gives_the_rebuilt_list_and_rebuilds_only_when_needed():
+    atoms = cu_au_bulk(rattle=0.0)
+    nl = SkinNeighborList(r_max=4.0, skin=0.6)
+    rng = np.random.default_rng(0)
+    for step in range(40):
+        atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
+        got = nl(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+        ref = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 4.0)
+        np.testing.assert_array_equal(got[0], ref[0])
+        np.testing.assert_array_equal(got[1], ref[1])
+    assert 1 < nl.builds < 40  # reused between rebuilds, rebuilt once atoms moved more than skin/2
+    builds = nl.builds
+    atoms.set_cell(atoms.cell.array * 1.001, scale_atoms=False)
+    nl(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+    assert nl.builds == builds + 1  # a changed cell always rebuilds
+
+
+def test_md_with_skin_equals_rebuilding_every_step():
+    from ase import units
+    from ase.md.verlet import VelocityVerlet
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    model = pair_model()
+    traj = {}
+    for skin in (0.0, 1.0):
+        atoms = cu_au_bulk()
+        MaxwellBoltzmannDistribution(atoms, temperature_K=1500, rng=np.random.default_rng(4))
+        atoms.calc = FoundationCalculator(model, dtype="float64", skin=skin)
+        dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
+        frames = []
+        dyn.attach(lambda: frames.append((atoms.get_potential_energy(), atoms.get_forces().copy())), interval=1)
+        dyn.run(30)
+        traj[skin] = (frames, atoms.calc.neighbors.builds)
+    (f0, b0), (f1, b1) = traj[0.0], traj[1.0]
+    assert b0 == 31 and b1 < b0
+    for (e0, F0), (e1, F1) in zip(f0, f1):
+        assert abs(e0 - e1) <= 1e-12 * max(1.0, abs(e0))
+        np.testing.assert_allclose(F0, F1, rtol=0, atol=1e-12)
+
+
+def test_heads_dtypes_and_unknown_elements():
+    model = pair_model()
+    atoms = cu_au_bulk()
+    e = {}
+    for head in ("pbe", "r2scan"):
+        atoms.calc = FoundationCalculator(model, head=head)
+        e[head] = atoms.get_potential_energy()
+    assert abs(e["pbe"] - e["r2scan"]) > 1e-6  # the heads are different readouts
+    with pytest.raises(ValueError, match="not a head"):
+        FoundationCalculator(model, head="ccsd")
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float32")
+    f32 = atoms.get_potential_energy()
+    assert atoms.calc.model.w.dtype == torch.float32
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    assert abs(f32 - atoms.get_potential_energy()) < 1e-4 * len(atoms)
+    with pytest.raises(ValueError, match="float32"):
+        FoundationCalculator(pair_model(), dtype="bfloat16")
+    water = molecule("H2O")
+    water.calc = FoundationCalculator(pair_model())
+    with pytest.raises(ValueError, match=r"\['H', 'O'\]"):
+        water.get_potential_energy()
+
+
+def test_charges_follow_total_charge_and_dipole_is_reported():
+    atoms = cluster()
+    atoms.calc = FoundationCalculator(pair_model())
+    q0 = atoms.get_charges()
+    assert abs(q0.sum()) < 1e-12 and np.abs(q0).max() > 1e-3
+    np.testing.assert_allclose(atoms.get_dipole_moment(), (q0[:, None] * atoms.positions).sum(0), atol=1e-12)
+    atoms.info["charge"] = -1
+    atoms.calc = FoundationCalculator(pair_model())
+    assert abs(atoms.get_charges().sum() + 1) < 1e-12
+
+
+def test_calculate_many_matches_one_by_one():
+    model = pair_model()
+    structures = [cu_au_bulk(seed=s) for s in range(3)] + [slab(), cluster(), cu_au_bulk(seed=7)]
+    calc = FoundationCalculator(model)
+    many = calc.calculate_many(structures, max_atoms=40)
+    for atoms, res in zip(structures, many):
+        atoms.calc = FoundationCalculator(model)
+        assert abs(res["energy"] - atoms.get_potential_energy()) < 1e-10
+        np.testing.assert_allclose(res["forces"], atoms.get_forces(), atol=1e-10)
+        np.testing.assert_allclose(res["charges"], atoms.get_charges(), atol=1e-10)
+        assert ("stress" in res) == bool(atoms.pbc.all())
+        if atoms.pbc.all():
+            np.testing.assert_allclose(res["stress"], atoms.get_stress(), atol=1e-10)
