@@ -56,25 +56,37 @@ def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pb
     dtype = dtype or torch.get_default_dtype()
     labels = dict(labels or {})
     n = len(numbers)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    charge = np.asarray(labels.pop(keys.TOTAL_CHARGE, 0.0), dtype=np.float64).reshape(1)
+    ints = torch.from_numpy(np.array([n, head, dataset_index], dtype=np.int64))
     fields = {
         keys.POSITIONS: torch.as_tensor(np.asarray(positions, np.float64).reshape(n, 3), dtype=dtype),
         keys.ATOMIC_NUMBERS: torch.as_tensor(np.asarray(numbers, np.int64).reshape(n)),
-        keys.CELL: torch.as_tensor(cell, dtype=dtype).view(1, 3, 3),
-        keys.PBC: torch.as_tensor(pbc).view(1, 3),
-        keys.NATOMS: torch.tensor([n], dtype=torch.long),
-        keys.TOTAL_CHARGE: torch.as_tensor(labels.pop(keys.TOTAL_CHARGE, 0.0), dtype=dtype).reshape(1),
-        keys.HEAD: torch.tensor([head], dtype=torch.long),
-        keys.DATASET: torch.tensor([dataset_index], dtype=torch.long),
+        keys.CELL: torch.as_tensor(np.asarray(cell, dtype=np.float64).reshape(1, 3, 3), dtype=dtype),
+        keys.PBC: torch.as_tensor(np.asarray(pbc, dtype=bool).reshape(1, 3)),
+        keys.NATOMS: ints[0:1],
+        keys.TOTAL_CHARGE: torch.as_tensor(charge, dtype=dtype),
+        keys.HEAD: ints[1:2],
+        keys.DATASET: ints[2:3],
     }
     for name, value in labels.items():
-        t = torch.as_tensor(np.asarray(value), dtype=dtype)
-        fields[name] = t.reshape(1, *t.shape) if name in keys.PER_STRUCTURE_KEYS else t
-    data = Data(**fields)
-    data.num_nodes = n
+        a = np.asarray(value, dtype=np.float64)
+        fields[name] = torch.as_tensor(a.reshape(1, *a.shape) if name in keys.PER_STRUCTURE_KEYS else a, dtype=dtype)
+    fields["num_nodes"] = n
+    data = _new_data(fields)
     if r_max is not None:
         add_edges(data, r_max)
+    return data
+
+
+def _new_data(fields: dict) -> Data:
+    """``Data(**fields)`` without PyG's per-attribute bookkeeping (a fresh Data has no caches to invalidate)."""
+    data = Data()
+    mapping = getattr(getattr(data, "_store", None), "_mapping", None)
+    if isinstance(mapping, dict) and not mapping:
+        mapping.update(fields)
+    else:  # pragma: no cover - other PyG internals
+        for key, value in fields.items():
+            data[key] = value
     return data
 
 

@@ -1,0 +1,278 @@
+"""``foundation data convert``: input files -> LMDB shards + ``manifest.json``, streamed, atomic, idempotent.
+
+Required labels: every label named with ``key_map`` (``--energy-key`` ...) plus every label the first valid
+record has; a later record without one of them is invalid ("missing required label"). Labels a later record
+has beyond that set are not stored. ``total_charge`` is always stored (default 0 e).
+
+Invalid records (NaN/inf values, a missing required label, an unknown element, two atoms closer than
+``MIN_DISTANCE`` Å, unparsable frames) stop the conversion with a ``ValueError`` naming the file and record
+index; with ``skip_invalid=True`` they are left out and listed in ``skipped.json`` (file, record, reason).
+
+The dataset is written into ``<out>.tmp-XXXX`` next to ``out``, fsynced and renamed into place; an existing
+dataset at ``out`` is renamed away first and deleted after. On any error the temporary directory is removed,
+so ``out`` is either the old dataset, the new one, or absent - never half written. Re-running with the same
+inputs (by SHA-256) and arguments finds the dataset up to date and leaves it untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from .. import __version__, keys
+from .encoding import RECORD_VERSION
+from .graph import neighbor_list
+from .labels import DEFAULT_SOURCES, read_labels
+from .manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, read_manifest,
+                       sha256_file, write_json_synced)
+from .readers import iter_structures
+from .shards import SHARD_SCHEMA_VERSION, ShardWriter
+from .stats import MAX_Z, StatsAccumulator
+
+MIN_DISTANCE = 0.1  # Å
+SKIPPED_NAME = "skipped.json"
+
+
+class InvalidRecord(ValueError):
+    """One input record that cannot be stored; ``reason`` says why."""
+
+
+def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shard_size: int = 10000,
+            dataset_name: str | None = None, key_map: Mapping[str, str] | None = None, skip_invalid: bool = False,
+            r_max: float = 5.0, level_of_theory: str | None = None, progress: bool = True) -> Path:
+    """Convert ``inputs`` into a sharded dataset at ``out``; returns the dataset directory.
+
+    ``shard_size`` structures per shard; ``key_map`` {"energy"|"forces"|"stress"|"charges": name in the input};
+    ``r_max`` (Å) is the cutoff of the mean-neighbor-count statistic. See the module docstring for the rules on
+    required labels, invalid records, atomicity and idempotency.
+    """
+    out = Path(out)
+    key_map = {k: v for k, v in dict(key_map or {}).items() if v}
+    _check_arguments(inputs, shard_size, key_map, r_max)
+    paths = [Path(p) for p in inputs]
+    arguments = {"shard_size": int(shard_size), "dataset_name": dataset_name or out.name, "key_map": key_map,
+                 "skip_invalid": bool(skip_invalid), "r_max": float(r_max), "level_of_theory": level_of_theory}
+    sources = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
+    fingerprint = _fingerprint(sources, arguments)
+    if _up_to_date(out, fingerprint):
+        if progress:
+            print(f"{out} is up to date (same inputs and arguments); nothing to do")
+        return out
+    _check_replaceable(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        manifest = _write_dataset(paths, tmp, arguments, progress)
+        manifest["provenance"] = {"tool": f"foundation {__version__}", "created": time.strftime(
+            "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "arguments": arguments, "inputs": sources,
+            "fingerprint": fingerprint}
+        write_json_synced(tmp / MANIFEST_NAME, manifest)
+        fsync_dir(tmp)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _check_arguments(inputs, shard_size, key_map, r_max) -> None:
+    if not inputs:
+        raise ValueError("no input files given; pass one or more extxyz/ASE db/.aselmdb/OUTCAR files")
+    for p in inputs:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"input {p} does not exist or is not a file; check the path")
+    if int(shard_size) < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {shard_size}")
+    if not float(r_max) > MIN_DISTANCE:
+        raise ValueError(f"--r-max must be > {MIN_DISTANCE} Å, got {r_max}")
+    unknown = sorted(set(key_map) - set(DEFAULT_SOURCES))
+    if unknown:
+        raise ValueError(f"key_map has unknown label names {unknown}; use {sorted(DEFAULT_SOURCES)}")
+
+
+def _fingerprint(sources: list[dict], arguments: dict) -> str:
+    blob = json.dumps({"inputs": [(s["file"], s["sha256"]) for s in sources], "arguments": arguments,
+                       "versions": [MANIFEST_SCHEMA_VERSION, SHARD_SCHEMA_VERSION, RECORD_VERSION, __version__]},
+                      sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _up_to_date(out: Path, fingerprint: str) -> bool:
+    """True when ``out`` is a complete dataset made from the same inputs and arguments (checksums verified)."""
+    try:
+        manifest = read_manifest(out)
+    except (FileNotFoundError, ValueError):
+        return False
+    if manifest.get("provenance", {}).get("fingerprint") != fingerprint:
+        return False
+    for shard in manifest["shards"]:
+        f = out / shard["file"]
+        if not f.is_file() or f.stat().st_size != shard["bytes"] or sha256_file(f) != shard["sha256"]:
+            return False
+    return True
+
+
+def _check_replaceable(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} exists and is not a directory; choose another path")
+    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
+        raise ValueError(f"--out {out} exists, is not empty and is not a converted dataset (no {MANIFEST_NAME}); "
+                         f"refusing to replace it: choose another path or remove it")
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed away first and deleted once the new one is in."""
+    if out.exists():
+        old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        fsync_dir(out.parent)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
+    fsync_dir(out.parent)
+
+
+class _State:
+    """Everything accumulated while streaming records into shards."""
+
+    def __init__(self, directory: Path, shard_size: int, r_max: float):
+        self.directory, self.shard_size = directory, shard_size
+        self.required: list[str] | None = None
+        self.writer: ShardWriter | None = None
+        self.shards: list[dict] = []
+        self.skipped: list[dict] = []
+        self.stats = StatsAccumulator(r_max)
+        self.natoms_min, self.natoms_max, self.elements = None, 0, set()
+
+    def add(self, fields: dict[str, np.ndarray]) -> None:
+        if self.writer is None:
+            self.writer = ShardWriter(self.directory / f"shard-{len(self.shards):05d}.lmdb")
+        self.writer.append(fields)
+        n = len(fields[keys.ATOMIC_NUMBERS])
+        self.natoms_min = n if self.natoms_min is None else min(self.natoms_min, n)
+        self.natoms_max = max(self.natoms_max, n)
+        if len(self.writer.natoms) >= self.shard_size:
+            self.close_shard()
+
+    def close_shard(self) -> None:
+        if self.writer is None:
+            return
+        meta = self.writer.close(self.required or [])
+        path = self.writer.path
+        self.writer = None
+        self.elements.update(meta["elements"])
+        self.shards.append({"file": path.name, "count": meta["count"], "num_atoms": meta["num_atoms"],
+                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+
+
+def _write_dataset(paths: list[Path], directory: Path, arguments: dict, progress: bool) -> dict:
+    state = _State(directory, arguments["shard_size"], arguments["r_max"])
+    try:
+        for path in paths:
+            bar = tqdm(desc=f"convert {path.name}", unit=" structures", disable=None if progress else True)
+            for index, item in iter_structures(path):
+                bar.update(1)
+                try:
+                    if isinstance(item, Exception):
+                        raise InvalidRecord(str(item))
+                    fields, labels, edges = _prepare(item, arguments["key_map"], state, arguments["r_max"])
+                except InvalidRecord as exc:
+                    _invalid(path, index, str(exc), arguments["skip_invalid"], state)
+                    continue
+                state.add(fields)
+                state.stats.update(fields[keys.ATOMIC_NUMBERS], labels, edges)
+            bar.close()
+        state.close_shard()
+    finally:
+        if state.writer is not None:
+            state.writer.abort()
+    if not state.shards:
+        raise ValueError(f"no valid structures in {[str(p) for p in paths]} ({len(state.skipped)} skipped); "
+                         f"nothing to write")
+    if arguments["skip_invalid"]:
+        write_json_synced(directory / SKIPPED_NAME, state.skipped)
+    return _manifest(state, arguments)
+
+
+def _invalid(path: Path, index: int, reason: str, skip: bool, state: _State) -> None:
+    if not skip:
+        raise ValueError(f"{path}, record {index}: {reason}. Fix or remove this record, or pass --skip-invalid "
+                         f"to leave bad records out (they are listed in {SKIPPED_NAME})")
+    state.skipped.append({"file": str(path), "record": index, "reason": reason})
+
+
+def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
+    """Validate one Atoms; returns (record fields, labels, edge count at r_max) or raises ``InvalidRecord``."""
+    numbers = np.asarray(atoms.numbers)
+    if len(numbers) == 0:
+        raise InvalidRecord("structure has no atoms")
+    bad = numbers[(numbers < 1) | (numbers > MAX_Z)]
+    if len(bad):
+        raise InvalidRecord(f"unknown element (atomic number {int(bad[0])})")
+    positions = np.asarray(atoms.positions, dtype=np.float64)
+    cell = np.asarray(atoms.cell.array, dtype=np.float64)
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    for name, value in (("positions", positions), ("cell", cell)):
+        if not np.all(np.isfinite(value)):
+            raise InvalidRecord(f"{name} contain NaN or inf")
+    try:
+        labels = read_labels(atoms, key_map)
+    except KeyError as exc:
+        raise InvalidRecord(f"missing required label: {exc.args[0]}") from None
+    except ValueError as exc:
+        raise InvalidRecord(f"bad label: {exc}") from None
+    if state.required is None:
+        state.required = sorted(set(labels) | set(key_map))
+    missing = [k for k in state.required if k not in labels]
+    if missing:
+        raise InvalidRecord(f"missing required label(s) {missing} (the first valid record has {state.required})")
+    labels = {k: labels[k] for k in state.required}
+    for name, value in labels.items():
+        if not np.all(np.isfinite(value)):
+            raise InvalidRecord(f"label {name!r} contains NaN or inf")
+    try:
+        edge_index, unit = neighbor_list(positions, cell, pbc, r_max)
+    except ValueError as exc:
+        raise InvalidRecord(str(exc)) from None
+    if edge_index.shape[1]:
+        vec = positions[edge_index[1]] - positions[edge_index[0]] + unit @ cell
+        d = np.linalg.norm(vec, axis=1)
+        k = int(np.argmin(d))
+        if d[k] < MIN_DISTANCE:
+            raise InvalidRecord(f"atoms {edge_index[0, k]} and {edge_index[1, k]} (or a periodic image) are "
+                                f"{d[k]:.4f} Å apart, closer than {MIN_DISTANCE} Å")
+    fields = {keys.ATOMIC_NUMBERS: numbers.astype(np.uint8), keys.POSITIONS: positions, keys.CELL: cell,
+              keys.PBC: pbc}
+    fields.update(labels)
+    return fields, labels, edge_index.shape[1]
+
+
+def _manifest(state: _State, arguments: dict) -> dict:
+    from ase.data import chemical_symbols
+    stats = state.stats.result()
+    props = {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in state.required or []}
+    return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "name": arguments["dataset_name"],
+            "level_of_theory": arguments["level_of_theory"], "num_structures": stats["num_structures"],
+            "num_atoms": stats["num_atoms"],
+            "natoms": {"min": state.natoms_min, "max": state.natoms_max,
+                       "mean": stats["num_atoms"] / stats["num_structures"]},
+            "elements": [chemical_symbols[z] for z in sorted(state.elements)], "properties": props,
+            "units": {"positions": "Å", "cell": "Å"}, "shards": state.shards, "statistics": stats,
+            "skipped": len(state.skipped)}

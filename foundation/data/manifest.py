@@ -1,0 +1,77 @@
+"""``manifest.json``: what a converted dataset contains, its statistics, checksums and provenance.
+
+Top-level keys (schema version ``MANIFEST_SCHEMA_VERSION``)::
+
+    format, schema_version, name, level_of_theory, num_structures, num_atoms,
+    natoms {min, max, mean}, elements [symbols], properties {name: {unit, per_atom}},
+    shards [{file, count, num_atoms, bytes, sha256}], statistics (stats.StatsAccumulator.result()),
+    skipped (records left out by --skip-invalid), provenance {tool, created, arguments, inputs
+    [{file, bytes, sha256}], fingerprint}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+MANIFEST_NAME = "manifest.json"
+MANIFEST_FORMAT = "foundation-dataset"
+MANIFEST_SCHEMA_VERSION = 1
+REQUIRED_KEYS = ("format", "schema_version", "num_structures", "shards", "properties", "elements")
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_synced(path: str | os.PathLike, obj) -> None:
+    """Write ``obj`` as indented JSON and fsync the file."""
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=2, sort_keys=False, ensure_ascii=False)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_manifest(directory: str | os.PathLike) -> dict:
+    """The validated manifest of a dataset directory (``FileNotFoundError``/``ValueError`` say what is wrong)."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; {directory} is not a converted dataset "
+                                f"(create one with `foundation data convert INPUT... --out {directory}`)")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); re-run `foundation data convert`") from None
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing or manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{path} is not a foundation manifest (missing {missing}, format "
+                         f"{manifest.get('format')!r}); re-run `foundation data convert`")
+    if manifest["schema_version"] != MANIFEST_SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema version {manifest['schema_version']} is not supported (this code reads "
+                         f"{MANIFEST_SCHEMA_VERSION}); upgrade foundation or re-convert the dataset")
+    total = sum(int(s["count"]) for s in manifest["shards"])
+    if total != manifest["num_structures"]:
+        raise ValueError(f"{path}: shards hold {total} structures but num_structures is "
+                         f"{manifest['num_structures']}; the manifest is inconsistent: re-convert the dataset")
+    return manifest
+
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory so renames/creations inside it are durable (no-op where unsupported)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
