@@ -61,6 +61,57 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_push(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("push", help="upload a saved model directory (config.json, model.safetensors, README.md) "
+                                    "to the Hugging Face Hub (HF_ENDPOINT / HF_TOKEN honoured)")
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="directory written by save_pretrained")
+    p.add_argument("repo_id", metavar="REPO_ID", help="namespace/name; created if it does not exist")
+    p.add_argument("--revision", default=None, help="branch to commit to (created from main if missing)")
+    p.add_argument("--private", action="store_true", help="create the repo as private")
+    p.add_argument("--message", default=None, help="commit message")
+    p.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the cached login)")
+    p.set_defaults(func=_run_push)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import push_folder
+    sha = push_folder(args.model_dir, args.repo_id, revision=args.revision, private=args.private,
+                      commit_message=args.message, token=args.token)
+    print(f"pushed {args.model_dir} to {args.repo_id}" + (f"@{args.revision}" if args.revision else "") + f": commit {sha}")
+    return 0
+
+
+def _add_md(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("md", help="molecular dynamics with a model (ASE); writes a trajectory and a log")
+    p.add_argument("model", metavar="MODEL", help="Hub repo id or saved model directory")
+    p.add_argument("structure", metavar="STRUCTURE", help="any file ASE reads (last frame is used)")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--temperature", type=float, required=True, help="K (initial velocities; thermostat target)")
+    p.add_argument("--ensemble", choices=["nve", "nvt", "npt"], default="nve")
+    p.add_argument("--timestep", type=float, default=1.0, help="fs (default 1)")
+    p.add_argument("--pressure", type=float, default=0.0, help="GPa, for npt (default 0)")
+    p.add_argument("--friction", type=float, default=0.01, help="1/fs, Langevin friction for nvt (default 0.01)")
+    p.add_argument("--trajectory", default=None, help="output .traj (default STRUCTURE_STEM.md.traj)")
+    p.add_argument("--log", default=None, help="output log (default STRUCTURE_STEM.md.log)")
+    p.add_argument("--interval", type=int, default=10, help="steps between frames/log lines (default 10)")
+    p.add_argument("--head", default=None, help="readout head (default: the model's first)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit")
+    p.add_argument("--seed", type=int, default=0, help="seed of initial velocities and the Langevin noise")
+    p.set_defaults(func=_run_md)
+
+
+def _run_md(args: argparse.Namespace) -> int:
+    from .md import md
+    summary = md(args.model, args.structure, args.steps, args.temperature, args.ensemble, args.timestep,
+                 trajectory=args.trajectory, log=args.log, interval=args.interval, head=args.head, device=args.device,
+                 dtype=args.dtype, revision=args.revision, seed=args.seed, pressure_gpa=args.pressure,
+                 friction_per_fs=args.friction)
+    print(summary)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -71,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data]
+_COMMANDS = [_add_data, _add_push, _add_md]
 
 
 def main(argv: list[str] | None = None) -> int:

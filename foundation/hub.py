@@ -1,0 +1,337 @@
+"""Save, load and publish models: ``config.json`` + ``model.safetensors`` + ``README.md`` (a Hub model card).
+
+``HubMixin`` gives a ``torch.nn.Module`` whose ``self.config`` is a dataclass (``to_dict()``/``from_dict()``,
+class in ``cls.config_class``) three methods: ``save_pretrained``, ``from_pretrained`` and ``push_to_hub``.
+Nothing is ever unpickled: weights are safetensors, everything else JSON. ``config.json`` is
+``{"model_config", "framework": {name, version, format_version}, "files": {name: sha256}, "model_info",
+"metrics", "datasets", ...}``; loading verifies the checksum, refuses a newer ``format_version`` and loads
+strictly (a missing, unexpected or mis-shaped weight is an error naming the file).
+
+Card inputs (kept in ``config.json`` and re-rendered on every save):
+``metrics``: ``{dataset: {metric_name: value}}`` as measured by ``foundation evaluate`` (metric names carry
+their unit, e.g. ``"energy_mae_meV_per_atom"``); ``datasets``: ``[{"name", "structures", "level_of_theory",
+"license"?}]``. Absent metrics are rendered as "not evaluated", never invented.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FORMAT_VERSION = 1
+CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
+MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "TEMPLATE.md"
+_REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _framework() -> dict:
+    from . import __version__
+    return {"name": "foundation", "version": __version__, "format_version": FORMAT_VERSION}
+
+
+def read_config(model_dir: str | Path, verify: bool = True) -> dict:
+    """Parsed ``config.json`` of a saved model; checks framework, format version and (``verify``) checksums."""
+    model_dir = Path(model_dir)
+    path = model_dir / CONFIG_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: a saved model directory holds {', '.join(MODEL_FILES)} "
+                                "(write one with model.save_pretrained(dir))")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is not valid JSON ({exc}); the file is corrupted, download or save it again") from exc
+    fw = cfg.get("framework") if isinstance(cfg, dict) else None
+    if not isinstance(fw, dict) or fw.get("name") != "foundation" or "model_config" not in cfg:
+        raise ValueError(f"{path} was not written by foundation's save_pretrained (no 'framework'/'model_config')")
+    if int(fw.get("format_version", 0)) > FORMAT_VERSION:
+        ours = _framework()["version"]
+        raise ValueError(f"{path} was written by foundation {fw.get('version')} with checkpoint format "
+                         f"{fw.get('format_version')}, newer than this foundation {ours} supports (format "
+                         f"{FORMAT_VERSION}); upgrade foundation (pip install -U foundation) to load it")
+    if verify:
+        files = cfg.get("files") or {}
+        if WEIGHTS_NAME not in files:
+            raise ValueError(f"{path} lists no checksum for {WEIGHTS_NAME}; save the model again")
+        for name, expected in files.items():
+            f = model_dir / name
+            if not f.is_file():
+                raise FileNotFoundError(f"{f} is missing (listed in {path}); download or save the model again")
+            if sha256_file(f) != expected:
+                raise ValueError(f"{f} is corrupted or was modified: its SHA-256 does not match the one recorded in "
+                                 f"{path}; delete it (and its cache entry) and download or save the model again")
+    return cfg
+
+
+def resolve_model_dir(id_or_dir: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+                      local_files_only: bool = False, token: str | None = None) -> Path:
+    """A local directory holding a saved model: ``id_or_dir`` itself, or a Hub snapshot in the standard cache.
+
+    Honours ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE=1`` (then only the cache is used). Errors name the repo/revision.
+    """
+    path = Path(id_or_dir)
+    if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} was given but {path} is a local directory; drop revision")
+        return path
+    name = str(id_or_dir)
+    if not _REPO_ID.fullmatch(name):
+        raise FileNotFoundError(f"{name!r} is neither an existing directory nor a Hub repo id 'namespace/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
+    where = f"{name}" + (f" at revision {revision!r}" if revision else "")
+    try:
+        snap = snapshot_download(name, revision=revision, cache_dir=cache_dir, local_files_only=local_files_only,
+                                 token=token, allow_patterns=list(MODEL_FILES))
+    except RevisionNotFoundError as exc:
+        raise ValueError(f"Hub repo {name} has no revision {revision!r} (branch, tag or commit); "
+                         "list them with huggingface_hub.HfApi().list_repo_refs") from exc
+    except RepositoryNotFoundError as exc:
+        raise FileNotFoundError(f"Hub repo {name!r} not found (or private: pass token=...); check the id, "
+                                f"HF_ENDPOINT ({os.environ.get('HF_ENDPOINT', 'default')}) and your access") from exc
+    except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
+        raise FileNotFoundError(f"{where} is not in the local Hub cache and the Hub is unreachable or offline "
+                                f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc
+    snap = Path(snap)
+    for f in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (snap / f).is_file():
+            raise FileNotFoundError(f"Hub repo {where} has no {f}; it is not a foundation model repository")
+    return snap
+
+
+def load_state_dict_strict(module: torch.nn.Module, weights: str | Path) -> None:
+    """Load safetensors ``weights`` into ``module``; every key must match in name and shape (ValueError otherwise)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise ValueError(f"{weights} is not a readable safetensors file ({exc}); download or save it again") from exc
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        raise ValueError(f"{weights} does not match the architecture in config.json: missing {missing[:5]}"
+                         f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
+                         f"{'...' if len(unexpected) > 5 else ''}, shape mismatches {shapes[:5]}")
+    module.load_state_dict(state, strict=True)
+
+
+class HubMixin:
+    """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to an ``nn.Module`` with ``self.config``."""
+
+    config_class: type
+    hub_metadata: dict  # metrics / datasets / license / description carried from load to the next save
+
+    def _card_inputs(self, metrics, datasets, license, description) -> dict:
+        meta = dict(getattr(self, "hub_metadata", None) or {})
+        for key, value in (("metrics", metrics), ("datasets", datasets), ("license", license),
+                           ("description", description)):
+            if value is not None:
+                meta[key] = value
+        return meta
+
+    def save_pretrained(self, save_directory: str | Path, *, metrics: dict | None = None,
+                        datasets: list[dict] | None = None, license: str | None = None,
+                        description: str | None = None, repo_id: str | None = None) -> Path:
+        """Write config.json, model.safetensors and README.md into ``save_directory``; returns its path.
+
+        ``metrics``/``datasets`` (see module doc) feed the card; ``repo_id`` is used in the card's load example.
+        """
+        from safetensors.torch import save_file
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "framework": "foundation",
+                                                            "format_version": str(FORMAT_VERSION)})
+        meta = self._card_inputs(metrics, datasets, license, description)
+        n_params = sum(p.numel() for p in self.parameters())
+        cfg = {"model_config": self.config.to_dict(), "framework": _framework(),
+               "files": {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)},
+               "model_info": {"parameters": int(n_params), "class": type(self).__name__}, **meta}
+        (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=False) + "\n")
+        (out / CARD_NAME).write_text(render_card(cfg, repo_id or str(out)))
+        return out
+
+    @classmethod
+    def from_pretrained(cls, id_or_dir: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,
+                        local_files_only: bool = False, token: str | None = None, device: str | torch.device = "cpu"):
+        """A model from a saved directory or a Hub repo id (snapshot in the standard HF cache), in eval mode."""
+        model_dir = resolve_model_dir(id_or_dir, revision, cache_dir, local_files_only, token)
+        cfg = read_config(model_dir, verify=True)
+        try:
+            config = cls.config_class.from_dict(cfg["model_config"])
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{model_dir / CONFIG_NAME}: model_config written by foundation "
+                             f"{cfg['framework'].get('version')} is not understood by this version ({exc}); "
+                             "upgrade foundation") from exc
+        model = cls(config)
+        load_state_dict_strict(model, model_dir / WEIGHTS_NAME)
+        model.hub_metadata = {k: cfg[k] for k in ("metrics", "datasets", "license", "description") if k in cfg}
+        return model.to(device).eval()
+
+    def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool = False,
+                    commit_message: str = "Upload foundation model", token: str | None = None,
+                    metrics: dict | None = None, datasets: list[dict] | None = None) -> str:
+        """Save into a temporary directory and push it to ``repo_id`` (branch ``revision``); returns the commit sha."""
+        tmp = Path(tempfile.mkdtemp(prefix="foundation-push-"))
+        try:
+            self.save_pretrained(tmp, metrics=metrics, datasets=datasets, repo_id=repo_id)
+            return push_folder(tmp, repo_id, revision=revision, private=private, commit_message=commit_message,
+                               token=token)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def push_folder(model_dir: str | Path, repo_id: str, revision: str | None = None, private: bool = False,
+                commit_message: str | None = None, token: str | None = None) -> str:
+    """Upload a saved model directory (checksums verified first) to the Hub; returns the new commit sha.
+
+    Creates the repo if needed and the branch ``revision`` (from main) if it does not exist.
+    """
+    cfg = read_config(model_dir, verify=True)
+    if not _REPO_ID.fullmatch(repo_id):
+        raise ValueError(f"repo id {repo_id!r} must look like 'namespace/name'")
+    from huggingface_hub import HfApi
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    if revision and revision != "main":
+        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+    message = commit_message or f"Upload foundation model ({cfg['framework']['version']})"
+    info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, repo_type="model",
+                             commit_message=message, allow_patterns=list(MODEL_FILES))
+    return info.oid
+
+
+# --- model card ---------------------------------------------------------------------------------------------
+def _yaml_front_matter(cfg: dict) -> str:
+    import yaml
+    mc, datasets, metrics = cfg["model_config"], cfg.get("datasets") or [], cfg.get("metrics") or {}
+    meta: dict[str, Any] = {
+        "library_name": "foundation", "license": cfg.get("license", "mit"),
+        "tags": ["foundation", "interatomic-potential", "machine-learning-potential", "mace", "equivariant",
+                 "atomistic-simulation", "chemistry", "materials-science"],
+        "pipeline_tag": "other",
+    }
+    if datasets:
+        meta["datasets"] = [d.get("hub_id", d["name"]) for d in datasets]
+    if metrics:
+        meta["model-index"] = [{"name": cfg.get("name", "foundation-model"), "results": [
+            {"task": {"type": "interatomic-potential", "name": "Energies, forces and stresses"},
+             "dataset": {"name": ds, "type": ds},
+             "metrics": [{"type": k, "name": k, "value": float(v)} for k, v in values.items()]}
+            for ds, values in metrics.items()]}]
+    meta["elements"] = list(mc.get("elements", []))
+    return yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+
+
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _example_structure(elements: list[str]) -> tuple[str, str]:
+    """(import line, code building an ase.Atoms) for a structure made only of ``elements``."""
+    from ase.build import molecule
+    from ase.collections import g2
+    from ase.data import atomic_numbers, reference_states
+    for el in elements:
+        ref = reference_states[atomic_numbers[el]] or {}
+        if ref.get("symmetry") in ("fcc", "bcc", "diamond", "sc"):
+            return "from ase.build import bulk", f'atoms = bulk("{el}", cubic=True).repeat((2, 2, 2))'
+    candidates = [n for n in g2.names if set(molecule(n).get_chemical_symbols()) <= set(elements)]
+    if candidates:
+        best = max(candidates, key=lambda n: (len(molecule(n)), n))
+        return "from ase.build import molecule", f'atoms = molecule("{best}")\natoms.center(vacuum=5.0)'
+    symbols = "".join(elements[:4])
+    return ("from ase import Atoms",
+            f'atoms = Atoms("{symbols}", positions=[[2.2 * i, 0.0, 0.0] for i in range({len(elements[:4])})])\n'
+            "atoms.center(vacuum=5.0)")
+
+
+def usage_code(cfg: dict, source: str) -> str:
+    """The card's load-and-run-MD example for a model published at ``source`` (repo id or directory)."""
+    imp, build = _example_structure(list(cfg["model_config"].get("elements", [])))
+    return f'''from ase import units
+{imp}
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+from ase.md.verlet import VelocityVerlet
+
+from foundation import FoundationCalculator
+
+calc = FoundationCalculator.from_pretrained("{source}", device="cpu", dtype="float64")
+{build}
+atoms.calc = calc
+print("potential energy (eV):", atoms.get_potential_energy())
+MaxwellBoltzmannDistribution(atoms, temperature_K=300)
+dyn = VelocityVerlet(atoms, timestep=1.0 * units.fs)
+dyn.run(20)
+print("total energy after 20 fs (eV):", atoms.get_total_energy())'''
+
+
+def render_card(cfg: dict, source: str, template: str | Path | None = None) -> str:
+    """README.md text: ``model_cards/TEMPLATE.md`` filled from a config.json dict; ``source`` = repo id or dir."""
+    template = Path(template or TEMPLATE)
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template {template} not found; it ships in the repository's "
+                                "model_cards/ folder")
+    mc, fw = cfg["model_config"], cfg["framework"]
+    elements, heads = list(mc.get("elements", [])), list(mc.get("heads") or ["default"])
+    r_max, layers = float(mc.get("r_max", float("nan"))), int(mc.get("num_layers", 1))
+    arch = [["elements", ", ".join(elements)], ["cutoff r_max", f"{r_max:g} Å"],
+            ["parameters", f"{cfg['model_info']['parameters']:,}"], ["heads", ", ".join(heads)]]
+    arch += [[k, v] for k, v in mc.items() if k not in ("elements", "r_max", "heads") and not isinstance(v, (dict, list))]
+    datasets = cfg.get("datasets") or []
+    data = (_table(["dataset", "structures", "level of theory", "license"],
+                   [[d["name"], f"{int(d['structures']):,}" if d.get("structures") is not None else "unknown",
+                     d.get("level_of_theory") or "not recorded", d.get("license") or "not recorded"] for d in datasets])
+            if datasets else "Not recorded: this checkpoint was saved without training-data metadata.")
+    metrics = cfg.get("metrics") or {}
+    metric_rows = [[ds, k, f"{float(v):.4g}"] for ds, vals in metrics.items() for k, v in vals.items()]
+    values = {
+        "front_matter": _yaml_front_matter(cfg),
+        "title": cfg.get("name") or (source if _REPO_ID.fullmatch(source) else "foundation interatomic potential"),
+        "summary": cfg.get("description") or (
+            f"A MACE-style equivariant machine-learning interatomic potential for {', '.join(elements)}, trained and "
+            "published with `foundation`. It predicts energies (eV), forces (eV/Å) and stresses (eV/Å³)."),
+        "model_table": _table(["property", "value"], arch), "heads": ", ".join(f"`{h}`" for h in heads),
+        "training_data": data,
+        "metrics": (_table(["dataset", "metric", "value"], metric_rows) + "\n\nMeasured by `foundation evaluate`."
+                    if metric_rows else "Not evaluated: no metrics were recorded when this checkpoint was saved."),
+        "extra_outputs": ", charges and dipoles" if mc.get("charges") or mc.get("long_range") else "",
+        "elements": ", ".join(elements), "r_max": f"{r_max:g}", "num_layers": str(layers),
+        "receptive_field": f"{r_max * layers:g}", "usage_code": usage_code(cfg, source),
+        "citation": cfg.get("citation") or (
+            "@software{foundation,\n  title = {foundation: pretrain, fine-tune, distill and publish equivariant "
+            "machine-learning interatomic potentials},\n  version = {" + fw["version"] + "},\n}\n\n"
+            "@inproceedings{batatia2022mace,\n  title = {{MACE}: Higher Order Equivariant Message Passing Neural "
+            "Networks for Fast and Accurate Force Fields},\n  author = {Batatia, Ilyes and Kov{\\'a}cs, D{\\'a}vid P{\\'e}ter "
+            "and Simm, Gregor N. C. and Ortner, Christoph and Cs{\\'a}nyi, G{\\'a}bor},\n  booktitle = {Advances in "
+            "Neural Information Processing Systems},\n  year = {2022}\n}"),
+        "framework_version": fw["version"], "format_version": str(fw["format_version"]),
+    }
+    text = template.read_text()
+    unknown = set(re.findall(r"\{\{(\w+)\}\}", text)) - set(values)
+    if unknown:
+        raise ValueError(f"{template} uses unknown placeholders {sorted(unknown)}; known: {sorted(values)}")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], text)
