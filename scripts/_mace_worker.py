@@ -1,0 +1,125 @@
+"""mace-torch side of scripts/bench_model.py. Runs in the mace-torch venv (scripts/setup_mace_venv.sh).
+
+  <mace-venv>/bin/python scripts/_mace_worker.py --request req.json --out res.json
+
+Reads the request written by bench_model.py (hyperparameters, structures, workloads, timing, threads, dtype),
+builds mace-torch's ScaleShiftMACE the way `mace_run_train --model ScaleShiftMACE` does with its CLI defaults
+(RealAgnosticResidualInteractionBlock for every layer including the first, radial MLP [64, 64, 64], readout
+MLP 16x0e with silu, use_reduced_cg False), hidden irreps C x (0e + 1o + ... up to L), zero atomic energies,
+scale 1 / shift 0, avg_num_neighbors = mean neighbour count of the benchmarked structure, random weights.
+Graphs come from mace's own pipeline (config_from_atoms -> AtomicData.from_config, matscipy neighbour list)
+and are built outside the timed region. Writes JSON results to --out. Never imports `foundation`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# e3nn 0.4.4 loads its packaged constants.pt with torch.load; torch >= 2.6 needs this to allow it.
+os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from bench_model import run_workloads, training_loss  # noqa: E402  (same directory: same timing code)
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def hidden_irreps(channels: int, max_L: int) -> str:
+    """e3nn irreps string C x (0e + 1o + 2e ...) up to max_L, e.g. '128x0e+128x1o'."""
+    return "+".join(f"{channels}x{l}{'e' if l % 2 == 0 else 'o'}" for l in range(max_L + 1))
+
+
+class MaceSide:
+    """Builds mace-torch models and batches for the workloads of ``bench_model.run_workloads``."""
+
+    def __init__(self, hyper: dict, use_reduced_cg: bool = False):
+        self.hyper = hyper
+        self.use_reduced_cg = use_reduced_cg
+        self.params: dict[str, int] = {}
+
+    def model(self, atomic_numbers: list[int], avg_num_neighbors: float) -> torch.nn.Module:
+        """A ScaleShiftMACE for these elements (sorted atomic numbers) in the default dtype."""
+        from e3nn import o3
+        from mace import modules
+        h = self.hyper
+        block = modules.interaction_classes["RealAgnosticResidualInteractionBlock"]
+        model = modules.ScaleShiftMACE(
+            r_max=float(h["r_max"]), num_bessel=int(h["num_bessel"]),
+            num_polynomial_cutoff=int(h["num_poly_cutoff"]), max_ell=int(h["max_ell"]),
+            interaction_cls=block, interaction_cls_first=block, num_interactions=int(h["num_layers"]),
+            num_elements=len(atomic_numbers), hidden_irreps=o3.Irreps(hidden_irreps(h["num_channels"], h["max_L"])),
+            MLP_irreps=o3.Irreps(f"{int(h.get('readout_mlp', 16))}x0e"), atomic_energies=np.zeros(len(atomic_numbers)),
+            avg_num_neighbors=float(avg_num_neighbors), atomic_numbers=list(atomic_numbers),
+            correlation=int(h["correlation"]), gate=torch.nn.functional.silu,
+            radial_MLP=list(h.get("radial_mlp", [64, 64, 64])), use_reduced_cg=self.use_reduced_cg,
+            atomic_inter_scale=1.0, atomic_inter_shift=0.0,
+        )
+        from ase.data import chemical_symbols
+        key = "+".join(sorted(chemical_symbols[z] for z in atomic_numbers))  # same keys as bench_model's
+        self.params[key] = sum(p.numel() for p in model.parameters())
+        return model
+
+    def batch(self, frames, atomic_numbers: list[int]) -> dict:
+        """mace's batch dict for ``frames`` (labels from info['energy'] / arrays['forces'] when present)."""
+        from mace import data as mace_data
+        from mace.tools import AtomicNumberTable, torch_geometric
+        keyspec = mace_data.KeySpecification(info_keys={"energy": "energy"}, arrays_keys={"forces": "forces"})
+        table = AtomicNumberTable(list(atomic_numbers))
+        graphs = [mace_data.AtomicData.from_config(mace_data.config_from_atoms(a, key_specification=keyspec),
+                                                   z_table=table, cutoff=float(self.hyper["r_max"]))
+                  for a in frames]
+        return torch_geometric.Batch.from_data_list(graphs).to_dict()
+
+    def edges(self, atoms) -> int:
+        return int(self.batch([atoms], sorted(set(atoms.numbers.tolist())))["edge_index"].shape[1])
+
+    def infer(self, atoms, stress: bool, avg_num_neighbors: float):
+        z = sorted(set(atoms.numbers.tolist()))
+        model = self.model(z, avg_num_neighbors).eval()
+        batch = self.batch([atoms], z)
+        # prepare_graph writes displaced positions/shifts into the dict when stress is on: pass a fresh copy.
+        return lambda: model(dict(batch), training=False, compute_force=True, compute_stress=stress)
+
+    def train(self, frames, avg_num_neighbors: float):
+        z = sorted(set(np.concatenate([a.numbers for a in frames]).tolist()))
+        model = self.model(z, avg_num_neighbors).train()
+        batch = self.batch(frames, z)
+        natoms = (batch["ptr"][1:] - batch["ptr"][:-1]).to(torch.get_default_dtype())
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = model(dict(batch), training=True, compute_force=True)
+            loss = training_loss(out["energy"], out["forces"], batch["energy"], batch["forces"], natoms)
+            loss.backward()
+            opt.step()
+        return step
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--request", required=True, help="JSON request written by bench_model.py")
+    parser.add_argument("--out", required=True, help="where to write the JSON results")
+    args = parser.parse_args(argv)
+    with open(args.request) as f:
+        request = json.load(f)
+    torch.set_num_threads(int(request["threads"]))
+    torch.set_default_dtype(DTYPES[request["dtype"]])
+    torch.manual_seed(int(request.get("seed", 0)))
+    import e3nn
+    import mace
+    side = MaceSide(request["hyper"], use_reduced_cg=bool(request.get("mace_reduced_cg", False)))
+    results = run_workloads(side, request)
+    info = {"torch": torch.__version__, "e3nn": e3nn.__version__, "mace": mace.__version__,
+            "threads": torch.get_num_threads(), "dtype": request["dtype"]}
+    with open(args.out, "w") as f:
+        json.dump({"results": results, "params": side.params, "versions": info}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

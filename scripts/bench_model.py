@@ -1,0 +1,351 @@
+"""Throughput of our model against mace-torch at equal hyperparameters (issue 3, item 5).
+
+Workloads (each for every preset / L, both models, same structures, threads, dtype and timing):
+  cu_ef      inference, energy + forces, rattled 256-atom Cu fcc (4x4x4 conventional, a=3.61 Å, rattle 0.05 Å,
+             seed 0), r_max from the config; unit atom-steps/s = atoms / (seconds per call)
+  cu_efs     the same with stress
+  asp_ef     inference, energy + forces, one aspirin frame (rMD17 file when present)
+  asp_train  training step on a batch of aspirin frames: forward with create_graph, loss
+             mean((dE/N)^2) + mean(dF^2), backward, Adam step; unit structures/s
+Timing: graphs (neighbour lists) are built once, outside the timed region, on both sides; each repeat runs
+the call until at least --min-time seconds have passed and records seconds per call; the table shows the
+median over --repeats after --warmup untimed calls. Random weights, zero reference energies, eager mode.
+
+mace-torch runs in its own venv (scripts/setup_mace_venv.sh) as a subprocess: `scripts/_mace_worker.py
+--request req.json --out res.json`. The worker imports the helpers of this file, which therefore imports
+nothing from `foundation` at module level.
+
+  python scripts/bench_model.py --mace-python /work/mace-venv/bin/python --threads 2 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+from ase.neighborlist import neighbor_list
+
+WORKLOADS = ("cu_ef", "cu_efs", "asp_ef", "asp_train")
+UNITS = {"cu_ef": "atom-steps/s", "cu_efs": "atom-steps/s", "asp_ef": "atom-steps/s", "asp_train": "structures/s"}
+SCRIPTS = Path(__file__).resolve().parent
+DEFAULT_DATA = SCRIPTS.parents[0] / ".." / "shared" / "data"
+ASPIRIN_FILE = "rmd17/rmd17_aspirin_train_01.xyz"
+
+
+# --- structures (shared with the worker through JSON, so both sides see the same atoms) -----------------------
+def copper_cell(seed: int = 0) -> Atoms:
+    """Rattled 256-atom Cu fcc: 4x4x4 conventional cells, a=3.61 Å, Gaussian rattle stdev 0.05 Å."""
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat((4, 4, 4))
+    atoms.rattle(stdev=0.05, seed=seed)
+    return atoms
+
+
+def aspirin_frames(data_dir: Path, count: int) -> tuple[list[Atoms], str]:
+    """``count`` aspirin frames spread over the rMD17 file (labels: energy eV, forces eV/Å), or a fallback.
+
+    The fallback (no shared data) is benzene + acetic acid (20 atoms, H/C/O) rattled with seeds 0.., labelled
+    with zero energy and forces: throughput does not depend on label values. Returns (frames, description).
+    """
+    path = Path(data_dir) / ASPIRIN_FILE
+    if path.is_file():
+        from ase.io import read
+        frames = read(path, f"::{max(1, 1000 // count)}")[:count]
+        out = []
+        for a in frames:
+            b = Atoms(a.numbers, a.positions)
+            b.info["energy"] = float(a.get_potential_energy())
+            b.arrays["forces"] = np.array(a.get_forces())
+            out.append(b)
+        return out, f"rMD17 aspirin ({path.name}, {len(out[0])} atoms)"
+    base = molecule("C6H6")
+    acid = molecule("CH3COOH")
+    acid.translate([0.0, 0.0, 4.5])
+    base += acid
+    out = []
+    for seed in range(count):
+        a = Atoms(base.numbers, base.positions)
+        a.rattle(stdev=0.05, seed=seed)
+        a.info["energy"] = 0.0
+        a.arrays["forces"] = np.zeros((len(a), 3))
+        out.append(a)
+    return out, f"fallback benzene+acetic acid ({len(base)} atoms; {path} not found)"
+
+
+def atoms_to_json(atoms: Atoms) -> dict:
+    """Plain-JSON record of a structure (Å, eV, eV/Å)."""
+    rec = {"numbers": atoms.numbers.tolist(), "positions": atoms.positions.tolist(),
+           "cell": atoms.cell.array.tolist(), "pbc": atoms.pbc.tolist()}
+    if "energy" in atoms.info:
+        rec["energy"] = float(atoms.info["energy"])
+        rec["forces"] = np.asarray(atoms.arrays["forces"]).tolist()
+    return rec
+
+
+def atoms_from_json(rec: dict) -> Atoms:
+    """Inverse of ``atoms_to_json``; labels go to info["energy"] and arrays["forces"]."""
+    atoms = Atoms(numbers=rec["numbers"], positions=rec["positions"], cell=rec["cell"], pbc=rec["pbc"])
+    if "energy" in rec:
+        atoms.info["energy"] = rec["energy"]
+        atoms.arrays["forces"] = np.asarray(rec["forces"], dtype=float)
+    return atoms
+
+
+def mean_neighbors(atoms: Atoms, r_max: float) -> float:
+    """Mean number of neighbours closer than r_max (Å) per atom, the model's avg_num_neighbors."""
+    return len(neighbor_list("i", atoms, r_max)) / len(atoms)
+
+
+# --- timing ---------------------------------------------------------------------------------------------
+def time_call(fn: Callable[[], object], warmup: int, repeats: int, min_time: float) -> dict:
+    """Median seconds per call of ``fn`` over ``repeats`` repeats, each looping until ``min_time`` s passed."""
+    for _ in range(warmup):
+        fn()
+    per_call = []
+    for _ in range(repeats):
+        calls, start = 0, time.perf_counter()
+        while True:
+            fn()
+            calls += 1
+            elapsed = time.perf_counter() - start
+            if elapsed >= min_time:
+                break
+        per_call.append(elapsed / calls)
+    return {"median_s": statistics.median(per_call), "per_call_s": per_call}
+
+
+def run_workloads(side, request: dict) -> dict:
+    """Time every workload of ``request`` on ``side``.
+
+    ``side`` has ``infer(atoms, stress, avg_num_neighbors)`` and ``train(frames, avg_num_neighbors)``, which
+    build the model and graphs and return a zero-argument step function, and ``edges(atoms)``. The model's
+    avg_num_neighbors is the mean neighbour count of the benchmarked structure(s) at the request's r_max.
+    """
+    timing, structs, r_max = request["timing"], request["structures"], request["hyper"]["r_max"]
+    results = {}
+    for name in request["workloads"]:
+        if name in ("cu_ef", "cu_efs", "asp_ef"):
+            atoms = atoms_from_json(structs["cu"] if name.startswith("cu") else structs["aspirin"][0])
+            step = side.infer(atoms, name == "cu_efs", mean_neighbors(atoms, r_max))
+            count = len(atoms)
+        else:
+            frames = [atoms_from_json(r) for r in structs["aspirin"][: request["batch_size"]]]
+            atoms, count = frames[0], len(frames)
+            step = side.train(frames, float(np.mean([mean_neighbors(a, r_max) for a in frames])))
+        res = time_call(step, timing["warmup"], timing["repeats"], timing["min_time"])
+        res.update(throughput=count / res["median_s"], unit=UNITS[name], edges=side.edges(atoms),
+                   atoms=len(atoms))
+        results[name] = res
+    return results
+
+
+def training_loss(energy: torch.Tensor, forces: torch.Tensor, ref_energy: torch.Tensor,
+                  ref_forces: torch.Tensor, natoms: torch.Tensor) -> torch.Tensor:
+    """mean(((E - E_ref)/N)^2) + mean((F - F_ref)^2); energy (B,) eV, forces (n,3) eV/Å, natoms (B,)."""
+    return (((energy - ref_energy) / natoms) ** 2).mean() + ((forces - ref_forces) ** 2).mean()
+
+
+# --- our model ------------------------------------------------------------------------------------------
+class OursSide:
+    """Our ``FoundationModel`` from ``ModelConfig.preset(preset, elements=..., **overrides)`` in ``dtype``."""
+
+    def __init__(self, preset: str, overrides: dict, dtype: str):
+        self.preset, self.overrides, self.dtype = preset, dict(overrides), dtype
+        self.params: dict[str, int] = {}
+
+    def config(self, elements: list[str], avg_num_neighbors: float = 1.0):
+        from foundation import ModelConfig
+        return ModelConfig.preset(self.preset, elements=elements, dtype=self.dtype,
+                                  avg_num_neighbors=float(avg_num_neighbors), **self.overrides)
+
+    def model(self, frames: list[Atoms], avg_num_neighbors: float):
+        """A randomly initialised model for the elements of ``frames``, and their batched graphs."""
+        from torch_geometric.data import Batch
+        from foundation import FoundationModel
+        from foundation.data import from_atoms
+        elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
+        config = self.config(elements, avg_num_neighbors)
+        model = FoundationModel(config).to(getattr(torch, self.dtype))
+        self.params["+".join(elements)] = sum(p.numel() for p in model.parameters())
+        dtype = getattr(torch, self.dtype)
+        return model, Batch.from_data_list([from_atoms(a, config.r_max, dtype=dtype) for a in frames])
+
+    def edges(self, atoms: Atoms) -> int:
+        from foundation.data import from_atoms
+        r_max = self.config(sorted(set(atoms.get_chemical_symbols()))).r_max
+        return int(from_atoms(atoms, r_max).edge_index.shape[1])
+
+    def infer(self, atoms: Atoms, stress: bool, avg_num_neighbors: float) -> Callable[[], object]:
+        model, batch = self.model([atoms], avg_num_neighbors)
+        model.eval()
+        return lambda: model(batch, compute_forces=True, compute_stress=stress, training=False)
+
+    def train(self, frames: list[Atoms], avg_num_neighbors: float) -> Callable[[], object]:
+        from foundation import keys
+        model, batch = self.model(frames, avg_num_neighbors)
+        model.train()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        natoms = batch[keys.NATOMS].to(getattr(torch, self.dtype))
+
+        def step():
+            opt.zero_grad(set_to_none=True)
+            out = model(batch, compute_forces=True, training=True)
+            loss = training_loss(out[keys.ENERGY], out[keys.FORCES], batch[keys.ENERGY], batch[keys.FORCES], natoms)
+            loss.backward()
+            opt.step()
+        return step
+
+
+# --- driver ---------------------------------------------------------------------------------------------
+HYPER_FIELDS = ("num_channels", "max_L", "max_ell", "num_layers", "correlation", "r_max", "num_bessel",
+                "num_poly_cutoff", "radial_mlp", "readout_mlp")
+
+
+def hyperparameters(config) -> dict:
+    """The fields of our ``ModelConfig`` that the mace-torch side must match (JSON-able)."""
+    missing = [f for f in HYPER_FIELDS if not hasattr(config, f)]
+    if missing:
+        raise ValueError(f"ModelConfig has no field(s) {missing}; bench_model.py needs them to build the "
+                         "equivalent mace-torch model: update HYPER_FIELDS to the new names")
+    hyper = {f: getattr(config, f) for f in HYPER_FIELDS}
+    hyper["radial_mlp"] = list(hyper["radial_mlp"])
+    return hyper
+
+
+def run_mace(python: str, request: dict) -> dict:
+    """Run scripts/_mace_worker.py under ``python`` (the mace-torch venv) and return its JSON results."""
+    if not Path(python).is_file():
+        raise FileNotFoundError(f"--mace-python {python} does not exist; create the venv with "
+                                "`bash scripts/setup_mace_venv.sh [DIR]` and pass DIR/bin/python")
+    with tempfile.TemporaryDirectory() as tmp:
+        req, out = Path(tmp) / "request.json", Path(tmp) / "results.json"
+        req.write_text(json.dumps(request))
+        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS=str(request["threads"]),
+                   MKL_NUM_THREADS=str(request["threads"]))
+        env.pop("PYTHONPATH", None)  # the mace venv must not see our package
+        proc = subprocess.run([python, str(SCRIPTS / "_mace_worker.py"), "--request", str(req), "--out", str(out)],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"mace-torch worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+        return json.loads(out.read_text())
+
+
+def cases(presets: list[str], Ls: list[int] | None) -> list[tuple[str, dict]]:
+    """(preset, overrides) pairs: each preset at its own max_L, or at every L of ``Ls``."""
+    return [(p, {}) for p in presets] if not Ls else [(p, {"max_L": L}) for p in presets for L in Ls]
+
+
+def fmt(x: float | None) -> str:
+    return "-" if x is None else (f"{x:.1f}" if x < 1000 else f"{x:.0f}")
+
+
+def print_table(rows: list[dict], file=sys.stdout) -> None:
+    """One line per (case, workload): ours, mace, ours/mace (>1 means we are faster)."""
+    head = f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7}  unit"
+    print(head, file=file)
+    print("-" * len(head), file=file)
+    for r in rows:
+        ratio = f"{r['ours'] / r['mace']:.2f}x" if r.get("mace") and r.get("ours") else "-"
+        print(f"{r['preset']:<8} {r['L']:>2} {r['workload']:<10} {fmt(r.get('ours')):>10} "
+              f"{fmt(r.get('mace')):>10} {ratio:>7}  {r['unit']}", file=file)
+
+
+def profile_ours(path: Path, preset: str, Ls: list[int], dtype: str, calls: int = 2) -> None:
+    """torch.profiler of our energy+forces on the 256-atom Cu cell for each L; top ops written to ``path``."""
+    from torch.profiler import ProfilerActivity, profile
+    lines = [f"# our model, preset {preset}, 256-atom Cu fcc, energy+forces, {calls} calls, "
+             f"threads {torch.get_num_threads()}, {dtype}; load {os.getloadavg()}"]
+    atoms = copper_cell()
+    for L in Ls:
+        side = OursSide(preset, {"max_L": L}, dtype)
+        step = side.infer(atoms, False, mean_neighbors(atoms, side.config(["Cu"]).r_max))
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                step()
+        for key in ("self_cpu_time_total", "cpu_time_total"):
+            lines.append(f"\n## L={L}: top ops by {key}\n")
+            lines.append(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
+    Path(path).write_text("\n".join(lines))
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--presets", default="small,medium,large", help="comma-separated ModelConfig presets")
+    p.add_argument("--L", default=None, help="comma-separated max_L overrides (default: each preset's own)")
+    p.add_argument("--workloads", default=",".join(WORKLOADS), help=f"subset of {','.join(WORKLOADS)}")
+    p.add_argument("--mace-python", default=None, help="python of a mace-torch venv (setup_mace_venv.sh)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--min-time", type=float, default=2.0, help="seconds per repeat (at least one call)")
+    p.add_argument("--batch-size", type=int, default=5, help="aspirin frames per training step")
+    p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="shared data folder (rmd17/ inside)")
+    p.add_argument("--quick", action="store_true", help="smoke test: 8 channels, 1 repeat, no min time")
+    p.add_argument("--json", default=None, help="write all results and metadata to this JSON file")
+    p.add_argument("--profile", default=None, help="also profile ours (Cu, energy+forces) into this file")
+    p.add_argument("--profile-L", default="0,1", help="max_L values to profile")
+    p.add_argument("--mace-reduced-cg", action="store_true", help="mace use_reduced_cg=True (CLI default False)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    overrides = {"num_channels": 8} if args.quick else {}
+    timing = ({"warmup": 1, "repeats": 1, "min_time": 0.0} if args.quick else
+              {"warmup": args.warmup, "repeats": args.repeats, "min_time": args.min_time})
+    frames, asp_desc = aspirin_frames(Path(args.data_dir), args.batch_size)
+    structures = {"cu": atoms_to_json(copper_cell()), "aspirin": [atoms_to_json(a) for a in frames]}
+    Ls = [int(x) for x in args.L.split(",")] if args.L else None
+    report = {"aspirin": asp_desc, "threads": args.threads, "dtype": args.dtype, "timing": timing,
+              "neighbor_list": "excluded (graphs built once before timing, both sides)", "cases": []}
+    print(f"# threads {args.threads}, {args.dtype}, aspirin: {asp_desc}; neighbour lists excluded from timing; "
+          f"median of {timing['repeats']} repeats", flush=True)
+    rows = []
+    for preset, extra in cases(args.presets.split(","), Ls):
+        side = OursSide(preset, {**overrides, **extra}, args.dtype)
+        hyper = hyperparameters(side.config(["H", "C", "O"]))
+        request = {"hyper": hyper, "structures": structures, "workloads": args.workloads.split(","),
+                   "timing": timing, "threads": args.threads, "dtype": args.dtype, "batch_size": args.batch_size,
+                   "mace_reduced_cg": args.mace_reduced_cg}
+        torch.manual_seed(0)
+        case = {"preset": preset, "hyper": hyper, "load_before": os.getloadavg()}
+        case["ours"] = run_workloads(side, request)
+        case["ours_params"] = side.params
+        if args.mace_python:
+            case["mace"] = run_mace(args.mace_python, request)
+        case["load_after"] = os.getloadavg()
+        report["cases"].append(case)
+        for w in request["workloads"]:
+            mace = case.get("mace", {}).get("results", {}).get(w, {})
+            rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
+                         "ours": case["ours"][w]["throughput"], "mace": mace.get("throughput")})
+        print(f"{preset} L={hyper['max_L']}: params ours {case['ours_params']}, mace "
+              f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",
+              flush=True)
+    print()
+    print_table(rows)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**report, "rows": rows}, indent=1))
+    if args.profile:
+        profile_ours(Path(args.profile), args.presets.split(",")[0], [int(x) for x in args.profile_L.split(",")],
+                     args.dtype)
+        print(f"profile written to {args.profile}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
