@@ -1,0 +1,219 @@
+"""save_pretrained / from_pretrained / push_to_hub and the model card, locally and through a Hub-protocol server.
+
+The Hub tests run the real ``huggingface_hub`` client in subprocesses (``HF_ENDPOINT``/``HF_HUB_OFFLINE`` are read
+when it is imported) against ``foundation.hubserver`` started here on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from foundation.calculator import FoundationCalculator
+from foundation.hub import WEIGHTS_NAME, read_config, sha256_file
+from foundation.hubserver import serve_in_thread
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+from test_calculator import PairModel, cu_au_bulk, pair_model  # noqa: E402
+
+METRICS = {"rmd17-ethanol": {"energy_mae_meV_per_atom": 1.234, "forces_mae_meV_per_A": 20.5}}
+DATASETS = [{"name": "rmd17-ethanol", "structures": 1000, "level_of_theory": "PBE/def2-SVP", "license": "CC0"}]
+
+
+def _predict(model):
+    atoms = cu_au_bulk()
+    atoms.calc = FoundationCalculator(model)
+    return atoms.get_potential_energy(), atoms.get_forces()
+
+
+def _front_matter(text: str) -> dict:
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---\n", 2)[1])
+
+
+def test_save_load_roundtrip_gives_identical_predictions(tmp_path):
+    model = pair_model(seed=3)
+    out = model.save_pretrained(tmp_path / "m", metrics=METRICS, datasets=DATASETS)
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["framework"]["name"] == "foundation" and cfg["framework"]["format_version"] == 1
+    assert cfg["files"] == {WEIGHTS_NAME: sha256_file(out / WEIGHTS_NAME)}
+    assert cfg["model_config"] == model.config.to_dict()
+    assert cfg["model_info"]["parameters"] == sum(p.numel() for p in model.parameters())
+    loaded = PairModel.from_pretrained(out)
+    e0, f0 = _predict(model)
+    e1, f1 = _predict(loaded)
+    assert e0 == e1 and np.array_equal(f0, f1)
+    assert loaded.hub_metadata == {"metrics": METRICS, "datasets": DATASETS}
+    loaded.save_pretrained(tmp_path / "again")  # card inputs survive load -> save
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["metrics"] == METRICS
+
+
+def test_card_has_real_content_and_never_invents_metrics(tmp_path):
+    model = pair_model()
+    card = (model.save_pretrained(tmp_path / "a", metrics=METRICS, datasets=DATASETS, repo_id="org/cu-au")
+            / "README.md").read_text()
+    meta = _front_matter(card)
+    assert meta["library_name"] == "foundation" and meta["license"] == "mit" and "interatomic-potential" in meta["tags"]
+    assert meta["datasets"] == ["rmd17-ethanol"]
+    result = meta["model-index"][0]["results"][0]
+    assert result["dataset"]["name"] == "rmd17-ethanol"
+    assert {m["type"]: m["value"] for m in result["metrics"]} == METRICS["rmd17-ethanol"]
+    n_params = sum(p.numel() for p in model.parameters())
+    for needle in ("| elements | Cu, Au |", "| cutoff r_max | 4 Å |", f"| parameters | {n_params:,} |", "`pbe`, `r2scan`",
+                   "| rmd17-ethanol | 1,000 | PBE/def2-SVP | CC0 |", "| rmd17-ethanol | forces_mae_meV_per_A | 20.5 |",
+                   "## Intended use and limits", 'FoundationCalculator.from_pretrained("org/cu-au"', "@software{foundation"):
+        assert needle in card, needle
+    assert not re.search(r"\{\{\w+\}\}", card)  # every placeholder filled
+    bare = (model.save_pretrained(tmp_path / "b") / "README.md").read_text()
+    assert "Not evaluated" in bare and "model-index" not in _front_matter(bare)
+    assert "Not recorded" in bare and "20.5" not in bare
+
+
+def test_weights_are_safetensors_and_loading_never_unpickles(tmp_path, monkeypatch):
+    out = pair_model().save_pretrained(tmp_path / "m")
+    raw = (out / WEIGHTS_NAME).read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert header["__metadata__"]["format_version"] == "1" and "w" in header
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickling attempted")
+    for mod, name in ((pickle, "load"), (pickle, "loads"), (torch, "load")):
+        monkeypatch.setattr(mod, name, refuse)
+    PairModel.from_pretrained(out)
+
+
+def test_corrupted_missing_newer_and_mismatched_checkpoints_are_refused(tmp_path):
+    out = pair_model().save_pretrained(tmp_path / "m")
+    weights, config = out / WEIGHTS_NAME, out / "config.json"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    with pytest.raises(ValueError, match="corrupted or was modified"):
+        PairModel.from_pretrained(out)
+    weights.unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors is missing"):
+        PairModel.from_pretrained(out)
+    weights.write_bytes(good)
+    cfg = json.loads(config.read_text())
+    config.write_text(json.dumps({**cfg, "framework": {**cfg["framework"], "version": "9.0", "format_version": 2}}))
+    with pytest.raises(ValueError, match="written by foundation 9.0 .* upgrade foundation"):
+        PairModel.from_pretrained(out)
+    # strict: an extra / missing / mis-shaped weight is an error even when the checksum is right
+    for edit, message in ((lambda s: {**s, "extra": torch.zeros(1)}, "unexpected \\['extra'\\]"),
+                          (lambda s: {k: v for k, v in s.items() if k != "wq"}, "missing \\['wq'\\]"),
+                          (lambda s: {**s, "wq": torch.zeros(1, 1)}, "shape mismatches")):
+        save_file(edit(load_file_from(good, tmp_path)), str(weights))
+        config.write_text(json.dumps({**cfg, "files": {WEIGHTS_NAME: sha256_file(weights)}}))
+        with pytest.raises(ValueError, match=message):
+            PairModel.from_pretrained(out)
+    with pytest.raises(FileNotFoundError, match="neither an existing directory nor a Hub repo id"):
+        PairModel.from_pretrained(tmp_path / "no" / "such" / "dir")
+    with pytest.raises(FileNotFoundError, match="config.json not found"):
+        read_config(tmp_path)
+
+
+def load_file_from(data: bytes, tmp_path: Path) -> dict:
+    path = tmp_path / "orig.safetensors"
+    path.write_bytes(data)
+    return load_file(str(path))
+
+
+# --- through a Hub-protocol server --------------------------------------------------------------------------
+_PRELUDE = """
+import json, sys
+sys.path.insert(0, {tests!r})
+from test_calculator import PairModel, cu_au_bulk, pair_model
+from foundation.calculator import FoundationCalculator
+
+def predict(model):
+    atoms = cu_au_bulk()
+    atoms.calc = FoundationCalculator(model)
+    return [atoms.get_potential_energy(), atoms.get_forces().tolist()]
+
+def error(fn):
+    try:
+        fn()
+    except Exception as exc:
+        return [type(exc).__name__, str(exc)]
+    return None
+"""
+
+_ONLINE = """
+from pathlib import Path
+from foundation.cli import main
+m1, m2 = pair_model(seed=1), pair_model(seed=2)
+sha1 = m1.push_to_hub("org/pot", commit_message="v1", metrics={metrics!r}, datasets={datasets!r})
+sha2 = m2.push_to_hub("org/pot", commit_message="v2")
+m1.save_pretrained({work!r} + "/saved-v1")
+rc = main(["push", {work!r} + "/saved-v1", "org/pot", "--revision", "dev"])
+res = dict(sha1=sha1, sha2=sha2, rc=rc, e1=predict(m1), e2=predict(m2),
+           main=predict(PairModel.from_pretrained("org/pot")),
+           v1=predict(PairModel.from_pretrained("org/pot", revision=sha1)),
+           dev=predict(PairModel.from_pretrained("org/pot", revision="dev")),
+           no_repo=error(lambda: PairModel.from_pretrained("org/absent")),
+           no_rev=error(lambda: PairModel.from_pretrained("org/pot", revision="v9")))
+from huggingface_hub import hf_hub_download
+res["card"] = Path(hf_hub_download("org/pot", "README.md", revision=sha1)).read_text()
+# tamper with the weights stored on the server (same size, one bit) and download into a fresh cache
+root = Path({root!r}) / "org" / "pot"
+oid = json.loads((root / "commits" / (sha2 + ".json")).read_text())["tree"]["model.safetensors"]["oid"]
+blob = root / "blobs" / oid
+data = bytearray(blob.read_bytes()); data[-1] ^= 1; blob.write_bytes(bytes(data))
+res["tampered"] = error(lambda: PairModel.from_pretrained("org/pot", cache_dir={work!r} + "/fresh-cache"))
+print("RESULT" + json.dumps(res))
+"""
+
+_OFFLINE = """
+res = dict(main=predict(PairModel.from_pretrained("org/pot")),
+           v1=predict(PairModel.from_pretrained("org/pot", revision={sha1!r})),
+           dev=predict(PairModel.from_pretrained("org/pot", revision="dev")),
+           missing=error(lambda: PairModel.from_pretrained("org/never-downloaded")))
+print("RESULT" + json.dumps(res))
+"""
+
+
+def _run(script: str, env: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-c", script], env={**os.environ, **env}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.split("RESULT", 1)[1])
+
+
+@pytest.mark.slow
+def test_push_pull_revisions_offline_cache_and_tampering(tmp_path):
+    root, work = tmp_path / "hub", tmp_path / "work"
+    work.mkdir()
+    server, url = serve_in_thread(root)
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "test-token",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    try:
+        fmt = dict(tests=str(TESTS), metrics=METRICS, datasets=DATASETS, work=str(work), root=str(root))
+        res = _run(_PRELUDE.format(**fmt) + _ONLINE.format(**fmt), env)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res["rc"] == 0 and res["sha1"] != res["sha2"]
+    assert res["e1"][0] != res["e2"][0]
+    assert res["main"] == res["e2"]  # pull = identical predictions (exact floats)
+    assert res["v1"] == res["e1"] and res["dev"] == res["e1"]  # an older revision loads the older weights
+    assert res["no_repo"][0] == "FileNotFoundError" and "org/absent" in res["no_repo"][1]
+    assert res["no_rev"][0] == "ValueError" and "'v9'" in res["no_rev"][1]
+    assert res["tampered"][0] == "ValueError" and "corrupted or was modified" in res["tampered"][1]
+    assert _front_matter(res["card"])["model-index"][0]["results"][0]["metrics"][0]["value"] == 1.234
+    assert 'FoundationCalculator.from_pretrained("org/pot"' in res["card"]
+    # the server is gone: everything that was downloaded loads from the cache
+    offline = _run(_PRELUDE.format(tests=str(TESTS)) + _OFFLINE.format(sha1=res["sha1"]), {**env, "HF_HUB_OFFLINE": "1"})
+    assert offline["main"] == res["e2"] and offline["v1"] == res["e1"] and offline["dev"] == res["e1"]
+    assert offline["missing"][0] == "FileNotFoundError" and "HF_HUB_OFFLINE=1" in offline["missing"][1]
