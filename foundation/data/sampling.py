@@ -28,7 +28,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-CHUNK = 1 << 20            # structures per chunk when reading natoms during packing
+CHUNK = 1 << 18            # structures per chunk when reading natoms during packing
 STATE_VERSION = 1
 _PERM, _MIX = 1, 2         # stream tags for seeding
 
@@ -247,10 +247,10 @@ class AtomBudgetBatchSampler:
             if self.nedges is not None:
                 np.minimum(nxt, self._next_ends(self.nedges, self.max_edges, order[lo:hi]), out=nxt)
             np.maximum(nxt, np.arange(1, hi - lo + 1), out=nxt)   # an oversized structure: a batch of its own
-            nxt = nxt.tolist()
+            step = nxt.item             # one Python int per batch, not per structure
             ends, s, last = [], 0, hi - lo
             while s < last:
-                e = nxt[s]
+                e = step(s)
                 if e == last and hi < total:
                     break               # this batch may continue into the next chunk
                 ends.append(e)
