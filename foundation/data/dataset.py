@@ -2,12 +2,11 @@
 
 Index memory is one int32 per structure (``natoms``) plus one offset per shard, so a 10^8-structure corpus
 opens on one machine. LMDB environments are opened lazily in each process (safe with forked or spawned
-DataLoader workers) and at most ``max_open_shards`` stay open at once.
+DataLoader workers); at most ``shards.OPEN_SHARDS.max_open`` stay open per process.
 """
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -66,11 +65,10 @@ class ShardedDataset(Dataset):
     """
 
     def __init__(self, source: str | os.PathLike | Sequence[str | os.PathLike], r_max: float | None = None,
-                 dtype: torch.dtype | None = None, head: int = 0, dataset_index: int = 0, check_crc: bool = True,
-                 max_open_shards: int = 64):
+                 dtype: torch.dtype | None = None, head: int = 0, dataset_index: int = 0, check_crc: bool = True):
         files, counts, manifests = _resolve(source)
         self.r_max, self.dtype, self.head, self.dataset_index = r_max, dtype, int(head), int(dataset_index)
-        self.check_crc, self.max_open_shards = check_crc, max(1, int(max_open_shards))
+        self.check_crc = check_crc
         self.manifests = manifests
         self.manifest = manifests[0] if len(manifests) == 1 and len(files) == len(manifests[0]["shards"]) else None
         self._readers = [ShardReader(f) for f in files]
@@ -85,7 +83,6 @@ class ShardedDataset(Dataset):
         self.natoms = np.concatenate(natoms).astype(np.int32)
         self._offsets = np.zeros(len(files) + 1, dtype=np.int64)
         np.cumsum([len(n) for n in natoms], out=self._offsets[1:])
-        self._open: OrderedDict[int, ShardReader] = OrderedDict()
 
     def __len__(self) -> int:
         return int(self._offsets[-1])
@@ -104,18 +101,6 @@ class ShardedDataset(Dataset):
     def statistics(self) -> dict | None:
         return statistics_from_manifest(self.manifest) if self.manifest else None
 
-    def _reader(self, shard: int) -> ShardReader:
-        reader = self._open.get(shard)
-        if reader is not None:
-            self._open.move_to_end(shard)
-            return reader
-        reader = self._readers[shard]
-        self._open[shard] = reader
-        if len(self._open) > self.max_open_shards:
-            _, oldest = self._open.popitem(last=False)
-            oldest.close()
-        return reader
-
     def locate(self, index: int) -> tuple[int, int]:
         """(shard, record within the shard) of a global index."""
         n = len(self)
@@ -128,7 +113,7 @@ class ShardedDataset(Dataset):
     def record(self, index: int) -> dict[str, np.ndarray]:
         """The stored arrays of structure ``index`` (float64 positions and labels exactly as converted)."""
         shard, local = self.locate(index)
-        rec = self._reader(shard).get(local, check_crc=self.check_crc)
+        rec = self._readers[shard].get(local, check_crc=self.check_crc)
         missing = [k for k in _STRUCTURE_FIELDS if k not in rec]
         if missing or len(rec[keys.ATOMIC_NUMBERS]) != self.natoms[index]:
             raise ValueError(f"shard {self._readers[shard].path}, record {local}: missing fields {missing} or atom "
@@ -141,13 +126,7 @@ class ShardedDataset(Dataset):
         return build_graph(numbers, pos, cell, pbc, self.r_max, rec, head=self.head,
                            dataset_index=self.dataset_index, dtype=self.dtype)
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state["_open"] = OrderedDict()
-        return state
-
     def close(self) -> None:
-        """Close every open shard (they reopen on the next access)."""
-        for reader in self._open.values():
+        """Close every shard of this dataset (they reopen on the next access)."""
+        for reader in self._readers:
             reader.close()
-        self._open.clear()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
 
@@ -98,41 +99,114 @@ class ShardWriter:
             self.abort()
 
 
+_LMDB_MAGIC = 0xBEEFC0DE
+
+
+def check_lmdb_file(path: Path) -> None:
+    """Raise ``ValueError`` if ``path`` is not a complete LMDB file (checked from its meta pages).
+
+    Opening a truncated LMDB file maps pages past its end, and touching them kills the process with SIGBUS;
+    this check turns that into an error message. Layout (64-bit LMDB): meta pages 0 and 1, each a 16-byte
+    page header then magic (u32) at +16, the page size in the free-DB record at +40, last page number at +136
+    and transaction id at +144; the newest meta page says how many pages the file must have.
+    """
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(16 + 160)
+        if len(head) < 152 or struct.unpack_from("<I", head, 16)[0] != _LMDB_MAGIC:
+            raise ValueError(f"shard {path} is not an LMDB file (bad header); re-download it or re-run "
+                             f"`foundation data convert`")
+        page = struct.unpack_from("<I", head, 40)[0]
+        if page < 512 or page & (page - 1) or size < 2 * page:
+            raise ValueError(f"shard {path} is truncated or corrupted (page size {page}, {size} bytes); "
+                             f"re-download it or re-run `foundation data convert`")
+        fh.seek(page)
+        second = fh.read(152)
+    metas = [struct.unpack_from("<QQ", m, 136) for m in (head, second)
+             if len(m) >= 152 and struct.unpack_from("<I", m, 16)[0] == _LMDB_MAGIC]
+    last_pg, _ = max(metas, key=lambda m: m[1])
+    if size < (last_pg + 1) * page:
+        raise ValueError(f"shard {path} is truncated: {size} bytes, but its LMDB header needs "
+                         f"{(last_pg + 1) * page}; re-download it or re-run `foundation data convert`")
+
+
+class _OpenShards:
+    """Process-wide cache of open read-only LMDB environments (LMDB allows one open per file per process).
+
+    Keyed by (path, device, inode), least recently used closed beyond ``max_open``. After a fork the
+    inherited environments are closed in the child (they must not be used there) and reopened on demand.
+    """
+
+    def __init__(self, max_open: int = 256):
+        self.max_open = max_open
+        self.envs: OrderedDict[tuple, tuple] = OrderedDict()
+        self.pid = os.getpid()
+
+    def forget_inherited(self) -> None:
+        for env, _ in self.envs.values():
+            try:
+                env.close()
+            except lmdb.Error:
+                pass
+        self.envs.clear()
+        self.pid = os.getpid()
+
+    def txn(self, key: tuple, path: Path):
+        if self.pid != os.getpid():
+            self.forget_inherited()
+        hit = self.envs.get(key)
+        if hit is not None:
+            self.envs.move_to_end(key)
+            return hit[1]
+        check_lmdb_file(path)
+        try:
+            env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
+            txn = env.begin(buffers=False)
+        except lmdb.Error as exc:
+            raise ValueError(f"shard {path} cannot be opened as LMDB ({exc}); the file is truncated or "
+                             f"corrupted: re-download it or re-run `foundation data convert`") from None
+        self.envs[key] = (env, txn)
+        while len(self.envs) > self.max_open:
+            _, (old, _) = self.envs.popitem(last=False)
+            old.close()
+        return txn
+
+    def close(self, key: tuple) -> None:
+        hit = self.envs.pop(key, None)
+        if hit is not None and self.pid == os.getpid():
+            hit[0].close()
+
+
+OPEN_SHARDS = _OpenShards()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=OPEN_SHARDS.forget_inherited)
+
+
 class ShardReader:
     """Read-only access to one shard: ``len``, ``natoms`` (int32 array), ``metadata``, ``get(i)`` -> arrays.
 
-    The LMDB environment is opened on first use in each process (checked with ``os.getpid()``), so a reader
-    created in the parent process is safe to use in forked DataLoader workers.
+    The LMDB environment is opened on first use in each process (checked with ``os.getpid()``) and shared by
+    all readers of the same file in that process (``OPEN_SHARDS``), so a reader created in the parent process
+    is safe to use in forked or spawned DataLoader workers. Not for concurrent use from several threads.
     """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
-        if not self.path.is_file():
+        try:
+            st = self.path.stat()
+        except OSError:
+            st = None
+        if st is None or not self.path.is_file():
             raise FileNotFoundError(f"shard file {self.path} does not exist; check the dataset path "
                                     f"or re-run `foundation data convert`")
-        self._env = None
-        self._txn = None
-        self._pid = None
+        self._key = (str(self.path.resolve()), st.st_dev, st.st_ino)
 
     def _open(self):
-        if self._env is None or self._pid != os.getpid():
-            try:
-                self._env = lmdb.open(str(self.path), subdir=False, readonly=True, lock=False, readahead=False,
-                                      meminit=False, max_readers=1)
-                self._txn = self._env.begin(buffers=False)
-            except lmdb.Error as exc:
-                self._env = None
-                raise ValueError(f"shard {self.path} cannot be opened as LMDB ({exc}); the file is truncated or "
-                                 f"corrupted: re-download it or re-run `foundation data convert`") from None
-            self._pid = os.getpid()
-        return self._txn
+        return OPEN_SHARDS.txn(self._key, self.path)
 
     def close(self) -> None:
         """Close the environment (it is reopened on the next access)."""
-        if self._env is not None and self._pid == os.getpid():
-            self._txn = None
-            self._env.close()
-        self._env = self._txn = self._pid = None
+        OPEN_SHARDS.close(self._key)
 
     def __getstate__(self):
         return {"path": self.path}

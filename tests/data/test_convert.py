@@ -1,0 +1,226 @@
+"""Conversion: exact round trip, manifest contents, bad input, atomicity, idempotency, the CLI."""
+import json
+import os
+
+import ase.io
+import numpy as np
+import pytest
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+from ase.db import connect
+
+from foundation import keys
+from foundation.cli import main
+from foundation.data.convert import convert
+from foundation.data.dataset import ShardedDataset
+from foundation.data.labels import read_labels
+from foundation.data.manifest import read_manifest, sha256_file
+
+from data_helpers import emt_frames, shared_file
+
+
+def assert_round_trip(out, frames):
+    """Every record of the dataset equals the input frame bit for bit (structure and labels)."""
+    ds = ShardedDataset(out)
+    assert len(ds) == len(frames)
+    np.testing.assert_array_equal(ds.natoms, [len(a) for a in frames])
+    for i, atoms in enumerate(frames):
+        rec = ds.record(i)
+        np.testing.assert_array_equal(rec[keys.ATOMIC_NUMBERS], atoms.numbers)
+        assert rec[keys.POSITIONS].tobytes() == np.ascontiguousarray(atoms.positions, np.float64).tobytes()
+        assert rec[keys.CELL].tobytes() == atoms.cell.array.astype(np.float64).tobytes()
+        np.testing.assert_array_equal(rec[keys.PBC], atoms.pbc)
+        for name, value in read_labels(atoms).items():
+            assert rec[name].tobytes() == value.tobytes(), (i, name)
+    return ds
+
+
+def test_generated_data_round_trips_exactly(tmp_path, emt_xyz):
+    path, frames = emt_xyz
+    out = convert([path], tmp_path / "ds", shard_size=7, progress=False, level_of_theory="EMT")
+    assert_round_trip(out, frames)
+    m = read_manifest(out)
+    assert [s["count"] for s in m["shards"]] == [7, 7, 7, 7, 2]
+    assert m["num_structures"] == 30 and m["num_atoms"] == sum(len(a) for a in frames)
+    assert m["elements"] == ["Al", "Ni", "Cu"] and m["level_of_theory"] == "EMT"
+    assert set(m["properties"]) == {"energy", "forces", "stress", "total_charge"}
+    assert m["properties"]["forces"] == {"unit": "eV/Å", "per_atom": True}
+    for s in m["shards"]:
+        assert sha256_file(out / s["file"]) == s["sha256"] and (out / s["file"]).stat().st_size == s["bytes"]
+    prov = m["provenance"]
+    assert prov["inputs"][0]["sha256"] == sha256_file(path) and prov["arguments"]["shard_size"] == 7
+    stats = m["statistics"]
+    assert stats["r_max"] == 5.0 and stats["avg_num_neighbors"] > 10 and stats["force_rms"] > 0
+    assert set(stats["reference_energies"]) == {"Al", "Ni", "Cu"} and stats["e0_rank"] == 3
+    assert not list(tmp_path.glob("ds.tmp-*"))
+
+
+def test_shared_mlearn_si_round_trips(tmp_path):
+    path = shared_file("mlearn/Si_train.xyz")
+    out = convert([path], tmp_path / "si", shard_size=100, progress=False)
+    assert_round_trip(out, ase.io.read(path, ":"))
+    m = read_manifest(out)
+    assert m["num_structures"] == 214 and "stress" in m["properties"]
+
+
+def test_shared_rmd17_aspirin_round_trips(tmp_path):
+    path = shared_file("rmd17/rmd17_aspirin_train_01.xyz")
+    out = convert([path], tmp_path / "asp", shard_size=300, progress=False)
+    assert_round_trip(out, ase.io.read(path, ":"))
+    m = read_manifest(out)
+    assert m["num_structures"] == 1000 and set(m["properties"]) == {"energy", "forces", "total_charge"}
+    assert m["statistics"]["e0_rank"] == 1  # one stoichiometry: the minimum-norm E0 is reported as such
+
+
+def test_aselmdb_and_key_map(tmp_path):
+    frames = emt_frames(6, seed=4)
+    db = connect(str(tmp_path / "in.aselmdb"), use_lock_file=False)
+    for k, atoms in enumerate(frames):
+        db.write(atoms, key_value_pairs={"dft_e": -float(k)}, data={"q": np.linspace(-1, 1, len(atoms))})
+    del db
+    out = convert([tmp_path / "in.aselmdb"], tmp_path / "ds", key_map={"energy": "dft_e", "charges": "q"},
+                  progress=False)
+    ds = ShardedDataset(out)
+    assert [float(ds.record(i)[keys.ENERGY]) for i in range(6)] == [-float(k) for k in range(6)]
+    np.testing.assert_array_equal(ds.record(2)[keys.CHARGES], np.linspace(-1, 1, len(frames[2])))
+
+
+def _write_with_bad(tmp_path, bad: Atoms, index=2):
+    frames = emt_frames(5, seed=5)
+    frames.insert(index, bad)
+    path = tmp_path / "in.xyz"
+    ase.io.write(path, frames, format="extxyz")
+    return path
+
+
+def _labelled(atoms, energy=-1.0, forces=None, stress=True):
+    f = np.zeros((len(atoms), 3)) if forces is None else forces
+    kw = {"stress": np.zeros(6)} if stress else {}
+    atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=f, **kw)
+    return atoms
+
+
+def _cell_atoms(symbols="Cu2", positions=((0, 0, 0), (1.8, 1.8, 0))):
+    return Atoms(symbols, positions=positions, cell=np.eye(3) * 3.6, pbc=True)
+
+
+BAD_CASES = {
+    "nan": (lambda: _labelled(_cell_atoms(), energy=np.nan), "NaN or inf"),
+    "inf_forces": (lambda: _labelled(_cell_atoms(), forces=np.full((2, 3), np.inf)), "NaN or inf"),
+    "missing": (lambda: _labelled(_cell_atoms(), stress=False), "missing required label"),
+    "close": (lambda: _labelled(_cell_atoms(positions=((0, 0, 0), (0.05, 0, 0)))), "closer than 0.1"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CASES))
+def test_bad_records_stop_with_file_and_index_or_are_skipped(tmp_path, case):
+    make, message = BAD_CASES[case]
+    path = _write_with_bad(tmp_path, make())
+    with pytest.raises(ValueError, match=rf"in\.xyz, record 2: .*{message}.*--skip-invalid"):
+        convert([path], tmp_path / "ds", progress=False)
+    assert not (tmp_path / "ds").exists() and not list(tmp_path.glob("ds.tmp-*"))
+    out = convert([path], tmp_path / "ds", skip_invalid=True, progress=False)
+    skipped = json.loads((out / "skipped.json").read_text())
+    assert [(s["record"], message in s["reason"]) for s in skipped] == [(2, True)]
+    assert read_manifest(out)["num_structures"] == 5 and read_manifest(out)["skipped"] == 1
+
+
+def test_unknown_element_symbol(tmp_path):
+    path = _write_with_bad(tmp_path, _labelled(_cell_atoms()), index=1)
+    lines = path.read_text().splitlines(keepends=True)
+    start = int(lines[0]) + 2
+    lines[start + 2] = "Qq" + lines[start + 2][2:]
+    path.write_text("".join(lines))
+    with pytest.raises(ValueError, match=r"record 1: unknown element symbol 'Qq'"):
+        convert([path], tmp_path / "ds", progress=False)
+    out = convert([path], tmp_path / "ds", skip_invalid=True, progress=False)
+    assert json.loads((out / "skipped.json").read_text())[0]["record"] == 1
+
+
+def test_unknown_atomic_number_in_database(tmp_path):
+    db = connect(str(tmp_path / "in.db"), use_lock_file=False)
+    atoms = _labelled(_cell_atoms())
+    db.write(atoms)
+    bad = atoms.copy()
+    bad.numbers[0] = 0  # 'X', not a chemical element
+    db.write(bad)
+    with pytest.raises(ValueError, match=r"in\.db, record 1: unknown element \(atomic number 0\)"):
+        convert([tmp_path / "in.db"], tmp_path / "ds", progress=False)
+
+
+def test_explicit_key_missing_everywhere(tmp_path, emt_xyz):
+    with pytest.raises(ValueError, match=r"record 0: missing required label.*dft"):
+        convert([emt_xyz[0]], tmp_path / "ds", key_map={"energy": "dft"}, progress=False)
+
+
+def test_all_invalid_is_an_error_and_bad_arguments(tmp_path):
+    path = tmp_path / "bad.xyz"
+    ase.io.write(path, [_labelled(_cell_atoms(), energy=np.nan)])
+    with pytest.raises(ValueError, match="no valid structures"):
+        convert([path], tmp_path / "ds", skip_invalid=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="missing.xyz"):
+        convert([tmp_path / "missing.xyz"], tmp_path / "ds", progress=False)
+    with pytest.raises(ValueError, match="shard-size"):
+        convert([path], tmp_path / "ds", shard_size=0, progress=False)
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="refusing to replace"):
+        convert([path], tmp_path / "precious", progress=False)
+
+
+def test_failure_midway_leaves_nothing_and_keeps_old_dataset(tmp_path, emt_xyz, monkeypatch):
+    import foundation.data.convert as conv
+    path, frames = emt_xyz
+    out = convert([path], tmp_path / "ds", shard_size=5, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = {"n": 0}
+    real = conv.ShardWriter.append
+
+    def failing(self, fields):
+        calls["n"] += 1
+        if calls["n"] == 12:
+            raise OSError("disk full (simulated)")
+        return real(self, fields)
+
+    monkeypatch.setattr(conv.ShardWriter, "append", failing)
+    with pytest.raises(OSError, match="disk full"):
+        convert([path], out, shard_size=4, progress=False)  # different arguments: would replace
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_rerun_is_idempotent_and_replacing_is_safe(tmp_path, emt_xyz):
+    path, frames = emt_xyz
+    out = convert([path], tmp_path / "ds", shard_size=8, progress=False)
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    convert([path], out, shard_size=8, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp  # up to date: untouched
+    shard_bytes = {p.name: p.read_bytes() for p in out.glob("*.lmdb")}
+    manifest = read_manifest(out)
+    (out / "shard-00001.lmdb").write_bytes(b"damaged")  # no longer up to date: rebuilt identically
+    convert([path], out, shard_size=8, progress=False)
+    assert {p.name: p.read_bytes() for p in out.glob("*.lmdb")} == shard_bytes
+    again = read_manifest(out)
+    again["provenance"].pop("created"), manifest["provenance"].pop("created")
+    assert again == manifest
+    convert([path], out, shard_size=11, progress=False)  # different arguments replace the dataset
+    assert [s["count"] for s in read_manifest(out)["shards"]] == [11, 11, 8]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+    assert_round_trip(out, frames)
+
+
+def test_cli_convert_and_inspect(tmp_path, emt_xyz, capsys):
+    path, frames = emt_xyz
+    out = tmp_path / "cli"
+    assert main(["data", "convert", str(path), "--out", str(out), "--shard-size", "10",
+                 "--dataset-name", "emt-demo", "--r-max", "4.0"]) == 0
+    m = read_manifest(out)
+    assert m["name"] == "emt-demo" and m["statistics"]["r_max"] == 4.0 and len(m["shards"]) == 3
+    capsys.readouterr()
+    assert main(["data", "inspect", str(out), "--verify"]) == 0
+    text = capsys.readouterr().out
+    assert "emt-demo" in text and "verified: 3 shards, 30 records" in text and "Cu" in text
+    assert main(["data", "convert", str(tmp_path / "nope.xyz"), "--out", str(out)]) == 2
+    assert "nope.xyz" in capsys.readouterr().err
+    os.remove(out / "manifest.json")
+    assert main(["data", "inspect", str(out)]) == 2

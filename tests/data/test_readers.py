@@ -1,0 +1,82 @@
+"""Streaming readers: extxyz frame by frame, ASE db, fairchem .aselmdb, anything else ASE reads."""
+import ase.io
+import numpy as np
+import pytest
+from ase.db import connect
+
+from foundation import keys
+from foundation.data.labels import read_labels
+from foundation.data.readers import iter_structures
+
+from data_helpers import emt_frames
+
+
+def _same(a, b):
+    assert a.get_chemical_formula() == b.get_chemical_formula()
+    np.testing.assert_array_equal(a.positions, b.positions)
+    np.testing.assert_array_equal(a.cell.array, b.cell.array)
+    la, lb = read_labels(a), read_labels(b)
+    assert set(la) == set(lb)
+    for k in la:
+        np.testing.assert_array_equal(la[k], lb[k])
+
+
+def test_extxyz_frames_equal_ase(emt_xyz):
+    path, frames = emt_xyz
+    got = list(iter_structures(path))
+    assert [i for i, _ in got] == list(range(len(frames)))
+    for (_, a), b in zip(got, frames):
+        _same(a, b)
+
+
+def test_bad_extxyz_frames_are_reported_and_reading_goes_on(tmp_path, emt_xyz):
+    path, frames = emt_xyz
+    lines = path.read_text().splitlines(keepends=True)
+    n0 = len(frames[0])
+    frame0 = lines[: n0 + 2]
+    bad = list(frame0)
+    bad[2] = "Xx" + bad[2][2:]  # unknown element symbol
+    text = "".join(frame0 + bad + frame0 + frame0[: n0])  # last frame truncated
+    (tmp_path / "bad.xyz").write_text(text)
+    got = list(iter_structures(tmp_path / "bad.xyz"))
+    assert [i for i, _ in got] == [0, 1, 2, 3]
+    assert isinstance(got[1][1], ValueError) and "Xx" in str(got[1][1])
+    assert not isinstance(got[2][1], Exception)
+    assert isinstance(got[3][1], ValueError) and "truncated" in str(got[3][1])
+
+
+def test_garbage_count_line_is_a_file_error(tmp_path):
+    (tmp_path / "g.xyz").write_text("hello\nworld\n")
+    with pytest.raises(ValueError, match=r"g\.xyz, line 1"):
+        list(iter_structures(tmp_path / "g.xyz"))
+
+
+@pytest.mark.parametrize("suffix", [".db", ".aselmdb"])
+def test_ase_databases(tmp_path, suffix):
+    frames = emt_frames(5, seed=1)
+    path = tmp_path / f"frames{suffix}"
+    db = connect(str(path), use_lock_file=False)
+    for k, atoms in enumerate(frames):
+        db.write(atoms, key_value_pairs={"dft_energy": 10.0 + k}, data={"ref_forces": np.full((len(atoms), 3), k)})
+    del db
+    got = list(iter_structures(path))
+    assert len(got) == 5
+    for (i, a), b in zip(got, frames):
+        _same(a, b)
+        assert a.info["dft_energy"] == 10.0 + i
+        labels = read_labels(a, {keys.ENERGY: "dft_energy", keys.FORCES: "ref_forces"})
+        assert labels[keys.ENERGY] == 10.0 + i and np.all(labels[keys.FORCES] == i)
+
+
+def test_other_ase_formats_via_iread(tmp_path):
+    frames = emt_frames(4, seed=2)
+    ase.io.write(tmp_path / "t.traj", frames)
+    got = list(iter_structures(tmp_path / "t.traj"))
+    assert len(got) == 4
+    for (_, a), b in zip(got, frames):
+        _same(a, b)
+
+
+def test_missing_input():
+    with pytest.raises(FileNotFoundError, match="nope.xyz"):
+        list(iter_structures("nope.xyz"))
