@@ -1,0 +1,162 @@
+"""Datasets, loaders and starting statistics of a training run (thin glue over ``foundation.data``).
+
+Training datasets are LMDB shard directories (``foundation data convert``), mixed by ``data.weights``, one
+readout head per dataset (``data.heads``). Without ``data.valid`` a seeded ``data.valid_fraction`` of each
+training set is held out. Statistics for ``model.set_statistics`` come from each dataset's manifest when one
+dataset feeds a head and it was converted at the model's cutoff; otherwise they are computed from the records.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import keys
+from .config import TrainConfig
+
+NEIGHBOR_SAMPLE = 1000   # structures used to estimate the mean neighbor count when it must be computed
+
+
+class Subset(torch.utils.data.Dataset):
+    """``dataset`` restricted to ``indices`` (keeps ``natoms`` and ``record`` for sampling and statistics)."""
+
+    def __init__(self, dataset, indices: np.ndarray):
+        self.dataset, self.indices = dataset, np.asarray(indices, np.int64)
+        self.natoms = np.asarray(dataset.natoms)[self.indices]
+        self.name = getattr(dataset, "name", None)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.dataset[int(self.indices[i])]
+
+    def record(self, i):
+        return self.dataset.record(int(self.indices[i]))
+
+
+def _open(path: str, r_max: float, index: int, head: int):
+    from ..data import ShardedDataset
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"dataset {path!r} not found; set data.train/data.valid to directories written by "
+                                "'foundation data convert' (or 'foundation data generate')")
+    if p.is_file() and p.suffix not in (".lmdb", ".mdb"):
+        raise ValueError(f"dataset {path!r} is a {p.suffix or 'plain'} file; convert it first with "
+                         f"'foundation data convert {path} --out DIR' and train on DIR")
+    ds = ShardedDataset(p, r_max=r_max, head=head, dataset_index=index)
+    ds.name = (ds.manifest or {}).get("name") or p.name
+    return ds
+
+
+def head_names(config: TrainConfig) -> tuple[list[str], list[int]]:
+    """(unique head names in order of appearance, head index of each training dataset)."""
+    names = config.data.heads or ["default"] * len(config.data.train)
+    unique = list(dict.fromkeys(names))
+    return unique, [unique.index(n) for n in names]
+
+
+def open_datasets(config: TrainConfig, r_max: float) -> tuple[list, list]:
+    """(training datasets, validation datasets), each a list aligned with ``data.train`` entries.
+
+    With explicit ``data.valid`` paths, validation dataset k has head and dataset index of training dataset
+    min(k, D-1) (give them in the same order). Otherwise each training dataset is split (seeded).
+    """
+    if not config.data.train:
+        raise ValueError("data.train is empty; give one or more dataset directories, e.g. --set data.train=[DIR]")
+    _, heads = head_names(config)
+    train = [_open(p, r_max, i, heads[i]) for i, p in enumerate(config.data.train)]
+    if config.data.valid:
+        d = len(train)
+        valid = [_open(p, r_max, min(k, d - 1), heads[min(k, d - 1)]) for k, p in enumerate(config.data.valid)]
+        return train, valid
+    if config.data.valid_fraction == 0:
+        return train, []
+    splits, valid = [], []
+    for i, ds in enumerate(train):
+        perm = np.random.default_rng([config.seed, 7, i]).permutation(len(ds))
+        n_valid = max(1, int(round(config.data.valid_fraction * len(ds)))) if len(ds) > 1 else 0
+        splits.append(Subset(ds, np.sort(perm[n_valid:])))
+        valid.append(Subset(ds, np.sort(perm[:n_valid])))
+    return splits, valid
+
+
+def collate_batch(data_list):
+    """``foundation.data.loader.collate`` with ``dataset_index`` kept as given: PyG's ``Batch`` offsets every
+    field whose name contains "index" by the node count, which would turn dataset 0, 0, 0 into 0, n1, n1+n2."""
+    from ..data.loader import collate
+    batch = collate(data_list)
+    batch[keys.DATASET] = torch.cat([d[keys.DATASET].reshape(-1) for d in data_list])
+    return batch
+
+
+def make_train_loader(config: TrainConfig, datasets: list, rank: int, world: int):
+    """A resumable loader over the mixture of ``datasets``: atom-budget batches, this rank's share."""
+    from ..data.loader import MixedDataset, make_loader
+    from ..data.sampling import AtomBudgetBatchSampler
+    mixed = MixedDataset(datasets, weights=config.data.weights, names=[d.name for d in datasets])
+    sampler = AtomBudgetBatchSampler.from_dataset(mixed, config.data.max_atoms, shuffle=config.data.shuffle,
+                                                  seed=config.seed, num_replicas=world, rank=rank)
+    return make_loader(mixed, sampler, num_workers=config.data.num_workers, collate_fn=collate_batch)
+
+
+def make_eval_loader(datasets: list, max_atoms: int, rank: int, world: int, num_workers: int = 0):
+    """Every structure of ``datasets`` once (over all ranks), in a fixed order."""
+    from ..data.loader import MixedDataset, make_loader
+    from ..data.sampling import AtomBudgetBatchSampler
+    mixed = MixedDataset(datasets, names=[d.name for d in datasets])
+    sampler = AtomBudgetBatchSampler(mixed.natoms, max_atoms, dataset_sizes=mixed.dataset_sizes,
+                                     probabilities=mixed.dataset_sizes.astype(float), shuffle=False,
+                                     num_replicas=world, rank=rank)
+    return make_loader(mixed, sampler, num_workers=num_workers, collate_fn=collate_batch)
+
+
+def batches_forever(loader):
+    """Endless stream of batches across epochs, continuing from the loader's (restored) position."""
+    while True:
+        yield from loader
+        loader.set_epoch(loader.epoch + 1)
+
+
+def elements_of(datasets: list) -> list[str]:
+    """Chemical symbols present in the datasets' manifests, sorted by atomic number."""
+    from ase.data import atomic_numbers
+    symbols = set()
+    for ds in datasets:
+        base = getattr(ds, "dataset", ds)
+        for m in getattr(base, "manifests", None) or []:
+            symbols |= set(m.get("elements") or [])
+    if not symbols:
+        raise ValueError("the training data's manifests list no elements; set model.elements in the recipe")
+    return sorted(symbols, key=lambda s: atomic_numbers[s])
+
+
+def statistics(datasets: list, r_max: float) -> dict:
+    """{"atomic_energies" {Z: eV}, "scale" (eV/Å, force RMS), "shift" (eV/atom), "avg_num_neighbors"} of the
+    training data of one head: from the manifest when possible, computed from the records otherwise."""
+    from ..data.stats import StatsAccumulator
+    base = [getattr(ds, "dataset", ds) for ds in datasets]
+    s = base[0].statistics if len(base) == 1 and base[0].statistics else None
+    if s is None or not s["e0s"] or s["force_rms"] is None:
+        acc = StatsAccumulator(r_max=None)
+        for ds in datasets:
+            for i in range(len(ds)):
+                rec = ds.record(i)
+                acc.update(rec[keys.ATOMIC_NUMBERS], {k: rec[k] for k in (keys.ENERGY, keys.FORCES) if k in rec})
+        from ase.data import atomic_numbers
+        res = acc.result()
+        s = {"e0s": {atomic_numbers[k]: v for k, v in (res["reference_energies"] or {}).items()},
+             "force_rms": res["force_rms"], "energy_shift": res.get("energy_per_atom_mean"), "r_max": None,
+             "avg_num_neighbors": None}
+    avg = s["avg_num_neighbors"]
+    if avg is None or s.get("r_max") is None or abs(float(s["r_max"]) - r_max) > 1e-9:
+        edges = atoms = 0
+        for ds in datasets:
+            for i in range(min(len(ds), NEIGHBOR_SAMPLE)):
+                item = ds[i]
+                edges += item[keys.EDGE_INDEX].shape[1]
+                atoms += item[keys.ATOMIC_NUMBERS].shape[0]
+        avg = edges / max(atoms, 1)
+    return {"atomic_energies": s["e0s"], "scale": s["force_rms"] or 1.0, "shift": s.get("energy_shift") or 0.0,
+            "avg_num_neighbors": float(avg)}

@@ -1,0 +1,168 @@
+"""The DeepSpeed engine: the only module of ``foundation`` that imports ``deepspeed``.
+
+Every run goes through DeepSpeed, one process included. Process topology comes from the launcher's
+environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``); a plain
+``foundation pretrain`` without a launcher is a 1-process group on 127.0.0.1. Without a GPU the CPU
+accelerator and the gloo backend are used; with CUDA, nccl.
+
+Launch on N processes of one machine::
+
+    torchrun --nproc_per_node N -m foundation.cli pretrain recipes/pretrain_small.yaml
+    deepspeed --num_gpus N --module foundation.cli pretrain recipes/pretrain_small.yaml
+
+Several nodes: a hostfile listing ``hostname slots=GPUS`` per line and passwordless ssh between the nodes, then
+``deepspeed --hostfile hosts --module foundation.cli pretrain RECIPE.yaml`` (or ``torchrun --nnodes M
+--node_rank K --rdzv_endpoint HOST:PORT ...`` on each node). The data shards and ``out_dir`` (checkpoints,
+logs) must be on storage every node sees at the same path: all ranks write their part of a checkpoint into
+the same directory and rank 0 commits it.
+
+Gradient normalisation: the loop computes each micro-batch's loss as (sum of errors) / (count of labelled
+entries over all micro-batches of the step and all ranks) x world size; DeepSpeed averages gradients over
+ranks and we disable its division by the accumulation steps, so the update equals that of one process
+seeing the whole global batch, whatever the atom counts on each rank.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+
+import torch
+
+from .config import TrainConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(backend: str = "auto") -> tuple[int, int]:
+    """Initialise the process group (once) and return (rank, world_size)."""
+    if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+    if "RANK" not in os.environ:  # not started by a launcher: a group of one
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    if backend == "auto":
+        backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend=backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    o = config.optim
+    cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[o.name]
+    return cls([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+               weight_decay=o.weight_decay)
+
+
+class Engine:
+    """A model wrapped by ``deepspeed.initialize`` with a torch AdamW/Adam optimizer.
+
+    ``forward(batch, **kw)`` runs the model (under bf16 autocast when enabled); ``backward(loss)`` and
+    ``step()`` are called once per micro-batch; DeepSpeed all-reduces, clips and steps the optimizer at
+    every ``config.engine.gradient_accumulation``-th call.
+    """
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig):
+        self.rank, self.world_size = init_distributed(config.engine.backend)
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+        accel = get_accelerator()
+        self.device = torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", 0))))
+        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        precision = config.engine.precision
+        if precision == "bf16" and not bf16_ok:
+            raise ValueError(f"engine.precision: bf16 is not supported on {self.device.type}; use 'auto' or 'fp32'")
+        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
+        self.gas = config.engine.gradient_accumulation
+        self.zero_stage, self._grad_norm = config.engine.zero_stage, float("nan")
+        ds_config = {
+            "train_micro_batch_size_per_gpu": 1,        # batches are atom-budgeted: one micro-batch per call
+            "gradient_accumulation_steps": self.gas,
+            "gradient_clipping": float(config.optim.grad_clip),
+            "zero_optimization": {"stage": config.engine.zero_stage},
+            "bf16": {"enabled": False}, "fp16": {"enabled": False},  # weights stay fp32; bf16 = autocast
+            "steps_per_print": 2**62, "wall_clock_breakdown": False,
+        }
+        model = model.to(self.device)
+        self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, config), config=ds_config)
+        self.module = self.ds.module
+
+    # --- training ---------------------------------------------------------------------------------------------
+    def autocast(self):
+        """bf16 autocast on devices that support it (weights, gradients and optimizer state stay fp32)."""
+        if self.bf16:
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def forward(self, batch, **kwargs) -> dict:
+        with self.autocast():
+            return self.ds(batch, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` (already normalised for the whole global step, see module doc)."""
+        boundary = self.ds.is_gradient_accumulation_boundary()
+        self.ds.backward(loss.float(), scale_wrt_gas=False)
+        if boundary and self.zero_stage == 0:  # gradients are all-reduced now; ZeRO reports its own norm
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            self._grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+
+    def step(self) -> None:
+        """Advance one micro-step; at an accumulation boundary all-reduce, clip and update the weights."""
+        self.ds.step()
+
+    @property
+    def optimizer(self):
+        return self.ds.optimizer
+
+    def grad_norm(self) -> float:
+        """Global gradient L2 norm of the last optimizer step (before clipping), NaN if unknown."""
+        if self.zero_stage == 0:
+            return self._grad_norm
+        norm = self.ds.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    # --- collectives ------------------------------------------------------------------------------------------
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum of ``tensor`` over ranks (a new tensor on the same device/dtype as the input)."""
+        if self.world_size == 1:
+            return tensor.clone()
+        t = tensor.detach().to(self.device).clone()
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+        return t.to(tensor.device)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+    # --- optimizer state for checkpoints ----------------------------------------------------------------------
+    def _base_and_master(self):
+        """(torch optimizer, list of fp32 master tensors owned by this rank)."""
+        opt = self.ds.optimizer
+        if hasattr(opt, "single_partition_of_fp32_groups"):      # ZeRO stage 1/2
+            return opt.optimizer, list(opt.single_partition_of_fp32_groups)
+        if hasattr(opt, "fp32_groups_flat_partition"):            # bf16 optimizer (stage 0)
+            return opt.optimizer, list(opt.fp32_groups_flat_partition)
+        return opt, []
+
+    def optimizer_state(self) -> dict:
+        """This rank's optimizer state: the torch optimizer's state dict and its fp32 master partitions."""
+        base, master = self._base_and_master()
+        return {"base": base.state_dict(), "master": [m.detach() for m in master]}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """Restore what ``optimizer_state`` returned (same world size and ZeRO stage)."""
+        base, master = self._base_and_master()
+        if len(master) != len(state["master"]) or any(m.shape != s.shape for m, s in zip(master, state["master"])):
+            raise ValueError("checkpoint optimizer partitions do not match this run; resume with the same number "
+                             "of ranks, ZeRO stage and model")
+        with torch.no_grad():
+            for m, s in zip(master, state["master"]):
+                m.copy_(s)
+        base.load_state_dict(state["base"])

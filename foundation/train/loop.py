@@ -1,0 +1,215 @@
+"""The training loop: ``run(config)`` pretrains a model end to end with the DeepSpeed engine.
+
+One optimizer step = ``engine.gradient_accumulation`` micro-batches on each rank. The label counts of all of
+them (over all ranks) are reduced first, so each micro-batch's loss is normalised by the global count
+(see ``engine.py``); the logged loss is exactly the loss of the global batch. Validation and export use the
+EMA weights. Checkpoints (``checkpoint.py``) hold everything needed to continue bit for bit: weights,
+optimizer (per-rank ZeRO partitions), scheduler, EMA, loader position, RNG states and step.
+"""
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import keys
+from . import checkpoint as ckpt
+from . import data as tdata
+from .config import TrainConfig, config_to_dict
+from .ema import EMA
+from .engine import Engine, init_distributed
+from .loss import Loss
+from .metrics import MetricAccumulator, RunLogger, flatten
+from .schedule import LRSchedule
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_model(config: TrainConfig, elements: list[str], heads: list[str]):
+    """``FoundationModel(ModelConfig.preset(model.preset, elements=..., **model.overrides))``."""
+    from ..model import FoundationModel, ModelConfig
+    overrides = dict(config.model.overrides)
+    if len(heads) > 1:
+        overrides.setdefault("heads", heads)
+    return FoundationModel(ModelConfig.preset(config.model.preset, elements=elements, **overrides))
+
+
+class Trainer:
+    """State of one run on one rank; ``fit()`` trains to ``config.max_steps``."""
+
+    def __init__(self, config: TrainConfig, model=None, resume: bool = False):
+        self.config, self.out = config, Path(config.out_dir)
+        self.rank, self.world = init_distributed(config.engine.backend)
+        seed_everything(config.seed)
+        self.head_names, heads = tdata.head_names(config)
+        r_max = float(model.config.r_max) if model is not None else float(
+            config.model.overrides.get("r_max") or _preset_r_max(config))
+        self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
+        if model is None:
+            model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
+        for h, name in enumerate(self.head_names):
+            stats = tdata.statistics([d for d, hd in zip(self.train_sets, heads) if hd == h], r_max)
+            model.set_statistics(**stats, head=name if len(self.head_names) > 1 else None)
+        self.engine = Engine(model, config)
+        self.loss = Loss(config.loss, config.max_steps)
+        self.schedule = LRSchedule(config.schedule, config.optim.lr, config.max_steps)
+        self.ema = EMA(self.engine.module, config.ema.decay) if config.ema.enabled else None
+        self.loader = tdata.make_train_loader(config, self.train_sets, self.rank, self.world)
+        self.valid_loader = (tdata.make_eval_loader(self.valid_sets, config.data.max_atoms, self.rank, self.world)
+                             if self.valid_sets else None)
+        self.step = 0
+        if resume:
+            self.restore()
+        self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
+                                progress=config.progress)
+
+    # --- one optimizer step -----------------------------------------------------------------------------------
+    def train_step(self, batches) -> dict:
+        engine, loss = self.engine, self.loss
+        lr = self.schedule.apply(engine.optimizer)
+        micro = [next(batches) for _ in range(engine.gas)]
+        counts = engine.all_reduce_sum(sum(loss.counts(b) for b in micro))
+        coeffs = loss.coefficients(self.step)
+        sums = torch.zeros(len(loss.properties), dtype=torch.float64)
+        atoms = 0
+        engine.ds.train()
+        for b in micro:
+            b = b.to(engine.device)
+            pred = engine.forward(b, compute_forces=True, compute_stress=loss.needs_stress(), training=True)
+            s = loss.sums(pred, b)
+            engine.backward(Loss.combine(s, counts, coeffs) * self.world)
+            engine.step()
+            sums += s.detach().cpu()
+            atoms += int(b[keys.ATOMIC_NUMBERS].shape[0])
+        self.schedule.step()
+        if self.ema is not None:
+            self.ema.update(engine.module)
+        sums = engine.all_reduce_sum(sums)
+        row = {"loss": float(Loss.combine(sums, counts, coeffs))}
+        row.update({f"loss_{p}": float(sums[i] / max(counts[i], 1.0)) for i, p in enumerate(loss.properties)})
+        row.update(lr=lr, grad_norm=engine.grad_norm(),
+                   atoms=int(engine.all_reduce_sum(torch.tensor([atoms], dtype=torch.float64))[0]))
+        return row
+
+    # --- validation -------------------------------------------------------------------------------------------
+    def evaluate(self) -> tuple[float, dict]:
+        """(validation loss at the current coefficients, metrics) with the EMA weights, reduced over ranks."""
+        module = self.engine.module
+        acc = MetricAccumulator([d.name for d in self.valid_sets], self.head_names)
+        sums = torch.zeros(len(self.loss.properties), dtype=torch.float64)
+        counts = torch.zeros_like(sums)
+        self.engine.ds.eval()
+        with (self.ema.applied(module) if self.ema is not None else _nullcontext()):
+            self.valid_loader.set_epoch(0)
+            for b in self.valid_loader:
+                b = b.to(self.engine.device)
+                with self.engine.autocast():
+                    pred = module(b, compute_forces=True, compute_stress=self.loss.needs_stress(), training=False)
+                pred = {k: v.detach() for k, v in pred.items()}
+                acc.update(pred, b)
+                sums += self.loss.sums(pred, b).cpu()
+                counts += self.loss.counts(b)
+        self.engine.ds.train()
+        acc.reduce(self.engine.all_reduce_sum)
+        sums, counts = self.engine.all_reduce_sum(sums), self.engine.all_reduce_sum(counts)
+        return float(Loss.combine(sums, counts, self.loss.coefficients(self.step))), acc.result()
+
+    # --- checkpoints ------------------------------------------------------------------------------------------
+    def save(self) -> None:
+        root = self.out / "checkpoints"
+        if self.rank == 0:
+            ckpt.staging_dir(root, self.step)
+        self.engine.barrier()
+        tmp = root / (ckpt.step_name(self.step) + ".tmp")
+        ckpt.save_tree({"optimizer": self.engine.optimizer_state(), "rng": ckpt.rng_state()},
+                       tmp / f"rank_{self.rank:05d}")
+        loader_state = self.loader.state_dict()
+        if self.rank == 0:
+            ckpt.save_module(self.engine.module, tmp / "model.safetensors")
+            if self.ema is not None:
+                ckpt.save_tree(self.ema.state_dict(), tmp / "ema")
+        self.engine.barrier()
+        if self.rank == 0:
+            meta = {"world_size": self.world, "zero_stage": self.config.engine.zero_stage,
+                    "config": config_to_dict(self.config), "schedule": self.schedule.state_dict(),
+                    "loader": loader_state}
+            ckpt.commit(root, self.step, meta, self.config.keep_checkpoints)
+        self.engine.barrier()
+
+    def restore(self) -> bool:
+        """Continue from the latest checkpoint under ``out_dir``; False (fresh start) when there is none."""
+        path = ckpt.latest(self.out / "checkpoints")
+        if path is None:
+            return False
+        meta = ckpt.read_meta(path)
+        for key, mine in (("world_size", self.world), ("zero_stage", self.config.engine.zero_stage)):
+            if meta[key] != mine:
+                raise ValueError(f"checkpoint {path} was written with {key}={meta[key]} but this run has {mine}; "
+                                 f"resume with the same {key}")
+        ckpt.load_module(self.engine.module, path / "model.safetensors")
+        rank_state = ckpt.load_tree(path / f"rank_{self.rank:05d}")
+        self.engine.load_optimizer_state(rank_state["optimizer"])
+        if self.ema is not None:
+            self.ema.load_state_dict(ckpt.load_tree(path / "ema"))
+        self.schedule.load_state_dict(meta["schedule"])
+        self.loader.load_state_dict(meta["loader"])
+        ckpt.set_rng_state(rank_state["rng"])
+        self.step = int(meta["step"])
+        return True
+
+    def export(self, metrics: dict | None = None) -> Path:
+        """``save_pretrained`` of the EMA weights to ``out_dir/model`` (rank 0)."""
+        target = self.out / "model"
+        if self.rank == 0:
+            with (self.ema.applied(self.engine.module) if self.ema is not None else _nullcontext()):
+                self.engine.module.save_pretrained(target, metrics=metrics)
+        self.engine.barrier()
+        return target
+
+    # --- the loop ---------------------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        c = self.config
+        batches = tdata.batches_forever(self.loader)
+        metrics: dict = {}
+        while self.step < c.max_steps:
+            t0 = time.perf_counter()
+            row = self.train_step(batches)
+            self.step += 1
+            row["atoms_per_s"] = row["atoms"] / max(time.perf_counter() - t0, 1e-9)
+            self.logger.train(self.step, row, log=self.step % c.log_every == 0 or self.step == c.max_steps)
+            last = self.step == c.max_steps
+            if self.valid_loader is not None and (self.step % c.valid_every == 0 or last):
+                valid_loss, metrics = self.evaluate()
+                self.schedule.report(valid_loss)
+                self.logger.valid(self.step, {"valid/loss": valid_loss, **flatten(metrics)})
+            if self.step % c.checkpoint_every == 0 or last:
+                self.save()
+        self.export(metrics)
+        self.logger.close()
+        return metrics
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _preset_r_max(config: TrainConfig) -> float:
+    from ..model import ModelConfig
+    return float(ModelConfig.preset(config.model.preset, elements=["H"]).r_max)
+
+
+def run(config: TrainConfig, model=None, resume: bool = False) -> dict:
+    """Train per ``config`` (``model``: a ready module, else built from ``config.model``); returns the final
+    validation metrics. ``resume=True`` continues from the latest checkpoint in ``out_dir`` if there is one."""
+    return Trainer(config, model=model, resume=resume).fit()

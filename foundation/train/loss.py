@@ -1,0 +1,121 @@
+"""The training loss: per-property coefficients, MSE or Huber, per-dataset weights, a coefficient schedule.
+
+Every term is a weighted *sum* of errors over the labelled entries plus the *count* of labelled entries, so
+that the engine can normalise by counts reduced over micro-batches and ranks (the gradient then equals the
+gradient of the global-batch mean, whatever the atom counts per rank). Labels a structure lacks are NaN in the
+batch (``keys.MISSING``); they are removed by boolean indexing before any arithmetic, so NaN never reaches a
+gradient and a missing label is never treated as zero.
+
+Terms (``w`` = weight of the structure's dataset):
+- energy: sum_s w_s rho((E_pred - E_ref) / N_s), per atom, eV/atom; count = labelled structures
+- forces: sum_i,a w rho(F_pred - F_ref), eV/Å per component; count = 3 x labelled atoms
+- stress: per component, eV/Å³; count = 9 x labelled structures
+- charges (e, per atom), dipole (e·Å, per component).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import keys
+from .config import LOSS_PROPERTIES, LossConfig
+
+PER_ATOM = (keys.FORCES, keys.CHARGES)
+
+
+def _label_mask(ref: Tensor) -> Tensor:
+    """Rows of ``ref`` whose label is present: (rows,) bool (all components finite)."""
+    return torch.isfinite(ref.reshape(ref.shape[0], -1)).all(dim=1)
+
+
+def structure_of_atom(batch) -> Tensor:
+    """(n,) int64 index of each atom's structure (``batch.batch`` of a ``Batch``; zeros for one ``Data``)."""
+    index = getattr(batch, "batch", None)
+    if index is None:
+        return torch.zeros(batch[keys.ATOMIC_NUMBERS].shape[0], dtype=torch.long,
+                           device=batch[keys.ATOMIC_NUMBERS].device)
+    return index
+
+
+class Loss:
+    """Callable loss for one run. ``properties`` are the ones with a non-zero coefficient at some step."""
+
+    def __init__(self, config: LossConfig, max_steps: int):
+        self.config = config
+        self.max_steps = max_steps
+        used = set(k for k, v in config.coefficients.items() if v > 0)
+        for stage in config.schedule:
+            used |= {k for k, v in stage.coefficients.items() if v > 0}
+        self.properties = tuple(p for p in LOSS_PROPERTIES if p in used)
+        if not self.properties:
+            raise ValueError("loss.coefficients: every coefficient is zero; give e.g. {energy: 1, forces: 10}")
+
+    def coefficients(self, step: int) -> Tensor:
+        """(P,) coefficients at optimizer step ``step`` (0-based): base values, then each schedule stage whose
+        ``start`` fraction of ``max_steps`` has been reached overrides its keys."""
+        coeffs = dict(self.config.coefficients)
+        for stage in sorted(self.config.schedule, key=lambda s: s.start):
+            if step >= stage.start * self.max_steps:
+                coeffs.update(stage.coefficients)
+        return torch.tensor([float(coeffs.get(p, 0.0)) for p in self.properties], dtype=torch.float64)
+
+    def needs_stress(self) -> bool:
+        return keys.STRESS in self.properties
+
+    def _weights(self, batch) -> Tensor:
+        """(B,) per-structure weight from its dataset index (1 when no dataset weights are configured)."""
+        idx = batch[keys.DATASET].reshape(-1)
+        if self.config.dataset_weights is None:
+            return torch.ones(idx.shape[0], device=idx.device, dtype=torch.float64)
+        table = torch.tensor(self.config.dataset_weights, dtype=torch.float64, device=idx.device)
+        return table[idx]
+
+    def counts(self, batch) -> Tensor:
+        """(P,) float64 number of labelled scalar entries per property in ``batch`` (no model needed)."""
+        out = []
+        for p in self.properties:
+            ref = batch[p] if p in batch else None
+            if ref is None:
+                out.append(0.0)
+                continue
+            mask = _label_mask(ref)
+            per_row = ref[0].numel() if ref.dim() > 1 else 1
+            out.append(float(mask.sum().item() * per_row))
+        return torch.tensor(out, dtype=torch.float64)
+
+    def _rho(self, diff: Tensor) -> Tensor:
+        if self.config.kind == "huber":
+            return torch.nn.functional.huber_loss(diff, torch.zeros_like(diff), reduction="none",
+                                                  delta=self.config.huber_delta)
+        return diff * diff
+
+    def sums(self, pred: dict, batch) -> Tensor:
+        """(P,) weighted error sums (differentiable w.r.t. ``pred``), float64."""
+        w_struct = self._weights(batch)
+        terms = []
+        for p in self.properties:
+            if p not in batch or p not in pred:
+                if p in batch and _label_mask(batch[p]).any():
+                    raise ValueError(f"the batch has {p!r} labels but the model did not predict {p!r}; "
+                                     f"set loss.coefficients.{p}: 0 or use a model with that output")
+                terms.append(torch.zeros((), dtype=torch.float64, device=w_struct.device))
+                continue
+            ref = batch[p]
+            mask = _label_mask(ref)
+            if p in PER_ATOM:
+                w = w_struct[structure_of_atom(batch)]
+            else:
+                w = w_struct
+            y, t, w = pred[p].reshape(ref.shape)[mask], ref[mask], w[mask]
+            diff = y.to(torch.float64) - t.to(torch.float64)
+            if p == keys.ENERGY:
+                diff = diff / batch[keys.NATOMS].reshape(-1)[mask].to(torch.float64)
+            err = self._rho(diff).reshape(diff.shape[0], -1).sum(dim=1)
+            terms.append((w * err).sum())
+        return torch.stack(terms)
+
+    @staticmethod
+    def combine(sums: Tensor, counts: Tensor, coefficients: Tensor) -> Tensor:
+        """Scalar loss sum_p c_p sums_p / counts_p (terms with no labelled entries contribute 0)."""
+        coefficients = coefficients.to(sums.device)
+        return (coefficients * sums / counts.to(sums.device).clamp(min=1.0)).sum()

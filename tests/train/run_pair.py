@@ -1,0 +1,44 @@
+"""Train the test pair potential from a recipe, as a separate process (``python run_pair.py RECIPE [--resume]``).
+
+Used by the kill-and-resume and multi-rank tests (also under ``torchrun``). ``FOUNDATION_TEST_STEP_DELAY``
+(seconds) slows each training forward down so a test can kill the run at a step of its choosing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from foundation.train.config import load_config  # noqa: E402
+from foundation.train.loop import run  # noqa: E402
+from pair_model import PairPotential  # noqa: E402
+
+
+class SlowPair(PairPotential):
+    def forward(self, batch, **kwargs):
+        if kwargs.get("training", True):
+            time.sleep(float(os.environ.get("FOUNDATION_TEST_STEP_DELAY", "0")))
+        return super().forward(batch, **kwargs)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("recipe")
+    parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = load_config(args.recipe, args.set)
+    torch.manual_seed(1234)
+    run(config, model=SlowPair([28, 29], r_max=4.0), resume=args.resume)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
