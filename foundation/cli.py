@@ -112,6 +112,42 @@ def _run_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pretrain", help="train a model from a recipe with DeepSpeed (1 process, or N under "
+                                        "torchrun/deepspeed); checkpoints, logs and the exported model go to out_dir")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/pretrain_small.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set optim.lr=3e-4 --set data.train=[DIR] (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from .train.loop import main as pretrain
+    report = pretrain(args.recipe, args.set, resume=args.resume)
+    if report:
+        print(report)
+    return 0
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="MAE/RMSE of a model on a dataset, per property, dataset and head")
+    p.add_argument("model", metavar="MODEL", help="saved model directory or Hub repo id")
+    p.add_argument("data", metavar="DATA", nargs="+", help="dataset directory (LMDB shards) or ASE-readable file")
+    p.add_argument("--plot", default=None, metavar="PNG", help="write parity plots to this file")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
+    p.add_argument("--max-atoms", type=int, default=512, help="atoms per inference batch (default 512)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .train.evaluate import main as evaluate
+    print(evaluate(args.model, args.data, plot=args.plot, json_path=args.json, max_atoms=args.max_atoms,
+                   device=args.device))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -122,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate]
 
 
 def main(argv: list[str] | None = None) -> int:

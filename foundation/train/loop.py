@@ -213,3 +213,15 @@ def run(config: TrainConfig, model=None, resume: bool = False) -> dict:
     """Train per ``config`` (``model``: a ready module, else built from ``config.model``); returns the final
     validation metrics. ``resume=True`` continues from the latest checkpoint in ``out_dir`` if there is one."""
     return Trainer(config, model=model, resume=resume).fit()
+
+
+def main(recipe: str, overrides: list[str] | None = None, resume: bool = False) -> str | None:
+    """``foundation pretrain``: load the recipe, train, return the final metrics table (rank 0; None elsewhere)."""
+    from .config import load_config
+    from .metrics import format_table
+    config = load_config(recipe, overrides)
+    trainer = Trainer(config, resume=resume)
+    metrics = trainer.fit()
+    if trainer.rank != 0:
+        return None
+    return f"model exported to {Path(config.out_dir) / 'model'}\n" + (format_table(metrics) if metrics else "")
