@@ -1,0 +1,214 @@
+"""``FoundationModel``: the MACE-style equivariant backbone, one forward pass from a PyG batch to energies.
+
+Reads top to bottom (``forward``):
+  1. inputs in the model dtype; element index per atom; nodes sorted by element (per-element weight gathers)
+  2. strain (for stress) and edge vectors r_ij = pos[recv] - pos[send] + shifts
+  3. radial features b(r) f_cut(r), spherical harmonics Y(r_ij / r) (e3nn, component normalisation)
+  4. layers: sc = W_skip[z] h;  A = interaction(h);  h = linear(product_basis(A)) + sc;  readout per head
+  5. per-atom energies (E0 + scale * interaction + shift, see ``heads``), per-structure sums
+  6. forces, stress, virials by autograd
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from typing import Mapping, Sequence
+
+import torch
+from e3nn import o3
+from torch import nn
+
+from .. import keys
+from ..nn.interaction import Interaction
+from ..nn.linear import ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
+from ..nn.radial import BesselCutoff
+from ..nn.readout import LinearReadout, NonLinearReadout
+from ..nn.symmetric_contraction import SymmetricContraction
+from . import derivatives
+from .config import ModelConfig
+from .heads import HeadStatistics, update_statistics
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class FoundationModel(nn.Module):
+    """MACE-style backbone with multi-head readouts. ``FoundationModel(config)``; weights random (torch seed)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        if config.long_range is not None:
+            raise NotImplementedError(f"long_range={config.long_range!r}: the long-range charge head is not "
+                                      "implemented yet (issue 6); set long_range to None")
+        self.config = config
+        dtype = _DTYPES[config.dtype]
+        c, n_el, n_heads = config.num_channels, len(config.elements), len(config.heads)
+        table = torch.full((119,), -1, dtype=torch.long)
+        table[torch.tensor(config.atomic_numbers)] = torch.arange(n_el)
+        self.register_buffer("element_index", table, persistent=False)
+        self.embedding = ElementEmbedding(n_el, c, dtype)
+        self.radial_basis = BesselCutoff(config.r_max, config.num_bessel, config.num_poly_cutoff)
+        self.interactions, self.skips = nn.ModuleList(), nn.ModuleList()
+        self.products, self.product_linears, self.readouts = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        for t in range(config.num_layers):
+            last = t == config.num_layers - 1
+            l_in = 0 if t == 0 else config.max_L
+            l_out = 0 if last else config.max_L
+            self.interactions.append(Interaction(l_in, config.max_ell, c, config.num_bessel, config.radial_mlp, dtype))
+            self.skips.append(ElementLinear(min(l_in, l_out), n_el, c, c, dtype))
+            self.products.append(SymmetricContraction(config.max_ell, l_out, config.correlation, n_el, c, dtype))
+            self.product_linears.append(IrrepsLinear(l_out, c, c, dtype))
+            self.readouts.append(NonLinearReadout(c, config.readout_mlp, n_heads, dtype) if last
+                                 else LinearReadout(c, n_heads, dtype))
+        self.statistics = HeadStatistics(config, dtype)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    # ---------------------------------------------------------------------------------------------------
+    def forward(self, batch, compute_forces: bool = True, compute_stress: bool = False,
+                training: bool = False) -> dict[str, torch.Tensor]:
+        """batch: PyG ``Batch`` (or one ``Data``) with the fields of ``foundation.keys``.
+
+        Returns {ENERGY (B,) eV, NODE_ENERGY (n,) eV, FORCES (n,3) eV/Å if compute_forces, STRESS (B,3,3)
+        eV/Å³ and VIRIALS (B,3,3) eV if compute_stress}. ``training=True`` keeps the autograd graph
+        (create_graph) so that losses on forces and stress can be backpropagated.
+        """
+        with torch.enable_grad() if (compute_forces or compute_stress) else nullcontext():
+            g = self._inputs(batch)
+            pos = g["pos"] if g["pos"].requires_grad or not (compute_forces or compute_stress) \
+                else g["pos"].detach().requires_grad_(True)
+            displacement = None
+            pos_s, shifts = pos, g["shifts"]
+            if compute_stress:
+                displacement, pos_s, shifts = derivatives.apply_strain(pos, shifts, g["batch"], g["sender"],
+                                                                       g["num_graphs"])
+            node_energy = self._node_energies(g, pos_s, shifts)
+            energy = torch.zeros(g["num_graphs"], dtype=node_energy.dtype, device=node_energy.device)
+            energy = energy.index_add(0, g["batch"], node_energy)
+            out = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+            if compute_forces or compute_stress:
+                forces, stress, virials = derivatives.forces_and_stress(energy, pos, displacement, g["cell"],
+                                                                        g["pbc"], create_graph=training)
+                if compute_forces:
+                    out[keys.FORCES] = forces
+                if compute_stress:
+                    out[keys.STRESS], out[keys.VIRIALS] = stress, virials
+        if not training:
+            out = {k: v.detach() for k, v in out.items()}
+        return out
+
+    def _node_energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+        """Per-atom energies (n,) eV from (possibly strained) positions (n,3) and shifts (E,3)."""
+        cfg = self.config
+        sender, receiver = g["sender"], g["receiver"]
+        vectors = pos[receiver] - pos[sender] + shifts
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        edge_feats = self.radial_basis(lengths)
+        sh = o3.spherical_harmonics(list(range(cfg.max_ell + 1)), vectors, normalize=True, normalization="component")
+        coordination = torch.zeros_like(pos[:, 0]).index_add(0, receiver, self.radial_basis.envelope(lengths))
+
+        order = torch.argsort(g["z"], stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel(), device=order.device)
+        groups = ElementGroups.from_sorted(g["z"][order], len(cfg.elements))
+        send_s, recv_s = rank[sender], rank[receiver]
+        h = self.embedding(g["z"][order])
+        readout = 0.0
+        for interaction, skip, product, linear, read in zip(self.interactions, self.skips, self.products,
+                                                            self.product_linears, self.readouts):
+            sc = skip(h, groups)
+            a = interaction(h, sh, edge_feats, send_s, recv_s, cfg.avg_num_neighbors)
+            h = _add_prefix(linear(product(a, groups)), sc)
+            readout = readout + read(h[:, 0, :])
+        readout = readout[rank]  # back to input atom order, (n, H)
+        head = g["head"][g["batch"]]
+        iso = self._isolated_readouts(groups)[g["z"], head]
+        own = readout.gather(1, head.unsqueeze(1)).squeeze(1)
+        return self.statistics.node_energies(g["z"], head, own, iso, coordination)
+
+    def _isolated_readouts(self, groups: ElementGroups) -> torch.Tensor:
+        """Summed readouts (N_el, H) of an atom with no neighbours, for the elements present (zeros elsewhere).
+
+        With no edges A = 0, so the product basis is 0 and each layer reduces to its skip connection.
+        """
+        present = [e for e, _, _ in groups.slices]
+        z = torch.tensor(present, dtype=torch.long, device=self.embedding.weight.device)
+        single = ElementGroups(tuple((e, k, k + 1) for k, e in enumerate(present)))
+        h = self.embedding(z)
+        readout = 0.0
+        for skip, read in zip(self.skips, self.readouts):
+            h = skip(h, single)[:, :1]
+            readout = readout + read(h[:, 0, :])
+        n_heads = len(self.config.heads)
+        full = torch.zeros(len(self.config.elements), n_heads, dtype=self.dtype, device=z.device)
+        return full.index_copy(0, z, readout) if present else full
+
+    # ---------------------------------------------------------------------------------------------------
+    def _inputs(self, batch) -> dict:
+        """Graph fields in the model's dtype/device, with checks that name what is wrong."""
+        device, dtype = self.embedding.weight.device, self.dtype
+        for name in (keys.POSITIONS, keys.ATOMIC_NUMBERS, keys.EDGE_INDEX, keys.SHIFTS):
+            if getattr(batch, name, None) is None:
+                raise ValueError(f"batch has no {name!r}; build graphs with foundation.data.from_atoms(atoms, "
+                                 f"r_max={self.config.r_max})")
+        numbers = batch[keys.ATOMIC_NUMBERS].to(device)
+        if numbers.numel() and (numbers.min() < 0 or numbers.max() > 118):
+            raise ValueError(f"atomic numbers out of range 0..118 in the batch: {numbers.unique().tolist()}")
+        z = self.element_index[numbers]
+        if (z < 0).any():
+            from ase.data import chemical_symbols
+            bad = sorted({chemical_symbols[int(n)] for n in numbers[z < 0].unique()})
+            raise ValueError(f"the batch contains elements {bad} that this model does not know; "
+                             f"the model covers {self.config.elements}")
+        n = numbers.shape[0]
+        vec = getattr(batch, "batch", None)
+        vec = torch.zeros(n, dtype=torch.long, device=device) if vec is None else vec.to(device)
+        num_graphs = int(batch.num_graphs) if hasattr(batch, "num_graphs") else 1
+        head = getattr(batch, keys.HEAD, None)
+        head = torch.zeros(num_graphs, dtype=torch.long, device=device) if head is None else head.to(device).view(-1)
+        if head.numel() and (head.min() < 0 or head.max() >= len(self.config.heads)):
+            raise ValueError(f"batch field {keys.HEAD!r} has indices {head.unique().tolist()} but the model has "
+                             f"heads {self.config.heads} (indices 0..{len(self.config.heads) - 1})")
+        cell = getattr(batch, keys.CELL, None)
+        cell = torch.zeros(num_graphs, 3, 3) if cell is None else cell
+        pbc = getattr(batch, keys.PBC, None)
+        pbc = torch.zeros(num_graphs, 3, dtype=torch.bool) if pbc is None else pbc
+        edge_index = batch[keys.EDGE_INDEX].to(device)
+        return {"pos": batch[keys.POSITIONS].to(device=device, dtype=dtype), "z": z, "batch": vec,
+                "num_graphs": num_graphs, "head": head, "sender": edge_index[0], "receiver": edge_index[1],
+                "shifts": batch[keys.SHIFTS].to(device=device, dtype=dtype),
+                "cell": cell.to(device=device, dtype=dtype).view(-1, 3, 3), "pbc": pbc.to(device).view(-1, 3)}
+
+    # ---------------------------------------------------------------------------------------------------
+    def hessian_vector_product(self, batch, vectors: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """H v, H = d^2 E / dpos^2 (eV/Å²): vectors (n,3) or (n,3,k) -> same shape, double backward.
+
+        ``create_graph=True`` keeps the graph so that a loss on H v can be backpropagated (distillation).
+        """
+        with torch.enable_grad():
+            g = self._inputs(batch)
+            pos = g["pos"].detach().requires_grad_(True)
+            node_energy = self._node_energies(g, pos, g["shifts"])
+            hv = derivatives.hessian_vector_product(node_energy, pos, vectors.to(pos), create_graph)
+        return hv if create_graph else hv.detach()
+
+    def set_statistics(self, atomic_energies: Mapping[str, float] | Sequence[float] | None = None,
+                       scale: float | None = None, shift: float | None = None,
+                       avg_num_neighbors: float | None = None, head: str | None = None) -> None:
+        """Update E0 (eV per element), scale, shift (eV/atom) of ``head`` (all heads if None) and the mean
+        neighbour count, in ``self.config`` and in the buffers."""
+        update_statistics(self.config, head, atomic_energies, scale, shift, avg_num_neighbors)
+        self.statistics.load_config(self.config)
+
+    def num_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+def _add_prefix(h: torch.Tensor, sc: torch.Tensor) -> torch.Tensor:
+    """h (n, D, C) + sc (n, D_sc <= D, C) on the first D_sc components."""
+    if sc.shape[1] == h.shape[1]:
+        return h + sc
+    return torch.cat([h[:, :sc.shape[1]] + sc, h[:, sc.shape[1]:]], dim=1)
+

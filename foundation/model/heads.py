@@ -1,0 +1,78 @@
+"""Per-head energy statistics and the assembly of per-atom energies.
+
+  e_i = E0[h, z_i] + scale[h] * (R_i - R_iso[h, z_i]) + shift[h] * tanh(N_i)
+
+R_i is the sum of the layer readouts of atom i for its structure's head h; R_iso[h, z] is the same sum for an
+atom of element z with no neighbours (MACE's skip connections make it non-zero), so the interaction energy of
+an isolated atom vanishes and it gets exactly E0. N_i = sum_j f_cut(r_ij) is the smooth neighbour count
+(0 when isolated, >> 1 in condensed phases, continuous with two derivatives at r_max), so the per-atom
+shift acts as in MACE's ScaleShiftMACE wherever an atom has neighbours and fades out smoothly as it loses them.
+Statistics live in the config; the buffers here are non-persistent copies rebuilt from it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Mapping, Sequence
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class HeadStatistics(nn.Module):
+    """Buffers e0 (H, N_el) eV, scale (H,), shift (H,) eV, built from ``config`` (not saved in the state dict)."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype):
+        super().__init__()
+        self.register_buffer("e0", torch.zeros(len(config.heads), len(config.elements), dtype=dtype), persistent=False)
+        self.register_buffer("scale", torch.ones(len(config.heads), dtype=dtype), persistent=False)
+        self.register_buffer("shift", torch.zeros(len(config.heads), dtype=dtype), persistent=False)
+        self.load_config(config)
+
+    @torch.no_grad()
+    def load_config(self, config: ModelConfig) -> None:
+        """Copy the config's statistics into the buffers (keeping their device and dtype)."""
+        for k, head in enumerate(config.heads):
+            self.e0[k] = torch.tensor(config.atomic_energies[head], dtype=self.e0.dtype)
+            self.scale[k] = config.scale[head]
+            self.shift[k] = config.shift[head]
+
+    def node_energies(self, z: torch.Tensor, head: torch.Tensor, readout: torch.Tensor, readout_iso: torch.Tensor,
+                      coordination: torch.Tensor) -> torch.Tensor:
+        """z (n,) element index, head (n,), readout (n,) and readout_iso (n,) summed readouts of the atom's head,
+        coordination (n,) smooth neighbour count -> per-atom energies (n,) eV."""
+        return (self.e0[head, z] + self.scale[head] * (readout - readout_iso)
+                + self.shift[head] * torch.tanh(coordination))
+
+
+def update_statistics(config: ModelConfig, head: str | None, atomic_energies: Mapping[str, float] | Sequence[float] | None,
+                      scale: float | None, shift: float | None, avg_num_neighbors: float | None) -> None:
+    """Write new statistics for one head (or every head when ``head`` is None) into ``config`` and validate.
+
+    atomic_energies: {symbol: eV} (every model element) or a list in ``config.elements`` order.
+    """
+    heads = config.heads if head is None else [config.heads[config.head_index(head)]]
+    if atomic_energies is not None:
+        if isinstance(atomic_energies, Mapping):
+            missing = [s for s in config.elements if s not in atomic_energies]
+            if missing:
+                raise ValueError(f"atomic_energies has no value for elements {missing}; give one per model element "
+                                 f"{config.elements}")
+            values = [float(atomic_energies[s]) for s in config.elements]
+        else:
+            values = [float(v) for v in atomic_energies]
+            if len(values) != len(config.elements):
+                raise ValueError(f"atomic_energies has {len(values)} values; the model has {len(config.elements)} "
+                                 f"elements {config.elements}")
+        for h in heads:
+            config.atomic_energies[h] = list(values)
+    for name, value in (("scale", scale), ("shift", shift)):
+        if value is not None:
+            if not math.isfinite(float(value)):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            for h in heads:
+                getattr(config, name)[h] = float(value)
+    if avg_num_neighbors is not None:
+        config.avg_num_neighbors = float(avg_num_neighbors)
+    config.validate()
