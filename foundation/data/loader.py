@@ -117,6 +117,17 @@ def _nan_like(example: torch.Tensor, key: str, data: Data, i: int) -> torch.Tens
     return torch.full(shape, keys.MISSING, dtype=example.dtype, device=example.device)
 
 
+def _seed(seed: int, *words: int) -> int:
+    """A 63-bit seed derived from integers (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([seed, *words]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def _seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
 class _WorkerInit:
     """Seed numpy and ``random`` in a worker from its torch seed (base seed of the epoch + worker id), then run
     the user's ``worker_init_fn``. A class, not a closure, so it pickles under the spawn start method."""
@@ -125,11 +136,71 @@ class _WorkerInit:
         self.user_fn = user_fn
 
     def __call__(self, worker_id: int) -> None:
-        seed = torch.initial_seed() % 2**32
-        np.random.seed(seed)
+        seed = torch.initial_seed()
+        np.random.seed(seed % 2**32)
         random.seed(seed)
         if self.user_fn is not None:
             self.user_fn(worker_id)
+
+
+class _SeededIndices(list):
+    """One batch of dataset indices plus the RNG seed its structures are built with."""
+    seed: int | None = None
+
+
+class _SeededBatches:
+    """The sampler's batches, each tagged with a seed from (seed, epoch, rank, batch position)."""
+
+    def __init__(self, sampler: AtomBudgetBatchSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self):
+        s = self.sampler
+        for k, batch in enumerate(s, s._resume_at):
+            tagged = _SeededIndices(batch)
+            tagged.seed = _seed(s.seed, 4, s.epoch, s.rank, k)
+            yield tagged
+
+
+class _SeededFetch(Dataset):
+    """Wraps the dataset: builds a batch's structures after seeding torch/numpy/random with the batch's seed.
+
+    Randomness in ``__getitem__`` (augmentation) is then a function of (seed, epoch, rank, batch position) only:
+    the same with any number of workers, persistent or not, and after a resume. In the main process
+    (num_workers=0) the global RNG states are saved and restored around it, so training randomness is untouched.
+    """
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index):
+        return self.dataset[index]
+
+    def __getitems__(self, indices):
+        if getattr(indices, "seed", None) is None:
+            return self._fetch(indices)
+        if torch.utils.data.get_worker_info() is not None:
+            _seed_all(indices.seed)
+            return self._fetch(indices)
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                _seed_all(indices.seed)
+                return self._fetch(indices)
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+    def _fetch(self, indices):
+        if callable(getattr(self.dataset, "__getitems__", None)):
+            return self.dataset.__getitems__(list(indices))
+        return [self.dataset[i] for i in indices]
 
 
 class Loader(DataLoader):
@@ -137,27 +208,31 @@ class Loader(DataLoader):
 
     ``state_dict()`` is the sampler's state with the position of the last batch *yielded by this loader* (workers
     prefetch ahead of that), so resuming from it continues with exactly the next batch the loop did not see.
-    Worker seeds are a function of (seed, epoch, rank), so augmentations in workers are reproducible.
+    Each batch is built under a seed from (seed, epoch, rank, batch position) (see ``_SeededFetch``), so
+    random augmentations are reproducible, also across resumes. ``source`` is the wrapped dataset and
+    ``atom_sampler`` the sampler (``dataset``/``batch_sampler`` are the seeding wrappers).
     """
 
-    def __init__(self, dataset, batch_sampler: AtomBudgetBatchSampler, **kwargs):
+    def __init__(self, dataset, sampler: AtomBudgetBatchSampler, **kwargs):
         self._generator = torch.Generator()
-        super().__init__(dataset, batch_sampler=batch_sampler, generator=self._generator, **kwargs)
+        self.atom_sampler = sampler
+        self.source = dataset
+        super().__init__(_SeededFetch(dataset), batch_sampler=_SeededBatches(sampler), generator=self._generator,
+                         **kwargs)
         self._iter_epoch: int | None = None
         self._consumed = 0
 
     @property
     def epoch(self) -> int:
-        return self.batch_sampler.epoch
+        return self.atom_sampler.epoch
 
     def set_epoch(self, epoch: int) -> None:
-        self.batch_sampler.set_epoch(epoch)
+        self.atom_sampler.set_epoch(epoch)
 
     def __iter__(self):
-        sampler = self.batch_sampler
-        self._generator.manual_seed(int(np.random.SeedSequence([sampler.seed, 3, sampler.epoch, sampler.rank])
-                                        .generate_state(1, np.uint64)[0] >> 1))
-        self._iter_epoch, self._consumed = sampler.epoch, sampler._resume_at
+        s = self.atom_sampler
+        self._generator.manual_seed(_seed(s.seed, 3, s.epoch, s.rank))   # worker base seeds
+        self._iter_epoch, self._consumed = s.epoch, s._resume_at
         return self._tracked(super().__iter__())
 
     def _tracked(self, iterator):
@@ -166,13 +241,13 @@ class Loader(DataLoader):
             yield batch
 
     def state_dict(self) -> dict:
-        state = self.batch_sampler.state_dict()
+        state = self.atom_sampler.state_dict()
         if self._iter_epoch == state["epoch"]:
             state["position"] = self._consumed
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self.batch_sampler.load_state_dict(state)
+        self.atom_sampler.load_state_dict(state)
         self._iter_epoch = None
 
 

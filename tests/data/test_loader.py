@@ -136,7 +136,6 @@ def test_loader_yields_budgeted_mixed_batches(parts):
         make_loader(parts[0], sampler)
 
 
-@pytest.mark.slow
 def test_loader_with_workers_resumes_at_the_next_consumed_batch(parts):
     """Workers prefetch ahead; the loader's state counts batches the loop consumed. Worker RNG is reproducible."""
     data = MixedDataset([ListDataset(_crystals(), noise=True), ListDataset(_molecules(), noise=True)])
@@ -162,9 +161,21 @@ def test_loader_with_workers_resumes_at_the_next_consumed_batch(parts):
     resumed = loader()
     resumed.load_state_dict(state)
     resumed.set_epoch(1)
-    assert [_signature(b) for b in resumed] == [s for s, _ in epochs[1][3:]]
+    assert [(_signature(b), b["noise"].tolist()) for b in resumed] == epochs[1][3:]
     resumed.set_epoch(0)
     assert [(_signature(b), b["noise"].tolist()) for b in resumed] == epochs[0]
+
+
+def test_batch_randomness_is_per_batch_and_leaves_the_main_rng_alone():
+    data = ListDataset(_molecules(), noise=True)
+    sampler = AtomBudgetBatchSampler.from_dataset(data, 20, seed=2)
+    np.random.seed(123)
+    before = np.random.random()
+    np.random.seed(123)
+    first = [b["noise"].tolist() for b in make_loader(data, sampler)]
+    assert np.random.random() == before                  # num_workers=0: training RNG not consumed or reseeded
+    assert first == [b["noise"].tolist() for b in make_loader(data, sampler)]
+    assert len({x for n in first for x in n}) == len(data)
 
 
 def _sharded(tmp_path, name, atoms_list):
@@ -173,16 +184,17 @@ def _sharded(tmp_path, name, atoms_list):
     return convert([tmp_path / f"{name}.xyz"], tmp_path / name, shard_size=5, progress=False)
 
 
-@pytest.mark.slow
-def test_sharded_datasets_mixed_through_two_workers(tmp_path):
+@pytest.mark.parametrize("context", ["fork", pytest.param("spawn", marks=pytest.mark.slow)])
+def test_sharded_datasets_mixed_through_two_workers(tmp_path, context):
     dataset_module = pytest.importorskip("foundation.data.dataset")
     crystals, molecules = _crystals(), _molecules()
     shards = [dataset_module.ShardedDataset(_sharded(tmp_path, n, a), r_max=R_MAX, dtype=torch.float64)
               for n, a in (("bulk", crystals), ("mol", molecules))]
     mixed = MixedDataset(shards, weights=[1, 1], heads=[0, 1])
     sampler = AtomBudgetBatchSampler.from_dataset(mixed, 48, samples_per_epoch=30, seed=1)
-    loader = make_loader(mixed, sampler, num_workers=2)
+    # read in the main process first: its LMDB environments are open when the workers start
     expected = [collate([mixed[i] for i in b]) for b in sampler]
+    loader = make_loader(mixed, sampler, num_workers=2, multiprocessing_context=context)
     batches = list(loader)
     assert len(batches) == len(expected) > 1
     for got, want in zip(batches, expected):
