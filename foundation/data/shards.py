@@ -133,7 +133,8 @@ def check_lmdb_file(path: Path) -> None:
 class _OpenShards:
     """Process-wide cache of open read-only LMDB environments (LMDB allows one open per file per process).
 
-    Keyed by (path, device, inode), least recently used closed beyond ``max_open``. After a fork the
+    Keyed by (path, device, inode, size, mtime) as seen when the reader was created, so a file rewritten since
+    is reopened; the least recently used are closed beyond ``max_open``. After a fork the
     inherited environments are closed in the child (they must not be used there) and reopened on demand.
     """
 
@@ -158,6 +159,8 @@ class _OpenShards:
         if hit is not None:
             self.envs.move_to_end(key)
             return hit[1]
+        for stale in [k for k in self.envs if k[1:3] == key[1:3]]:  # same file, rewritten since it was opened
+            self.close(stale)
         check_lmdb_file(path)
         try:
             env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, readahead=False, meminit=False)
@@ -199,7 +202,7 @@ class ShardReader:
         if st is None or not self.path.is_file():
             raise FileNotFoundError(f"shard file {self.path} does not exist; check the dataset path "
                                     f"or re-run `foundation data convert`")
-        self._key = (str(self.path.resolve()), st.st_dev, st.st_ino)
+        self._key = (str(self.path.resolve()), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _open(self):
         return OPEN_SHARDS.txn(self._key, self.path)
