@@ -254,3 +254,36 @@ def test_ten_million_structures_build_time_and_memory():
     print(f"\n10M structures: {nb} batches, epoch built in {seconds:.2f} s, "
           f"{kept:.2f} B/structure kept, {peak:.2f} B/structure peak")
     assert kept < 8.5 and peak < 18 and seconds < 60
+
+
+_DIST_WORKER = """
+import json, sys
+import numpy as np
+import torch.distributed as dist
+from foundation.data.sampling import AtomBudgetBatchSampler
+dist.init_process_group("gloo", init_method=sys.argv[1], rank=int(sys.argv[2]), world_size=int(sys.argv[3]))
+nat = np.random.default_rng(0).integers(1, 60, size=401).astype(np.int32)
+sampler = AtomBudgetBatchSampler(nat, 200, seed=7)          # num_replicas and rank from torch.distributed
+sampler.set_epoch(1)
+print(json.dumps({"rank": sampler.rank, "replicas": sampler.num_replicas, "batches": list(sampler)}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
+    import subprocess
+    import sys
+    init = f"file://{tmp_path / 'rendezvous'}"
+    procs = [subprocess.Popen([sys.executable, "-c", _DIST_WORKER, init, str(r), "2"], stdout=subprocess.PIPE,
+                              text=True) for r in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert [(o["rank"], o["replicas"]) for o in outs] == [(0, 2), (1, 2)]
+    assert len(outs[0]["batches"]) == len(outs[1]["batches"])
+    flat = np.concatenate([np.concatenate(o["batches"]) for o in outs])
+    assert np.array_equal(np.sort(flat), np.arange(401))
+    local = [_epoch(s, 1) for s in _ranks(np.random.default_rng(0).integers(1, 60, size=401).astype(np.int32), 2,
+                                          seed=7)]
+    assert [o["batches"] for o in outs] == local
