@@ -287,3 +287,14 @@ def test_rank_and_world_size_come_from_torch_distributed(tmp_path):
     local = [_epoch(s, 1) for s in _ranks(np.random.default_rng(0).integers(1, 60, size=401).astype(np.int32), 2,
                                           seed=7)]
     assert [o["batches"] for o in outs] == local
+
+
+def test_equal_counts_when_no_batch_can_be_split():
+    nat = np.full(5, 50, np.int32)                           # every structure alone exceeds the budget
+    with pytest.warns(UserWarning):
+        samplers = _ranks(nat, 2, max_atoms=10, seed=0)
+    with pytest.warns(UserWarning, match="dropping 1 trailing"):
+        per_rank = [_epoch(s) for s in samplers]
+    assert [len(b) for b in per_rank] == [2, 2]
+    flat = np.concatenate([np.concatenate(b) for b in per_rank])
+    assert len(set(flat.tolist())) == 4
