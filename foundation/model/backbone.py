@@ -18,6 +18,7 @@ from e3nn import o3
 from torch import nn
 
 from .. import keys
+from ..hub import HubMixin
 from ..nn.interaction import Interaction
 from ..nn.linear import ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
 from ..nn.radial import BesselCutoff
@@ -30,8 +31,13 @@ from .heads import HeadStatistics, update_statistics
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-class FoundationModel(nn.Module):
-    """MACE-style backbone with multi-head readouts. ``FoundationModel(config)``; weights random (torch seed)."""
+class FoundationModel(HubMixin, nn.Module):
+    """MACE-style backbone with multi-head readouts. ``FoundationModel(config)``; weights random (torch seed).
+
+    ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` come from ``foundation.hub.HubMixin``.
+    """
+
+    config_class = ModelConfig
 
     def __init__(self, config: ModelConfig):
         super().__init__()
