@@ -12,7 +12,13 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data = sub.add_parser("data", help="convert, inspect and generate datasets (LMDB shards)")
     dsub = data.add_subparsers(dest="data_command", required=True)
 
-    p = dsub.add_parser("convert", help="convert ASE-readable files / .aselmdb into LMDB shards + manifest.json")
+    p = dsub.add_parser(
+        "convert", help="convert ASE-readable files / .aselmdb into LMDB shards + manifest.json",
+        description="Stream INPUT files into LMDB shards + manifest.json (atomic; re-running is a no-op). "
+                    "Required labels: those named by --*-key plus every label the first valid record has; a "
+                    "later record missing one is invalid. Stress is only required of (and stored for) structures "
+                    "periodic in all three directions. Invalid records (NaN/inf, missing label, unknown element, "
+                    "atoms closer than 0.1 Å) stop the conversion naming file and record, unless --skip-invalid.")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="extxyz, ASE db, OUTCAR, .aselmdb ... (anything ASE reads)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--shard-size", type=int, default=10000, help="structures per LMDB shard (default 10000)")

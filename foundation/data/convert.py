@@ -2,7 +2,10 @@
 
 Required labels: every label named with ``key_map`` (``--energy-key`` ...) plus every label the first valid
 record has; a later record without one of them is invalid ("missing required label"). Labels a later record
-has beyond that set are not stored. ``total_charge`` is always stored (default 0 e).
+has beyond that set are not stored. ``total_charge`` is always stored (default 0 e). Stress is defined only
+for structures periodic along all three lattice vectors: it is never required of (nor stored for) other
+structures, and for periodic ones it is required when ``key_map`` names it or the first valid periodic record
+has it.
 
 Invalid records (NaN/inf values, a missing required label, an unknown element, two atoms closer than
 ``MIN_DISTANCE`` Å, unparsable frames) stop the conversion with a ``ValueError`` naming the file and record
@@ -154,7 +157,8 @@ class _State:
 
     def __init__(self, directory: Path, shard_size: int, r_max: float):
         self.directory, self.shard_size = directory, shard_size
-        self.required: list[str] | None = None
+        self.required: list[str] | None = None      # labels every record must have (stress excluded)
+        self.stress_required: bool | None = None     # decided by the first valid fully periodic record
         self.writer: ShardWriter | None = None
         self.shards: list[dict] = []
         self.skipped: list[dict] = []
@@ -171,10 +175,13 @@ class _State:
         if len(self.writer.natoms) >= self.shard_size:
             self.close_shard()
 
+    def properties(self) -> list[str]:
+        return sorted((self.required or []) + ([keys.STRESS] if self.stress_required else []))
+
     def close_shard(self) -> None:
         if self.writer is None:
             return
-        meta = self.writer.close(self.required or [])
+        meta = self.writer.close(self.properties())
         path = self.writer.path
         self.writer = None
         self.elements.update(meta["elements"])
@@ -232,6 +239,9 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
     for name, value in (("positions", positions), ("cell", cell)):
         if not np.all(np.isfinite(value)):
             raise InvalidRecord(f"{name} contain NaN or inf")
+    periodic = bool(pbc.all())
+    if not periodic:  # stress is undefined without three periodic directions
+        key_map = {k: v for k, v in key_map.items() if k != keys.STRESS}
     try:
         labels = read_labels(atoms, key_map)
     except KeyError as exc:
@@ -239,11 +249,14 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
     except ValueError as exc:
         raise InvalidRecord(f"bad label: {exc}") from None
     if state.required is None:
-        state.required = sorted(set(labels) | set(key_map))
-    missing = [k for k in state.required if k not in labels]
+        state.required = sorted((set(labels) | set(key_map)) - {keys.STRESS})
+    if periodic and state.stress_required is None:
+        state.stress_required = keys.STRESS in labels
+    need = state.required + ([keys.STRESS] if periodic and state.stress_required else [])
+    missing = [k for k in need if k not in labels]
     if missing:
-        raise InvalidRecord(f"missing required label(s) {missing} (the first valid record has {state.required})")
-    labels = {k: labels[k] for k in state.required}
+        raise InvalidRecord(f"missing required label(s) {missing} (required: {need})")
+    labels = {k: labels[k] for k in need}
     for name, value in labels.items():
         if not np.all(np.isfinite(value)):
             raise InvalidRecord(f"label {name!r} contains NaN or inf")
@@ -267,7 +280,7 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
 def _manifest(state: _State, arguments: dict) -> dict:
     from ase.data import chemical_symbols
     stats = state.stats.result()
-    props = {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in state.required or []}
+    props = {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in state.properties()}
     return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "name": arguments["dataset_name"],
             "level_of_theory": arguments["level_of_theory"], "num_structures": stats["num_structures"],
             "num_atoms": stats["num_atoms"],

@@ -97,11 +97,12 @@ def verify_dataset(directory: str | os.PathLike, manifest: dict, progress: bool 
             if n != natoms[i] or rec[keys.POSITIONS].shape != (n, 3):
                 raise ValueError(f"shard {path}, record {i}: {n} atoms but the shard index says {natoms[i]}; "
                                  f"the shard is corrupted: re-convert it")
-            missing = [k for k in manifest["properties"] if k not in rec]
+            periodic = bool(np.all(rec[keys.PBC]))  # stress exists only for fully periodic structures
+            missing = [k for k in manifest["properties"] if k not in rec and (k != keys.STRESS or periodic)]
             if missing:
                 raise ValueError(f"shard {path}, record {i}: missing properties {missing} listed in the manifest; "
                                  f"re-convert the dataset")
-            bad = [k for k in manifest["properties"] if not np.all(np.isfinite(rec[k]))]
+            bad = [k for k in manifest["properties"] if k in rec and not np.all(np.isfinite(rec[k]))]
             if bad:
                 raise ValueError(f"shard {path}, record {i}: NaN/inf in {bad}; re-convert the dataset")
             bar.update(1)

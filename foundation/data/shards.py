@@ -58,12 +58,13 @@ class ShardWriter:
             self._flush()
         return index
 
-    def _put_all(self, items: list[tuple[bytes, bytes]]) -> None:
+    def _put_all(self, items: list[tuple[bytes, bytes]], append: bool = False) -> None:
+        """Write items in one transaction (``append``: keys ascending, so LMDB fills pages completely)."""
         while True:
             try:
                 with self._env.begin(write=True) as txn:
                     for k, v in items:
-                        txn.put(k, v)
+                        txn.put(k, v, append=append)
                 return
             except lmdb.MapFullError:
                 self._map_size *= 2
@@ -71,7 +72,7 @@ class ShardWriter:
 
     def _flush(self) -> None:
         if self._pending:
-            self._put_all(self._pending)
+            self._put_all(self._pending, append=True)
             self._pending = []
 
     def close(self, properties: list[str], extra: Mapping | None = None) -> dict:

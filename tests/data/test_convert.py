@@ -224,3 +224,27 @@ def test_cli_convert_and_inspect(tmp_path, emt_xyz, capsys):
     assert "nope.xyz" in capsys.readouterr().err
     os.remove(out / "manifest.json")
     assert main(["data", "inspect", str(out)]) == 2
+
+
+@pytest.mark.parametrize("molecule_first", [True, False])
+def test_stress_is_required_only_of_fully_periodic_structures(tmp_path, molecule_first):
+    from ase.build import fcc111, molecule
+    bulk_frames = emt_frames(3, seed=6)
+    slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)  # pbc = (T, T, F): no stress
+    mol = molecule("H2O")
+    others = [_labelled(slab, stress=False), _labelled(mol, stress=False)]
+    frames = others + bulk_frames if molecule_first else bulk_frames + others
+    ase.io.write(tmp_path / "mix.xyz", frames)
+    out = convert([tmp_path / "mix.xyz"], tmp_path / "ds", progress=False)
+    ds = ShardedDataset(out)
+    has_stress = [keys.STRESS in ds.record(i) for i in range(len(frames))]
+    assert has_stress == [bool(a.pbc.all()) for a in frames]
+    assert "stress" in read_manifest(out)["properties"]
+    assert_round_trip(out, ase.io.read(tmp_path / "mix.xyz", ":"))
+    from foundation.data.inspect import inspect
+    assert "verified: 1 shards, 5 records" in inspect(out, verify=True)
+    # a fully periodic structure without stress, after one with it, is still missing a label
+    bad = frames + [_labelled(_cell_atoms(), stress=False)]
+    ase.io.write(tmp_path / "bad.xyz", bad)
+    with pytest.raises(ValueError, match=r"record 5: missing required label.*stress"):
+        convert([tmp_path / "bad.xyz"], tmp_path / "ds2", progress=False)
