@@ -1,7 +1,7 @@
 """Benchmark the data layer: conversion rate, read rate with and without neighbor lists, bytes on disk.
 
 Runs on ../shared/data (mlearn Si_train, rMD17 aspirin) when present, else on generated EMT-labelled data
-(or on the files given with --files). One process, one thread; prints medians over --repeats runs.
+(or on the files given with --files). One process, one thread; prints medians over --repeats runs of wall-clock and of process CPU time.
 
     python scripts/bench_data.py [--files A.xyz B.xyz] [--repeats 5] [--r-max 5.0] [--read-limit 1000]
 """
@@ -54,8 +54,19 @@ def generated_files(directory: Path) -> list[Path]:
     return paths
 
 
-def _median_rate(count: int, seconds: list[float]) -> float:
-    return count / statistics.median(seconds)
+def _timed(fn, repeats: int) -> tuple[float, float]:
+    """Median wall-clock and median CPU (process) seconds of ``fn()`` over ``repeats`` runs."""
+    wall, cpu = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        fn()
+        wall.append(time.perf_counter() - w)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
+
+
+def _rates(count: int, seconds: tuple[float, float]) -> str:
+    return f"{count / seconds[0]:,.0f} | {count / seconds[1]:,.0f}"
 
 
 def bench_file(path: Path, work: Path, repeats: int, r_max: float, read_limit: int, shard_size: int) -> dict:
@@ -63,37 +74,25 @@ def bench_file(path: Path, work: Path, repeats: int, r_max: float, read_limit: i
     from foundation.data.convert import convert
     from foundation.data.manifest import read_manifest
 
-    times = []
-    for k in range(max(1, repeats // 2 + 1)):
-        out = work / f"{path.stem}-{k}"
-        t = time.perf_counter()
-        convert([path], out, shard_size=shard_size, r_max=r_max, progress=False)
-        times.append(time.perf_counter() - t)
+    runs = iter(range(1000))
+
+    def convert_once():
+        convert([path], work / f"{path.stem}-{next(runs)}", shard_size=shard_size, r_max=r_max, progress=False)
+
+    conv = _timed(convert_once, max(1, repeats // 2 + 1))
+    out = work / f"{path.stem}-0"
     manifest = read_manifest(out)
     n = manifest["num_structures"]
     row = {"file": path.name, "structures": n, "atoms/structure": manifest["num_atoms"] / n,
-           "convert /s": _median_rate(n, times)}
-    disk = sum(s["bytes"] for s in manifest["shards"])
-    row["bytes/atom"] = disk / manifest["num_atoms"]
-    order = np.random.default_rng(0).permutation(n)[:read_limit]
+           "bytes/atom": sum(s["bytes"] for s in manifest["shards"]) / manifest["num_atoms"],
+           "convert /s": _rates(n, conv)}
+    order = [int(i) for i in np.random.default_rng(0).permutation(n)[:read_limit]]
     for label, radius in (("read /s (no NL)", None), (f"read /s (NL {r_max:g} Å)", r_max)):
         ds = ShardedDataset(out, r_max=radius)
         ds[0]
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
-            for i in order:
-                ds[int(i)]
-            times.append(time.perf_counter() - t)
-        row[label] = _median_rate(len(order), times)
+        row[label] = _rates(len(order), _timed(lambda: [ds[i] for i in order], repeats))
     ds = ShardedDataset(out)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for i in order:
-            ds.record(int(i))
-        times.append(time.perf_counter() - t)
-    row["decode-only /s"] = _median_rate(len(order), times)
+    row["decode-only /s"] = _rates(len(order), _timed(lambda: [ds.record(i) for i in order], repeats))
     return row
 
 
@@ -123,7 +122,8 @@ def main(argv=None) -> int:
         rows = [bench_file(f, work, args.repeats, args.r_max, args.read_limit, args.shard_size) for f in files]
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(f"medians of {args.repeats} repeats (conversion: {args.repeats // 2 + 1}), 1 process, 1 thread")
+    print(f"structures per second, 'wall | CPU' (CPU = per process-CPU-second, robust to a loaded machine); "
+          f"medians of {args.repeats} repeats (conversion: {args.repeats // 2 + 1}), 1 process, 1 thread")
     print_table(rows)
     return 0
 

@@ -46,8 +46,6 @@ def _lookup(atoms: Atoms, name: str, label: str):
         return atoms.info[name]
     if name in results:
         return results[name]
-    if label in PER_ATOM and name in atoms.arrays:
-        return atoms.arrays[name]
     return None
 
 
