@@ -88,6 +88,15 @@ def pair_model(elements=("Cu", "Au"), seed=0, **kw) -> PairModel:
     return PairModel(PairConfig(elements=list(elements), **kw)).double()
 
 
+def foundation_model(seed: int = 0, elements=("Cu", "Au"), **overrides):
+    """A small float64 FoundationModel (random init, smooth): 8 channels, invariant features, r_max 4.5 Å."""
+    from foundation import FoundationModel, ModelConfig
+    torch.manual_seed(seed)
+    fields = dict(num_channels=8, max_L=0, r_max=4.5, num_bessel=6, radial_mlp=[16, 16], avg_num_neighbors=20.0,
+                  heads=["pbe", "r2scan"], scale={"pbe": 20.0, "r2scan": 15.0}, dtype="float64")
+    return FoundationModel(ModelConfig.preset("small", elements=list(elements), **{**fields, **overrides}))
+
+
 def cu_au_bulk(seed=1, rattle=0.05) -> Atoms:
     atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 1))
     atoms.symbols[::3] = "Au"
@@ -223,3 +232,50 @@ def test_calculate_many_matches_one_by_one():
         assert ("stress" in res) == bool(atoms.pbc.all())
         if atoms.pbc.all():
             np.testing.assert_allclose(res["stress"], atoms.get_stress(), atol=1e-10)
+
+
+def small_structures() -> dict[str, Atoms]:
+    """4-atom strained bulk (an atom sees its own images), 6-atom slab, 6-atom cluster: cheap finite differences."""
+    bulk4 = bulk("Cu", "fcc", a=3.7, cubic=True)
+    bulk4.symbols[0] = "Au"
+    bulk4.rattle(0.08, seed=4)
+    bulk4.set_cell(bulk4.cell.array @ (np.eye(3) + 0.03 * np.random.default_rng(4).standard_normal((3, 3))),
+                   scale_atoms=True)
+    slab6 = fcc111("Cu", size=(2, 1, 3), a=3.7, vacuum=6.0)
+    slab6.symbols[-1] = "Au"
+    slab6.rattle(0.08, seed=5)
+    return {"bulk": bulk4, "slab": slab6, "molecule": cluster()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["bulk", "slab", "molecule"])
+def test_foundation_model_passes_ase_numerical_checks(name):
+    atoms = small_structures()[name]
+    atoms.calc = FoundationCalculator(foundation_model(), head="r2scan", dtype="float64")
+    forces = atoms.get_forces()
+    assert np.abs(forces).max() > 1e-2
+    np.testing.assert_allclose(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), atol=1e-6)
+    if atoms.pbc.all():
+        stress = atoms.get_stress()
+        assert np.abs(stress).max() > 1e-4
+        np.testing.assert_allclose(stress, atoms.calc.calculate_numerical_stress(atoms, d=1e-6), atol=1e-7)
+    np.testing.assert_allclose(atoms.get_potential_energies().sum(), atoms.get_potential_energy(), rtol=1e-12)
+
+
+def test_foundation_model_batched_equals_single_and_skin_equals_rebuild():
+    model = foundation_model()
+    structures = [cu_au_bulk(seed=s) for s in range(2)] + [slab(), cluster()]
+    many = FoundationCalculator(model).calculate_many(structures, max_atoms=30)
+    for atoms, res in zip(structures, many):
+        atoms.calc = FoundationCalculator(model, skin=0.0)
+        assert abs(res["energy"] - atoms.get_potential_energy()) < 1e-10
+        np.testing.assert_allclose(res["forces"], atoms.get_forces(), atol=1e-10)
+    atoms = cu_au_bulk()
+    fresh, cached = FoundationCalculator(model, skin=0.0), FoundationCalculator(model, skin=1.0)
+    rng = np.random.default_rng(0)
+    for _ in range(8):
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        r0 = fresh.get_property("forces", atoms).copy()
+        r1 = cached.get_property("forces", atoms).copy()
+        np.testing.assert_allclose(r0, r1, rtol=0, atol=1e-12)
+    assert cached.neighbors.builds < fresh.neighbors.builds

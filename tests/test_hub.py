@@ -217,3 +217,52 @@ def test_push_pull_revisions_offline_cache_and_tampering(tmp_path):
     offline = _run(_PRELUDE.format(tests=str(TESTS)) + _OFFLINE.format(sha1=res["sha1"]), {**env, "HF_HUB_OFFLINE": "1"})
     assert offline["main"] == res["e2"] and offline["v1"] == res["e1"] and offline["dev"] == res["e1"]
     assert offline["missing"][0] == "FileNotFoundError" and "HF_HUB_OFFLINE=1" in offline["missing"][1]
+
+
+def test_foundation_model_round_trip(tmp_path):
+    from foundation import FoundationModel
+    from test_calculator import foundation_model
+    model = foundation_model(seed=5)
+    out = model.save_pretrained(tmp_path / "fm", metrics=METRICS, datasets=DATASETS)
+    loaded = FoundationModel.from_pretrained(out)
+    assert loaded.config == model.config and not loaded.training
+    e0, f0 = _predict(model)
+    e1, f1 = _predict(loaded)
+    assert e0 == e1 and np.array_equal(f0, f1)
+    card = (out / "README.md").read_text()
+    assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
+    assert "| max_L | 0 |" in card and "`pbe`, `r2scan`" in card
+
+
+_PUSH_FOUNDATION = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_calculator import foundation_model
+from huggingface_hub import hf_hub_download
+foundation_model(seed=7).push_to_hub("org/cu-au", metrics={metrics!r}, datasets={datasets!r})
+print("CARD" + open(hf_hub_download("org/cu-au", "README.md")).read())
+"""
+
+
+@pytest.mark.slow
+def test_card_example_runs_exactly_as_written(tmp_path):
+    server, url = serve_in_thread(tmp_path / "hub")
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "test-token"}
+    try:
+        push = subprocess.run([sys.executable, "-c", _PUSH_FOUNDATION.format(tests=str(TESTS), metrics=METRICS,
+                                                                               datasets=DATASETS)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert push.returncode == 0, push.stderr[-3000:]
+        card = push.stdout.split("CARD", 1)[1]
+        code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+        assert 'FoundationCalculator.from_pretrained("org/cu-au"' in code
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].startswith("potential energy (eV):") and lines[-1].startswith("total energy after 20 fs (eV):")
+    assert np.isfinite(float(lines[-1].split(":")[1]))
