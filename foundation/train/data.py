@@ -82,15 +82,6 @@ def open_datasets(config: TrainConfig, r_max: float) -> tuple[list, list]:
     return splits, valid
 
 
-def collate_batch(data_list):
-    """``foundation.data.loader.collate`` with ``dataset_index`` kept as given: PyG's ``Batch`` offsets every
-    field whose name contains "index" by the node count, which would turn dataset 0, 0, 0 into 0, n1, n1+n2."""
-    from ..data.loader import collate
-    batch = collate(data_list)
-    batch[keys.DATASET] = torch.cat([d[keys.DATASET].reshape(-1) for d in data_list])
-    return batch
-
-
 def make_train_loader(config: TrainConfig, datasets: list, rank: int, world: int):
     """A resumable loader over the mixture of ``datasets``: atom-budget batches, this rank's share."""
     from ..data.loader import MixedDataset, make_loader
@@ -98,7 +89,7 @@ def make_train_loader(config: TrainConfig, datasets: list, rank: int, world: int
     mixed = MixedDataset(datasets, weights=config.data.weights, names=[d.name for d in datasets])
     sampler = AtomBudgetBatchSampler.from_dataset(mixed, config.data.max_atoms, shuffle=config.data.shuffle,
                                                   seed=config.seed, num_replicas=world, rank=rank)
-    return make_loader(mixed, sampler, num_workers=config.data.num_workers, collate_fn=collate_batch)
+    return make_loader(mixed, sampler, num_workers=config.data.num_workers)
 
 
 def make_eval_loader(datasets: list, max_atoms: int, rank: int, world: int, num_workers: int = 0):
@@ -109,7 +100,7 @@ def make_eval_loader(datasets: list, max_atoms: int, rank: int, world: int, num_
     sampler = AtomBudgetBatchSampler(mixed.natoms, max_atoms, dataset_sizes=mixed.dataset_sizes,
                                      probabilities=mixed.dataset_sizes.astype(float), shuffle=False,
                                      num_replicas=world, rank=rank)
-    return make_loader(mixed, sampler, num_workers=num_workers, collate_fn=collate_batch)
+    return make_loader(mixed, sampler, num_workers=num_workers)
 
 
 def batches_forever(loader):
@@ -133,7 +124,7 @@ def elements_of(datasets: list) -> list[str]:
 
 
 def statistics(datasets: list, r_max: float) -> dict:
-    """{"atomic_energies" {Z: eV}, "scale" (eV/Å, force RMS), "shift" (eV/atom), "avg_num_neighbors"} of the
+    """{"atomic_energies" {symbol: eV}, "scale" (eV/Å, force RMS), "shift" (eV/atom), "avg_num_neighbors"} of the
     training data of one head: from the manifest when possible, computed from the records otherwise."""
     from ..data.stats import StatsAccumulator
     base = [getattr(ds, "dataset", ds) for ds in datasets]
@@ -158,5 +149,12 @@ def statistics(datasets: list, r_max: float) -> dict:
                 edges += item[keys.EDGE_INDEX].shape[1]
                 atoms += item[keys.ATOMIC_NUMBERS].shape[0]
         avg = edges / max(atoms, 1)
-    return {"atomic_energies": s["e0s"], "scale": s["force_rms"] or 1.0, "shift": s.get("energy_shift") or 0.0,
+    from ase.data import chemical_symbols
+    return {"atomic_energies": {chemical_symbols[int(z)]: float(e) for z, e in s["e0s"].items()},
+            "scale": s["force_rms"] or 1.0, "shift": s.get("energy_shift") or 0.0,
             "avg_num_neighbors": float(avg)}
+
+
+def fill_elements(atomic_energies: dict, elements: list[str]) -> dict:
+    """E0 for every model element: the fitted values, 0 eV for elements absent from this head's data."""
+    return {s: float(atomic_energies.get(s, 0.0)) for s in elements}

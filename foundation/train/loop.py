@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from .config import TrainConfig, config_to_dict
 from .ema import EMA
 from .engine import Engine, init_distributed
 from .loss import Loss
-from .metrics import MetricAccumulator, RunLogger, flatten
+from .metrics import MetricAccumulator, RunLogger, card_metrics, flatten
 from .schedule import LRSchedule
 
 
@@ -54,9 +55,15 @@ class Trainer:
         self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
         if model is None:
             model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
+        elements, seen = _symbols(model.config.elements), set()
         for h, name in enumerate(self.head_names):
             stats = tdata.statistics([d for d, hd in zip(self.train_sets, heads) if hd == h], r_max)
+            seen |= set(stats["atomic_energies"])
+            stats["atomic_energies"] = tdata.fill_elements(stats["atomic_energies"], elements)
             model.set_statistics(**stats, head=name if len(self.head_names) > 1 else None)
+        if set(elements) - seen and self.rank == 0:
+            warnings.warn(f"no training structure contains {sorted(set(elements) - seen)}: their reference "
+                          "energies are 0 eV and their embeddings untrained", stacklevel=2)
         self.engine = Engine(model, config)
         self.loss = Loss(config.loss, config.max_steps)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.max_steps)
@@ -168,8 +175,13 @@ class Trainer:
         """``save_pretrained`` of the EMA weights to ``out_dir/model`` (rank 0)."""
         target = self.out / "model"
         if self.rank == 0:
-            with (self.ema.applied(self.engine.module) if self.ema is not None else _nullcontext()):
-                self.engine.module.save_pretrained(target, metrics=metrics)
+            module = self.engine.module
+            if not hasattr(module, "save_pretrained"):
+                warnings.warn(f"{type(module).__name__} has no save_pretrained (foundation.hub.HubMixin): the "
+                              f"export to {target} is skipped; the weights are in {self.out / 'checkpoints'}")
+                return target
+            with (self.ema.applied(module) if self.ema is not None else _nullcontext()):
+                module.save_pretrained(target, metrics=card_metrics(metrics or {}))
         self.engine.barrier()
         return target
 
@@ -204,6 +216,11 @@ class _nullcontext:
         return False
 
 
+def _symbols(elements: list) -> list[str]:
+    from ase.data import chemical_symbols
+    return [chemical_symbols[int(e)] if str(e).isdigit() else str(e) for e in elements]
+
+
 def _preset_r_max(config: TrainConfig) -> float:
     from ..model import ModelConfig
     return float(ModelConfig.preset(config.model.preset, elements=["H"]).r_max)
@@ -224,4 +241,6 @@ def main(recipe: str, overrides: list[str] | None = None, resume: bool = False) 
     metrics = trainer.fit()
     if trainer.rank != 0:
         return None
-    return f"model exported to {Path(config.out_dir) / 'model'}\n" + (format_table(metrics) if metrics else "")
+    exported = Path(config.out_dir) / "model"
+    head = f"model exported to {exported}\n" if (exported / "config.json").is_file() else ""
+    return head + (format_table(metrics) if metrics else "")

@@ -88,6 +88,24 @@ def flatten(result: dict, prefix: str = "valid") -> dict[str, float]:
     return {f"{prefix}/{k}_{m}": v[m] for k, v in result.items() for m in ("mae", "rmse")}
 
 
+_CARD_UNITS = {"energy_per_atom": "meV_per_atom", keys.ENERGY: "meV", keys.FORCES: "meV_per_A",
+               keys.STRESS: "meV_per_A3", keys.CHARGES: "me", keys.DIPOLE: "me_A"}
+
+
+def card_metrics(result: dict) -> dict[str, dict[str, float]]:
+    """Metrics in the model-card form {dataset[/head]: {"forces_mae_meV_per_A": value, ...}} (x 1000)."""
+    heads = {k.split("/")[1] for k in result if not k.startswith("all/")}
+    out: dict = {}
+    for name, v in result.items():
+        if name.startswith("all/"):
+            continue
+        dataset, head, prop = name.split("/")
+        group = out.setdefault(dataset if len(heads) == 1 else f"{dataset}/{head}", {})
+        for m in ("mae", "rmse"):
+            group[f"{prop}_{m}_{_CARD_UNITS[prop]}"] = 1000.0 * v[m]
+    return out
+
+
 def format_table(result: dict) -> str:
     """A plain-text table of the metrics (energies in meV/atom and meV, the rest in their units x 1000)."""
     lines = [f"{'group':40s} {'property':16s} {'MAE':>12s} {'RMSE':>12s} {'unit':>10s} {'count':>9s}"]

@@ -35,9 +35,11 @@ class PairPotential(nn.Module):
     def set_statistics(self, atomic_energies=None, scale=None, shift=None, avg_num_neighbors=None, head=None):
         with torch.no_grad():
             if atomic_energies:
-                for z, e in atomic_energies.items():
-                    if int(z) in self.config.elements:
-                        self.atomic_energies[self.species_index[int(z)]] = float(e)
+                from ase.data import atomic_numbers
+                for symbol, e in atomic_energies.items():  # {symbol: eV}, as FoundationModel.set_statistics
+                    z = atomic_numbers[symbol]
+                    if z in self.config.elements:
+                        self.atomic_energies[self.species_index[z]] = float(e)
             if scale is not None:
                 self.scale.fill_(float(scale))
             if shift is not None:

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_resume import RUNNER, env, recipe, train_rows
+from test_loop import RUNNER, env, recipe, train_rows
 
 STEPS = 4
 

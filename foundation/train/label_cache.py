@@ -1,0 +1,251 @@
+"""Teacher labels cached as a foundation dataset (LMDB shards + manifest.json), reused across runs.
+
+``build_label_cache(teacher, seeds, settings, cache_dir)`` makes the configurations (``configurations.py``),
+labels them with the teacher (energy, forces, stress, ``hvp_vectors``/``hvp``) and writes
+``cache_dir/labels-<key>/``, readable with ``ShardedDataset``. ``<key>`` is a SHA-256 of (teacher spec +
+revision, the seeds' numbers/positions/cells, the configuration settings, the label settings and the format
+versions): a second run with the same inputs finds the directory, verifies its checksums and returns it
+without calling the teacher. ``label_frames`` does the same for a given list of frames (on-policy rounds),
+keyed by the frames themselves.
+
+Building is resumable and safe to run concurrently: work goes into ``labels-<key>.partial/`` under an
+exclusive ``flock`` on ``labels-<key>.lock`` (a second process waits, then finds the finished cache); the
+configurations are stored there first (float64, exact), then one labelled shard per ``shard_size`` frames,
+each written under a temporary name and renamed when complete, so a killed run restarts at the first
+missing shard. The finished directory also holds ``frames.json`` (per-frame ``config_type``, ``seed_index``,
+``temperature_K``, ``md_step``).
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from ase import Atoms
+
+from .. import __version__, keys
+from ..data.encoding import RECORD_VERSION
+from ..data.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, read_manifest,
+                             sha256_file, write_json_synced)
+from ..data.shards import SHARD_SCHEMA_VERSION, ShardReader, ShardWriter
+from ..data.stats import StatsAccumulator
+from .configurations import CONFIG_TYPES, ConfigurationSettings, generate_configurations
+from .teacher import Teacher, structure_digest
+
+CACHE_FORMAT_VERSION = 1
+FRAMES_NAME = "frames.json"
+_CONFIGS = "configurations.lmdb"
+_INFO = ("config_type", "seed_index", "temperature_K", "md_step")
+_LABELS = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.HESSIAN_VECTORS, keys.HESSIAN_PRODUCTS)
+
+
+def seeds_digest(seeds: Sequence[Atoms]) -> str:
+    """Hex SHA-256 over the structures (numbers, float64 positions, cell, pbc) in order."""
+    h = hashlib.sha256()
+    for a in seeds:
+        h.update(structure_digest(a).encode())
+    return h.hexdigest()
+
+
+def cache_key(teacher: Teacher, structures_digest: str, settings: dict | None, hvp_vectors: int, seed: int,
+              stress: bool) -> str:
+    """Hex SHA-256 identifying one cache entry (see module doc)."""
+    blob = {"teacher": teacher.describe(), "structures": structures_digest, "settings": settings,
+            "labels": {"hvp_vectors": int(hvp_vectors), "seed": int(seed), "stress": bool(stress)},
+            "versions": [CACHE_FORMAT_VERSION, SHARD_SCHEMA_VERSION, RECORD_VERSION, MANIFEST_SCHEMA_VERSION]}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def build_label_cache(teacher: Teacher, seeds: Sequence[Atoms], settings: ConfigurationSettings | None,
+                      cache_dir: str | os.PathLike, *, hvp_vectors: int = 2, seed: int = 0, stress: bool = True,
+                      shard_size: int = 256, r_max: float = 5.0, log: Callable[[str], None] | None = print) -> Path:
+    """Configurations from ``seeds`` labelled by ``teacher``, cached; returns the dataset directory.
+
+    ``hvp_vectors`` k random unit vectors per structure (seeded by ``seed``); ``r_max`` (Å) only sets the
+    neighbour-count statistic of the manifest; ``log`` receives progress messages (None = silent).
+    """
+    settings = settings or ConfigurationSettings()
+    key = cache_key(teacher, seeds_digest(seeds), settings.to_dict(), hvp_vectors, seed, stress)
+
+    def make() -> list[Atoms]:
+        return generate_configurations(seeds, teacher.calculator, settings, progress=log)
+    return _cached(teacher, key, make, Path(cache_dir), hvp_vectors, seed, stress, shard_size, r_max, log,
+                   {"seeds": len(seeds), "settings": settings.to_dict()})
+
+
+def label_frames(teacher: Teacher, frames: Sequence[Atoms], cache_dir: str | os.PathLike, *, hvp_vectors: int = 2,
+                 seed: int = 0, stress: bool = True, shard_size: int = 256, r_max: float = 5.0,
+                 log: Callable[[str], None] | None = print) -> Path:
+    """``frames`` (e.g. on-policy picks) labelled by ``teacher`` into a cached dataset; returns its directory."""
+    if not frames:
+        raise ValueError("label_frames: no frames given")
+    frames = [_plain(a, a.info) for a in frames]
+    key = cache_key(teacher, seeds_digest(frames), None, hvp_vectors, seed, stress)
+    return _cached(teacher, key, lambda: frames, Path(cache_dir), hvp_vectors, seed, stress, shard_size, r_max,
+                   log, {"frames": len(frames)})
+
+
+def _plain(a: Atoms, info: dict) -> Atoms:
+    out = Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc)
+    out.info.update({k: info.get(k, d) for k, d in zip(_INFO, ("seed", -1, 0.0, -1))})
+    return out
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def is_complete(directory: Path, key: str) -> bool:
+    """True when ``directory`` is a finished cache entry for ``key`` whose shards match their checksums."""
+    try:
+        manifest = read_manifest(directory)
+    except (FileNotFoundError, ValueError):
+        return False
+    if manifest.get("provenance", {}).get("cache_key") != key:
+        return False
+    return all((directory / s["file"]).is_file() and sha256_file(directory / s["file"]) == s["sha256"]
+               for s in manifest["shards"])
+
+
+def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, log, extra) -> Path:
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    final = cache_dir / f"labels-{key[:20]}"
+    with _locked(cache_dir / f"labels-{key[:20]}.lock"):
+        if is_complete(final, key):
+            if log:
+                log(f"teacher labels: reusing cache {final}")
+            return final
+        if final.exists():
+            shutil.rmtree(final)
+        partial = cache_dir / f"labels-{key[:20]}.partial"
+        partial.mkdir(parents=True, exist_ok=True)
+        frames = _configurations(partial, make, log)
+        shards = []
+        for c, lo in enumerate(range(0, len(frames), shard_size)):
+            chunk = frames[lo:lo + shard_size]
+            path = partial / f"shard-{c:05d}.lmdb"
+            if not _shard_done(path, len(chunk)):
+                if log:
+                    log(f"teacher labels: frames {lo}-{lo + len(chunk) - 1} of {len(frames)} ({teacher.name})")
+                t0 = time.perf_counter()
+                labels = teacher.label(chunk, hvp_vectors=k, seed=seed, stress=stress)
+                _write_shard(path, chunk, labels, {"labelling_seconds": time.perf_counter() - t0})
+            shards.append(path)
+        manifest = _manifest(shards, teacher, key, r_max, {**extra, "hvp_vectors": k, "label_seed": seed})
+        write_json_synced(partial / FRAMES_NAME, {n: [a.info[n] for a in frames] for n in _INFO})
+        write_json_synced(partial / MANIFEST_NAME, manifest)
+        (partial / _CONFIGS).unlink()
+        fsync_dir(partial)
+        os.rename(partial, final)
+        fsync_dir(cache_dir)
+    return final
+
+
+def _configurations(partial: Path, make, log) -> list[Atoms]:
+    """The configurations, stored once in ``partial`` (exact float64) so a resumed run does not redo MD."""
+    path = partial / _CONFIGS
+    if _shard_done(path, None):
+        reader = ShardReader(path)
+        frames = []
+        for i in range(len(reader)):
+            r = reader.get(i)
+            a = Atoms(numbers=r[keys.ATOMIC_NUMBERS], positions=r[keys.POSITIONS], cell=r[keys.CELL],
+                      pbc=r[keys.PBC])
+            a.info.update(config_type=CONFIG_TYPES[int(r["config_type"])], seed_index=int(r["seed_index"]),
+                          temperature_K=float(r["temperature_K"]), md_step=int(r["md_step"]))
+            frames.append(a)
+        reader.close()
+        if log:
+            log(f"teacher labels: resuming with {len(frames)} stored configurations in {partial}")
+        return frames
+    frames = make()
+    if not frames:
+        raise ValueError("no configurations were generated; enable seeds, copies or MD in the settings")
+    for stale in partial.glob("*.lmdb*"):
+        stale.unlink()
+    tmp = path.with_name(path.name + ".tmp")
+    with ShardWriter(tmp) as writer:
+        for a in frames:
+            writer.append({keys.ATOMIC_NUMBERS: a.numbers.astype(np.uint8), keys.POSITIONS: a.positions,
+                           keys.CELL: a.cell.array, keys.PBC: a.pbc,
+                           "config_type": np.int64(CONFIG_TYPES.index(a.info["config_type"])),
+                           "seed_index": np.int64(a.info["seed_index"]),
+                           "temperature_K": np.float64(a.info["temperature_K"]),
+                           "md_step": np.int64(a.info["md_step"])})
+        writer.close(list(_INFO))
+    os.rename(tmp, path)
+    return frames
+
+
+def _shard_done(path: Path, count: int | None) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        reader = ShardReader(path)
+        n = len(reader)
+        reader.close()
+    except ValueError:
+        return False
+    return count is None or n == count
+
+
+def _write_shard(path: Path, frames: Sequence[Atoms], labels: Sequence[dict], extra: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+    present = sorted({k for rec in labels for k in rec})
+    with ShardWriter(tmp) as writer:
+        for a, rec in zip(frames, labels):
+            fields = {keys.ATOMIC_NUMBERS: a.numbers.astype(np.uint8), keys.POSITIONS: a.positions.astype(np.float64),
+                      keys.CELL: a.cell.array.astype(np.float64), keys.PBC: a.pbc.astype(bool)}
+            fields.update({name: np.asarray(rec[name], np.float64) for name in _LABELS if name in rec})
+            writer.append(fields)
+        writer.close(present, extra)
+    os.rename(tmp, path)
+
+
+def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, arguments: dict) -> dict:
+    """A manifest (``foundation.data.manifest`` schema) for the labelled shards, statistics recomputed."""
+    from ase.data import chemical_symbols
+    stats, entries, natoms, elements, props = StatsAccumulator(r_max), [], [], set(), set()
+    for path in shards:
+        reader = ShardReader(path)
+        meta = reader.metadata
+        for i in range(len(reader)):
+            r = reader.get(i)
+            labels = {k: r[k] for k in _LABELS if k in r}
+            stats.update_structure(r[keys.ATOMIC_NUMBERS], r[keys.POSITIONS], r[keys.CELL], r[keys.PBC], labels)
+        reader.close()
+        natoms.extend(reader.natoms.tolist())
+        elements.update(meta["elements"])
+        props.update(meta["properties"])
+        entries.append({"file": path.name, "count": meta["count"], "num_atoms": meta["num_atoms"],
+                        "bytes": path.stat().st_size, "sha256": sha256_file(path),
+                        "labelling_seconds": meta.get("labelling_seconds")})
+    result = stats.result()
+    desc = teacher.describe()
+    return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION,
+            "name": f"distill-{key[:12]}", "level_of_theory": f"teacher {desc['name']} ({desc['revision']})",
+            "num_structures": result["num_structures"], "num_atoms": result["num_atoms"],
+            "natoms": {"min": min(natoms), "max": max(natoms), "mean": result["num_atoms"] / len(natoms)},
+            "elements": [chemical_symbols[z] for z in sorted(elements)],
+            "properties": {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in sorted(props)},
+            "units": {"positions": "Å", "cell": "Å"}, "shards": entries, "statistics": result, "skipped": 0,
+            "provenance": {"tool": f"foundation {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                          time.gmtime()),
+                           "teacher": desc, "cache_key": key, "arguments": arguments}}

@@ -1,0 +1,98 @@
+"""Checkpoint files: pickle-free round trip of nested state, RNG restore, atomic commit (a crash while writing
+never corrupts the latest good checkpoint), pruning, and clear errors for damaged checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from foundation.train import checkpoint as ckpt
+
+
+def optimizer_state():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    model(torch.randn(5, 3)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_tree_round_trip_of_optimizer_and_rng(tmp_path):
+    model, opt = optimizer_state()
+    state = {"optimizer": opt.state_dict(), "rng": ckpt.rng_state(), "dtype": torch.float32,
+             "array": np.arange(4, dtype=np.uint32), 3: (1, "a", None, 2.5)}
+    ckpt.save_tree(state, tmp_path / "s")
+    back = ckpt.load_tree(tmp_path / "s")
+    assert back[3] == (1, "a", None, 2.5) and back["dtype"] is torch.float32
+    assert back["array"].dtype == np.uint32 and back["array"].tolist() == [0, 1, 2, 3]
+    assert back["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.9)
+    assert set(back["optimizer"]["state"]) == set(opt.state_dict()["state"])   # int keys survive
+    fresh = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.8, 0.9))
+    fresh.load_state_dict(back["optimizer"])
+    for k, v in opt.state_dict()["state"][0].items():
+        assert torch.equal(fresh.state_dict()["state"][0][k], v)
+    # RNG: restoring makes every generator repeat the same draws
+    ckpt.set_rng_state(back["rng"])
+    draws = (random.random(), np.random.rand(), torch.rand(1).item())
+    ckpt.set_rng_state(back["rng"])
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == draws
+    assert not any(p.suffix not in (".json", ".safetensors") for p in tmp_path.iterdir())
+
+
+def test_arbitrary_objects_are_refused():
+    class Opaque:
+        pass
+    with pytest.raises(ValueError, match=r"Opaque at s\.x\.y"):
+        ckpt.to_tree({"x": {"y": Opaque()}})
+
+
+def write(root, step, value, keep=2):
+    tmp = ckpt.staging_dir(root, step)
+    ckpt.save_tree({"value": torch.tensor([value])}, tmp / "rank_00000")
+    return ckpt.commit(root, step, {"note": value}, keep)
+
+
+def test_crash_while_writing_keeps_latest_good(tmp_path, monkeypatch):
+    root = tmp_path / "checkpoints"
+    write(root, 10, 1.0)
+    # crash 1: dies while writing the tensors of the next checkpoint
+    tmp = ckpt.staging_dir(root, 20)
+    (tmp / "rank_00000.safetensors").write_bytes(b"\x00" * 7)   # truncated file, process gone
+    assert ckpt.latest(root).name == "step_00000010"
+    # crash 2: dies during commit, before the directory rename
+    real_replace = os.replace
+
+    def dying_replace(src, dst):
+        if str(src).endswith(".tmp") and "step_" in str(src):
+            raise KeyboardInterrupt("killed")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(KeyboardInterrupt):
+        write(root, 20, 2.0)
+    monkeypatch.setattr(os, "replace", real_replace)
+    good = ckpt.latest(root)
+    assert good.name == "step_00000010"
+    assert ckpt.load_tree(good / "rank_00000")["value"].item() == 1.0
+    assert ckpt.read_meta(good)["note"] == 1.0
+    # the next save cleans the stale staging directory and moves 'latest'
+    write(root, 30, 3.0)
+    assert ckpt.latest(root).name == "step_00000030"
+    assert not list(root.glob("*.tmp"))
+
+
+def test_pruning_and_damaged_checkpoint_errors(tmp_path):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2, 3, 4):
+        write(root, step, float(step), keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000003", "step_00000004"]
+    assert ckpt.latest(tmp_path / "nothing") is None
+    (root / "step_00000004" / "rank_00000.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="rank_00000.safetensors"):
+        ckpt.latest(root)
+    meta = json.loads((root / "step_00000004" / "meta.json").read_text())
+    assert meta["step"] == 4 and "rank_00000.json" in meta["files"]
