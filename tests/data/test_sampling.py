@@ -118,24 +118,28 @@ def test_mixing_probabilities():
     assert q.sum() == 100 and set(q.tolist()) == {33, 34}
 
 
-def test_mixing_proportions_follow_weights():
+@pytest.mark.parametrize("mixing", [{"weights": [0.5, 0.3, 0.2]}, {"temperature": 3.0}])
+def test_mixing_proportions_follow_weights_or_temperature(mixing):
     sizes = [3000, 500, 200]
     nat = _natoms(sum(sizes), seed=7, high=30)
-    p = mixing_probabilities(sizes, weights=[0.5, 0.3, 0.2])
+    p = mixing_probabilities(sizes, **mixing)
+    if "temperature" in mixing:
+        assert np.allclose(p, np.cbrt(sizes) / np.cbrt(sizes).sum())
     sampler = AtomBudgetBatchSampler(nat, 120, dataset_sizes=sizes, probabilities=p, samples_per_epoch=2000, seed=0)
     offsets = np.cumsum([0] + sizes)
     for epoch in range(3):
         batches = _epoch(sampler, epoch)
         flat = np.concatenate(batches)
         which = np.searchsorted(offsets, flat, "right") - 1
-        assert np.array_equal(np.bincount(which, minlength=3), [1000, 600, 400])      # exact quotas per epoch
+        assert np.array_equal(np.bincount(which, minlength=3), quotas(p, 2000))       # exact quotas per epoch
+        assert np.abs(quotas(p, 2000) - 2000 * p).max() < 1
         # well mixed within the epoch: each quarter of it has the target proportions (binomial 5 sigma)
         for part in np.array_split(which, 4):
             frac = np.bincount(part, minlength=3) / len(part)
             assert np.all(np.abs(frac - p) < 5 * np.sqrt(p * (1 - p) / len(part)))
         # per batch: dataset-0 fraction averages to its probability
         per_batch = [np.mean(np.searchsorted(offsets, b, "right") - 1 == 0) for b in batches]
-        assert abs(np.mean(per_batch) - 0.5) < 0.05
+        assert abs(np.mean(per_batch) - p[0]) < 0.05
 
 
 def test_down_and_up_sampled_datasets_cycle_without_replacement():
