@@ -56,13 +56,16 @@ def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pb
     dtype = dtype or torch.get_default_dtype()
     labels = dict(labels or {})
     n = len(numbers)
+    positions = np.asarray(positions, np.float64).reshape(n, 3)
+    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
+    pbc = np.asarray(pbc, dtype=bool).reshape(3)
     charge = np.asarray(labels.pop(keys.TOTAL_CHARGE, 0.0), dtype=np.float64).reshape(1)
     ints = torch.from_numpy(np.array([n, head, dataset_index], dtype=np.int64))
     fields = {
-        keys.POSITIONS: torch.as_tensor(np.asarray(positions, np.float64).reshape(n, 3), dtype=dtype),
+        keys.POSITIONS: torch.as_tensor(positions, dtype=dtype),
         keys.ATOMIC_NUMBERS: torch.as_tensor(np.asarray(numbers, np.int64).reshape(n)),
-        keys.CELL: torch.as_tensor(np.asarray(cell, dtype=np.float64).reshape(1, 3, 3), dtype=dtype),
-        keys.PBC: torch.as_tensor(np.asarray(pbc, dtype=bool).reshape(1, 3)),
+        keys.CELL: torch.as_tensor(cell.reshape(1, 3, 3), dtype=dtype),
+        keys.PBC: torch.as_tensor(pbc.reshape(1, 3)),
         keys.NATOMS: ints[0:1],
         keys.TOTAL_CHARGE: torch.as_tensor(charge, dtype=dtype),
         keys.HEAD: ints[1:2],
@@ -72,10 +75,11 @@ def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pb
         a = np.asarray(value, dtype=np.float64)
         fields[name] = torch.as_tensor(a.reshape(1, *a.shape) if name in keys.PER_STRUCTURE_KEYS else a, dtype=dtype)
     fields["num_nodes"] = n
-    data = _new_data(fields)
-    if r_max is not None:
-        add_edges(data, r_max)
-    return data
+    if r_max is not None:  # from the float64 inputs, so a low-precision dtype cannot change the edge set
+        edge_index, unit_shifts = neighbor_list(positions, cell, pbc, r_max)
+        fields[keys.EDGE_INDEX] = torch.from_numpy(edge_index)
+        fields[keys.SHIFTS] = torch.as_tensor(unit_shifts @ cell, dtype=dtype)
+    return _new_data(fields)
 
 
 def _new_data(fields: dict) -> Data:
@@ -91,7 +95,10 @@ def _new_data(fields: dict) -> Data:
 
 
 def add_edges(data: Data, r_max: float) -> Data:
-    """Compute the neighbor list of ``data`` at cutoff ``r_max`` (Å) and set edge_index (2,E) and shifts (E,3) Å."""
+    """Compute the neighbor list of ``data`` at cutoff ``r_max`` (Å) and set edge_index (2,E) and shifts (E,3) Å.
+
+    Uses the positions as stored on ``data`` (build_graph uses the float64 inputs instead).
+    """
     pos = data[keys.POSITIONS].detach().cpu().double().numpy()
     cell = data[keys.CELL].detach().cpu().double().numpy().reshape(3, 3)
     pbc = data[keys.PBC].cpu().numpy().reshape(3)

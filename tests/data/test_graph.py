@@ -131,3 +131,14 @@ def test_build_graph_without_edges_then_add_edges_equals_from_atoms():
     ref = from_atoms(atoms, 2.0, dtype=torch.float64)
     assert torch.equal(g.edge_index, ref.edge_index) and torch.equal(g.shifts, ref.shifts)
     assert g.edge_index.shape[1] == 20  # 4 C-H pairs * 2 + 6 H-H pairs * 2 at 1.78 Å
+
+
+def test_edges_do_not_depend_on_the_float_dtype():
+    # a pair 1e-7 Å inside the cutoff: float32 positions could push it out; edges come from float64 inputs
+    r_max = 3.0
+    atoms = Atoms("Cu2", positions=[[0.1, 0.2, 0.3], [0.1 + r_max - 1e-7, 0.2, 0.3]])
+    ref = from_atoms(atoms, r_max, dtype=torch.float64)
+    assert ref.edge_index.shape[1] == 2
+    for dtype in (torch.float32, torch.bfloat16):
+        g = from_atoms(atoms, r_max, dtype=dtype)
+        assert torch.equal(g.edge_index, ref.edge_index) and g.shifts.dtype == dtype
