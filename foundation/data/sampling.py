@@ -190,6 +190,9 @@ class AtomBudgetBatchSampler:
     def _check_sizes(self) -> None:
         """Reject non-positive atom counts; warn once about structures larger than the budget."""
         over = 0
+        for name, arr in (("natoms", self.natoms), ("nedges", self.nedges)):
+            if arr is not None and not np.issubdtype(arr.dtype, np.integer):
+                raise ValueError(f"{name} must hold integers (counts per structure); got dtype {arr.dtype}")
         for off, part in zip(self._part_offsets(self.natoms), _parts(self.natoms)):
             if len(part) and part.min() < 1:
                 bad = off + int(np.argmin(part))

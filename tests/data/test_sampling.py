@@ -209,6 +209,8 @@ def test_no_shuffle_keeps_dataset_order():
 def test_input_validation():
     with pytest.raises(ValueError, match="structure 3 has 0 atoms"):
         AtomBudgetBatchSampler(np.array([1, 2, 3, 0, 4]), 10)
+    with pytest.raises(ValueError, match="natoms must hold integers"):
+        AtomBudgetBatchSampler(np.array([1.0, 2.5]), 10)
     with pytest.raises(ValueError, match="max_atoms"):
         AtomBudgetBatchSampler(np.array([1, 2]), 0)
     with pytest.raises(ValueError, match="sum to len"):
