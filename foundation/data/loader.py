@@ -246,8 +246,8 @@ class Loader(DataLoader):
             state["position"] = self._consumed
         return state
 
-    def load_state_dict(self, state: dict) -> None:
-        self.atom_sampler.load_state_dict(state)
+    def load_state_dict(self, state: dict, allow_resharding: bool = False) -> None:
+        self.atom_sampler.load_state_dict(state, allow_resharding=allow_resharding)
         self._iter_epoch = None
 
 

@@ -338,8 +338,13 @@ class AtomBudgetBatchSampler:
                 "samples_per_epoch": self.samples_per_epoch, "quotas": self.quotas.tolist(),
                 "shuffle": self.shuffle, "drop_last": self.drop_last}
 
-    def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state``: the next iteration starts at the batch after the last one handed out."""
+    def load_state_dict(self, state: dict, allow_resharding: bool = False) -> None:
+        """Continue from ``state``: the next iteration starts at the batch after the last one handed out.
+
+        A state saved with a different number of ranks is an error unless ``allow_resharding``: then the run
+        continues at the first global batch not yet started that keeps all ranks in step (the global batch
+        sequence does not depend on the rank count), skipping fewer than num_replicas batches, with a warning.
+        """
         mine = self.state_dict()
         missing = [k for k in mine if k not in state]
         if missing:
@@ -348,12 +353,20 @@ class AtomBudgetBatchSampler:
             raise ValueError(f"sampler state version {state['version']} is not supported (expected {STATE_VERSION})")
         for key in ("seed", "num_replicas", "num_structures", "max_atoms", "max_edges", "samples_per_epoch",
                     "quotas", "shuffle", "drop_last"):
-            if state[key] != mine[key]:
+            if state[key] != mine[key] and not (key == "num_replicas" and allow_resharding):
                 raise ValueError(f"sampler state has {key}={state[key]!r} but this sampler has {mine[key]!r}; "
-                                 f"resume with the same data, budget, seed and number of ranks")
+                                 f"resume with the same data, budget, seed and number of ranks"
+                                 + (" (or allow_resharding=True)" if key == "num_replicas" else ""))
         self.set_epoch(int(state["epoch"]))
         n = len(self)
         position = int(state["position"])
+        if state["num_replicas"] != self.num_replicas:
+            done = position * int(state["num_replicas"])          # global batches handed out
+            position = min(-(-done // self.num_replicas), n)
+            warnings.warn(f"resuming on {self.num_replicas} ranks from a state saved on {state['num_replicas']}: "
+                          f"{done} global batches were done, continuing at global batch "
+                          f"{position * self.num_replicas} (skipping {position * self.num_replicas - done})",
+                          stacklevel=2)
         if not 0 <= position <= n:
             raise ValueError(f"sampler position {position} is outside epoch {self.epoch}'s {n} batches")
         self._position = self._resume_at = position

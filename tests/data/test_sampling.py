@@ -304,3 +304,27 @@ def test_equal_counts_when_no_batch_can_be_split():
     assert [len(b) for b in per_rank] == [2, 2]
     flat = np.concatenate([np.concatenate(b) for b in per_rank])
     assert len(set(flat.tolist())) == 4
+
+
+@pytest.mark.parametrize("old, new", [(2, 3), (3, 2), (4, 1)])
+def test_resharded_resume_continues_the_global_sequence(old, new):
+    nat = _natoms(900, seed=6)
+    state_saver = _ranks(nat, old, seed=2)[0]
+    state_saver.set_epoch(1)
+    it = iter(state_saver)
+    for _ in range(5):
+        next(it)
+    state = state_saver.state_dict()
+    with pytest.raises(ValueError, match="allow_resharding"):
+        _ranks(nat, new, seed=2)[0].load_state_dict(state)
+    single = _epoch(AtomBudgetBatchSampler(nat, 200, seed=2), 1)
+    resumed = _ranks(nat, new, seed=2)
+    for s in resumed:
+        with pytest.warns(UserWarning, match="skipping"):
+            s.load_state_dict(state, allow_resharding=True)
+    rest = [_epoch(s) for s in resumed]
+    assert len({len(r) for r in rest}) == 1
+    start = -(-5 * old // new) * new                         # first global batch of the resumed run
+    assert start - 5 * old < new
+    interleaved = [rest[r][k] for k in range(len(rest[0])) for r in range(new)]
+    assert np.array_equal(np.concatenate(interleaved), np.concatenate(single[start:]))
