@@ -17,6 +17,10 @@ Epoch recipe (identical on every rank, a function of ``seed`` and ``epoch`` only
    otherwise), the last batches with at least two structures are split in two until the count is a multiple of R
    (``drop_last=False``: every drawn structure is used exactly once, no duplicates), or the last B mod R batches are
    dropped (``drop_last=True``). The batch sequence is the same for any R except for those splits at the very end.
+
+Measured (2-core CPU; natoms lognormal, mean 25): 10^7 structures build an epoch in ~1 s (8.1 B/structure kept,
+9 B peak); 10^8 in ~20 s on a loaded machine. Fill (atoms / (batches * max_atoms)) of greedy packing: 0.92, 0.98,
+0.995 at max_atoms 256, 1024, 4096; sorting by size within buckets of 64-1024 structures first did not raise it.
 """
 from __future__ import annotations
 
