@@ -2,9 +2,10 @@
 
 ``generate_configurations(seeds, calculator, settings)`` returns new ``Atoms`` (no calculator attached), in a
 fixed order: for each seed in turn, the seed itself, its rattled copies, its strained copies, then its MD
-frames for each temperature. Every random choice comes from a generator seeded by (``settings.seed``, seed
-index, kind, copy), so the same seeds and settings give the same configurations (bit for bit with a
-deterministic calculator) whatever else is in the list. Each configuration carries ``info``:
+frames for each temperature. Every random choice comes from a generator seeded by (``settings.seed``, a
+digest of the seed structure, kind, temperature), so the same seed and settings give the same configurations
+(bit for bit with a deterministic calculator) whatever else is in the list (``md_seeds`` aside, which picks
+seeds by position). Each configuration carries ``info``:
 ``config_type`` ("seed" | "rattle" | "strain" | "md"), ``seed_index``, ``temperature_K`` (MD; else 0) and
 ``md_step`` (MD; else -1).
 """
@@ -75,8 +76,12 @@ class ConfigurationSettings:
         return asdict(self)
 
 
-def _rng(settings: ConfigurationSettings, seed_index: int, kind: str, copy: int) -> np.random.Generator:
-    return np.random.default_rng([int(settings.seed) & 0xFFFFFFFF, seed_index, _KIND_CODE[kind], copy])
+def _rng(settings: ConfigurationSettings, seed: Atoms, kind: str, copy: int) -> np.random.Generator:
+    """Generator for one (seed structure, kind, copy): depends on the structure itself, not its list position."""
+    from .teacher import structure_digest
+    digest = structure_digest(seed)
+    words = [int(digest[i:i + 8], 16) for i in range(0, 32, 8)]
+    return np.random.default_rng([int(settings.seed) & 0xFFFFFFFF, *words, _KIND_CODE[kind], copy])
 
 
 def min_distance(atoms: Atoms) -> float:
@@ -133,12 +138,16 @@ def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, inte
     teacher MD and for the student's own MD in on-policy rounds. Raises ``ValueError`` (naming ``label`` and
     the step) if forces become non-finite or two atoms come closer than ``min_dist`` Å.
     """
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     work = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     work.calc = calculator
     MaxwellBoltzmannDistribution(work, temperature_K=temperature, rng=rng)
-    dyn = Langevin(work, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng)
+    Stationary(work)
+    work.set_constraint(FixCom())  # no drift of the centre of mass (momentum removed, then kept at zero)
+    dyn = Langevin(work, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng,
+                   fixcm=False)
     frames = []
     for step in range(interval, steps + 1, interval):
         dyn.run(interval)
@@ -178,24 +187,25 @@ def generate_configurations(seeds: Sequence[Atoms], calculator, settings: Config
             raise ValueError(f"seed structure {i} has no atoms")
         if settings.include_seeds:
             out.append(_tagged(seed, "seed", i))
-        rng = _rng(settings, i, "rattle", 0)
+        rng = _rng(settings, seed, "rattle", 0)
         for c in range(settings.rattle_copies):
             atoms = _draw(lambda r: rattled(seed, settings.rattle_stdev, r), rng, settings.min_distance,
                           f"seed {i}, rattled copy {c}")
             out.append(_tagged(atoms, "rattle", i))
         if np.all(seed.pbc) and settings.strain_copies:
-            rng = _rng(settings, i, "strain", 0)
+            rng = _rng(settings, seed, "strain", 0)
             for c in range(settings.strain_copies):
                 atoms = _draw(lambda r: strained(seed, settings.max_strain, settings.strain_rattle, r), rng,
                               settings.min_distance, f"seed {i}, strained copy {c}")
                 out.append(_tagged(atoms, "strain", i))
         if i in md_indices and settings.md_steps >= settings.md_interval:
-            for t_index, temperature in enumerate(settings.temperatures):
+            for temperature in settings.temperatures:
                 if progress:
                     progress(f"teacher MD: seed {i}, {temperature:g} K, {settings.md_steps} steps")
+                rng = _rng(settings, seed, "md", int(round(temperature * 1000)))
                 frames = run_md_frames(seed, calculator, temperature, settings.md_steps, settings.md_interval,
-                                       settings.md_timestep, settings.md_friction, _rng(settings, i, "md", t_index),
-                                       settings.min_distance, label=f"teacher MD from seed {i}")
+                                       settings.md_timestep, settings.md_friction, rng, settings.min_distance,
+                                       label=f"teacher MD from seed {i}")
                 out.extend(_tagged(a, "md", i, temperature, step) for step, a in frames)
     return out
 

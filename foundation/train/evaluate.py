@@ -40,16 +40,16 @@ class AtomsDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def open_eval_data(paths: Sequence[str | Path], r_max: float) -> list:
-    """One dataset per path: ``ShardedDataset`` for a directory, ``AtomsDataset`` for a file."""
+def open_eval_data(paths: Sequence[str | Path], r_max: float, dtype: torch.dtype | None = None) -> list:
+    """One dataset per path: ``ShardedDataset`` for a directory, ``AtomsDataset`` for a file (floats in ``dtype``)."""
     from ..data import ShardedDataset
     out = []
     for i, p in enumerate(Path(p) for p in paths):
         if p.is_dir():
-            ds = ShardedDataset(p, r_max=r_max, dataset_index=i)
+            ds = ShardedDataset(p, r_max=r_max, dataset_index=i, dtype=dtype)
             ds.name = (ds.manifest or {}).get("name") or p.name
         elif p.is_file():
-            ds = AtomsDataset(p, r_max)
+            ds = AtomsDataset(p, r_max, dtype)
         else:
             raise FileNotFoundError(f"evaluation data {str(p)!r} not found; give a dataset directory "
                                     "('foundation data convert') or an ASE-readable file")
@@ -71,15 +71,18 @@ def _head_names(model) -> list[str]:
 
 
 def evaluate(model, data: str | Path | Sequence[str | Path], *, max_atoms: int = 512, device: str = "cpu",
-             plot: str | Path | None = None, json_path: str | Path | None = None) -> dict:
+             plot: str | Path | None = None, json_path: str | Path | None = None,
+             dtype: torch.dtype | None = None) -> dict:
     """Metrics {"dataset/head/property": {"mae", "rmse", "count"}, "all/property": ...} of ``model`` on ``data``.
 
     ``plot``: write parity plots (energy per atom, forces, stress) to this PNG; ``json_path``: write the metrics.
+    ``dtype``: float dtype of the structures (default: the model's parameter dtype).
     """
     module = load_model(model, device)
     module.eval()
     paths = [data] if isinstance(data, (str, Path)) else list(data)
-    datasets = open_eval_data(paths, float(module.config.r_max))
+    dtype = dtype or next(module.parameters()).dtype
+    datasets = open_eval_data(paths, float(module.config.r_max), dtype)
     acc = MetricAccumulator([d.name for d in datasets], _head_names(module))
     pairs: dict[str, tuple[list, list]] = {"energy_per_atom": ([], []), keys.FORCES: ([], []), keys.STRESS: ([], [])}
     stress = any(keys.STRESS in d[0] for d in datasets)
