@@ -75,8 +75,11 @@ def _iter_extxyz(path: Path) -> Iterator[tuple[int, Atoms | Exception]]:
 
 
 def _describe(exc: Exception) -> Exception:
-    if isinstance(exc, KeyError):
-        return ValueError(f"unknown element symbol {exc.args[0]!r}" if exc.args else "unknown key")
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        key = exc.args[0]
+        if key[:1].isupper() and key.isalpha() and len(key) <= 3:
+            return ValueError(f"unknown element symbol {key!r}")
+        return ValueError(f"cannot parse: missing key {key!r}")
     return ValueError(f"cannot parse: {exc}")
 
 
