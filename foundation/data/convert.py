@@ -46,7 +46,7 @@ SKIPPED_NAME = "skipped.json"
 
 
 class InvalidRecord(ValueError):
-    """One input record that cannot be stored; ``reason`` says why."""
+    """One input record that cannot be stored; the message says why."""
 
 
 def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shard_size: int = 10000,
