@@ -231,6 +231,7 @@ def test_stress_is_required_only_of_fully_periodic_structures(tmp_path, molecule
     from ase.build import fcc111, molecule
     bulk_frames = emt_frames(3, seed=6)
     slab = fcc111("Cu", size=(2, 2, 2), vacuum=5.0)  # pbc = (T, T, F): no stress
+    slab.info.clear()
     mol = molecule("H2O")
     others = [_labelled(slab, stress=False), _labelled(mol, stress=False)]
     frames = others + bulk_frames if molecule_first else bulk_frames + others
