@@ -80,3 +80,20 @@ def test_other_ase_formats_via_iread(tmp_path):
 def test_missing_input():
     with pytest.raises(FileNotFoundError, match="nope.xyz"):
         list(iter_structures("nope.xyz"))
+
+
+def test_vasp_outcar(tmp_path):
+    import shutil
+    from pathlib import Path
+
+    import ase
+    sample = Path(ase.__file__).parent / "test" / "testdata" / "vasp" / "OUTCAR_example_1"
+    if not sample.is_file():
+        pytest.skip("ASE's bundled OUTCAR sample is not installed")
+    shutil.copy(sample, tmp_path / "OUTCAR")
+    got = list(iter_structures(tmp_path / "OUTCAR"))
+    ref = ase.io.read(sample, ":", format="vasp-out")
+    assert len(got) == len(ref) >= 1
+    for (_, a), b in zip(got, ref):
+        _same(a, b)
+        assert set(read_labels(a)) >= {keys.ENERGY, keys.FORCES, keys.STRESS}
