@@ -118,7 +118,9 @@ class Teacher:
 
 
 class CalculatorTeacher(Teacher):
-    """Any ASE calculator; H v by central finite differences of the forces (step ``hvp_step`` Å)."""
+    """Any ASE calculator; H v by central finite differences of the forces (step ``hvp_step`` Å).
+
+    Stress is labelled when the calculator lists "stress" in ``implemented_properties``."""
 
     kind = "calculator"
 
@@ -151,7 +153,7 @@ class CalculatorTeacher(Teacher):
             x0 = atoms.positions.copy()
             rec = {keys.ENERGY: np.asarray(atoms.get_potential_energy(), np.float64).reshape(()),
                    keys.FORCES: np.asarray(atoms.get_forces(), np.float64).reshape(len(atoms), 3)}
-            if stress and _fully_periodic(atoms):
+            if stress and _fully_periodic(atoms) and "stress" in self._calc.implemented_properties:
                 rec[keys.STRESS] = np.asarray(atoms.get_stress(voigt=False), np.float64).reshape(3, 3)
             if v is not None:
                 hv = np.empty_like(v)
