@@ -1,6 +1,6 @@
 """Stream structures out of input files, one at a time (never a whole file in memory).
 
-- extended XYZ (``.xyz``/``.extxyz``): split into frames here and parsed frame by frame by ASE, so a bad
+- extended XYZ (``.xyz``/``.extxyz``, optionally ``.gz``/``.bz2``/``.xz``): split into frames here and parsed frame by frame by ASE, so a bad
   frame (unknown element, malformed line, truncated end) is reported with its index and the rest can go on;
 - ASE databases (``.db``, ``.json``) and fairchem ``.aselmdb`` (ase-db-backends): row by row, with the row's
   key-value pairs in ``atoms.info`` and its per-atom data arrays in ``atoms.arrays``;
@@ -11,7 +11,10 @@ record that could not be parsed (the caller decides whether to stop or skip it).
 """
 from __future__ import annotations
 
+import bz2
+import gzip
 import io
+import lzma
 import os
 from pathlib import Path
 from typing import Iterator
@@ -20,6 +23,7 @@ import numpy as np
 from ase import Atoms
 
 XYZ_SUFFIXES = {".xyz", ".extxyz"}
+_OPENERS = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}  # compressed extxyz, decompressed as a stream
 DB_SUFFIXES = {".db": "db", ".json": "json", ".aselmdb": "aselmdb"}
 
 
@@ -28,19 +32,21 @@ def iter_structures(path: str | os.PathLike) -> Iterator[tuple[int, Atoms | Exce
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"input {path} does not exist; check the path")
-    suffix = path.suffix.lower()
+    suffixes = [x.lower() for x in path.suffixes]
+    opener = _OPENERS.get(suffixes[-1]) if suffixes else None
+    suffix = (suffixes[-2] if opener and len(suffixes) > 1 else "") if opener else path.suffix.lower()
     if suffix in XYZ_SUFFIXES:
-        yield from _iter_extxyz(path)
+        yield from _iter_extxyz(path, opener or open)
     elif suffix in DB_SUFFIXES:
         yield from _iter_db(path, DB_SUFFIXES[suffix])
     else:
         yield from _iter_ase(path)
 
 
-def _iter_extxyz(path: Path) -> Iterator[tuple[int, Atoms | Exception]]:
+def _iter_extxyz(path: Path, opener=open) -> Iterator[tuple[int, Atoms | Exception]]:
     from ase.io.extxyz import read_xyz
     index, line_no = 0, 0
-    with open(path, "r", encoding="utf-8", errors="replace") as fh:
+    with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
         while True:
             first = fh.readline()
             line_no += 1

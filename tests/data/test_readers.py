@@ -97,3 +97,21 @@ def test_vasp_outcar(tmp_path):
     for (_, a), b in zip(got, ref):
         _same(a, b)
         assert set(read_labels(a)) >= {keys.ENERGY, keys.FORCES, keys.STRESS}
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_extxyz_is_streamed_frame_by_frame(tmp_path, emt_xyz, suffix):
+    import bz2
+    import gzip
+    import lzma
+    path, frames = emt_xyz
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    lines[2] = "Zz" + lines[2][2:]  # first frame broken: reported, the rest still read
+    with opener(tmp_path / f"f.xyz{suffix}", "wt") as fh:
+        fh.write("".join(lines))
+    got = list(iter_structures(tmp_path / f"f.xyz{suffix}"))
+    assert len(got) == len(frames) and isinstance(got[0][1], ValueError) and "Zz" in str(got[0][1])
+    for (_, a), b in zip(got[1:], frames[1:]):
+        _same(a, b)
