@@ -2,6 +2,7 @@
 float tolerance) as 1 rank accumulating the same two micro-batches per step; the logged losses agree too."""
 from __future__ import annotations
 
+import csv
 import socket
 import subprocess
 import sys
@@ -34,6 +35,11 @@ def run_ranks(tmp: Path, name: str, emt_data, ranks: int, stage: int, gas: int) 
     return out
 
 
+def valid_rows(out: Path) -> list[dict]:
+    with open(out / "valid.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "checkpoints" / f"step_{STEPS:08d}" / "model.safetensors"))
 
@@ -59,3 +65,7 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, emt_data, one
     assert [r["atoms"] for r in ra] == [r["atoms"] for r in rb]       # same global batches
     for x, y in zip(ra, rb):
         assert float(y["loss"]) == pytest.approx(float(x["loss"]), rel=1e-6)
+    (va,), (vb,) = valid_rows(one_rank), valid_rows(two)      # validation split over 2 ranks, then reduced
+    assert va.keys() == vb.keys() and "valid/all/forces_rmse" in va
+    for key in va:
+        assert float(vb[key]) == pytest.approx(float(va[key]), rel=1e-5), key
