@@ -95,10 +95,13 @@ class ShardedDataset(Dataset):
     @property
     def reference_energies(self) -> dict[int, float] | None:
         """Per-element reference energies {Z: eV} from the manifest, or None."""
-        return statistics_from_manifest(self.manifest)["e0s"] or None if self.manifest else None
+        if self.manifest is None:
+            return None
+        return statistics_from_manifest(self.manifest)["e0s"] or None
 
     @property
     def statistics(self) -> dict | None:
+        """Training statistics of the manifest (``stats.statistics_from_manifest``), or None."""
         return statistics_from_manifest(self.manifest) if self.manifest else None
 
     def locate(self, index: int) -> tuple[int, int]:
