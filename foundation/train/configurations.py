@@ -84,15 +84,17 @@ def _rng(settings: ConfigurationSettings, seed: Atoms, kind: str, copy: int) -> 
     return np.random.default_rng([int(settings.seed) & 0xFFFFFFFF, *words, _KIND_CODE[kind], copy])
 
 
-def min_distance(atoms: Atoms) -> float:
-    """Shortest interatomic distance (Å), periodic images included; inf for fewer than two atoms/images."""
+def min_distance(atoms: Atoms, cutoff: float = 2.0, max_cutoff: float = 16.0) -> float:
+    """Shortest interatomic distance (Å), periodic images included; inf if there is no pair within
+    ``max_cutoff`` Å. The neighbour search starts at ``cutoff`` Å and doubles until it finds a pair."""
     from ..data.graph import neighbor_list
-    cutoff = 2.0
-    edges, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
-    if edges.shape[1] == 0:
-        return float("inf")
-    vec = atoms.positions[edges[1]] - atoms.positions[edges[0]] + unit @ atoms.cell.array
-    return float(np.sqrt(np.min(np.einsum("ij,ij->i", vec, vec))))
+    while cutoff <= max_cutoff:
+        edges, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, cutoff)
+        if edges.shape[1]:
+            vec = atoms.positions[edges[1]] - atoms.positions[edges[0]] + unit @ atoms.cell.array
+            return float(np.sqrt(np.min(np.einsum("ij,ij->i", vec, vec))))
+        cutoff *= 2
+    return float("inf")
 
 
 def _tagged(atoms: Atoms, kind: str, seed_index: int, temperature: float = 0.0, step: int = -1) -> Atoms:
@@ -140,11 +142,12 @@ def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, inte
     """
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md import velocitydistribution as vd
     work = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     work.calc = calculator
-    MaxwellBoltzmannDistribution(work, temperature_K=temperature, rng=rng)
-    Stationary(work)
+    thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution  # ase >= 3.29 / older
+    thermalize(work, temperature_K=temperature, rng=rng)
+    vd.Stationary(work)
     work.set_constraint(FixCom())  # no drift of the centre of mass (momentum removed, then kept at zero)
     dyn = Langevin(work, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs, rng=rng,
                    fixcm=False)
