@@ -149,6 +149,7 @@ class CalculatorTeacher(Teacher):
         out = []
         for i, (src, v) in enumerate(zip(atoms_list, vectors)):
             atoms = src.copy()
+            self._calc.reset()  # no state (e.g. a cached neighbour list) from earlier structures: same bits anywhere
             atoms.calc = self._calc
             x0 = atoms.positions.copy()
             rec = {keys.ENERGY: np.asarray(atoms.get_potential_energy(), np.float64).reshape(()),
