@@ -203,6 +203,8 @@ class Trainer:
                 self.logger.valid(self.step, {"valid/loss": valid_loss, **flatten(metrics)})
             if self.step % c.checkpoint_every == 0 or last:
                 self.save()
+        if not metrics and self.valid_loader is not None:   # resumed a finished run: measure before exporting
+            metrics = self.evaluate()[1]
         self.export(metrics)
         self.logger.close()
         return metrics

@@ -14,14 +14,14 @@ import pytest
 import yaml
 
 RUNNER = Path(__file__).resolve().parent / "run_pair.py"
-STEPS = 12
+STEPS = 12                  # x 2 micro-batches of <= 48 atoms: crosses an epoch boundary (14 batches)
 
 
 def recipe(tmp: Path, out: Path, emt_data, **engine) -> Path:
     values = {"out_dir": str(out), "max_steps": STEPS, "log_every": 1, "valid_every": 5, "checkpoint_every": 2,
               "keep_checkpoints": 2, "progress": False, "seed": 3,
               "data": {"train": [str(emt_data["train"]), str(emt_data["train_nostress"])],
-                       "valid": [str(emt_data["valid"])], "max_atoms": 30},
+                       "valid": [str(emt_data["valid"])], "max_atoms": 48},  # 14 batches per epoch
               "loss": {"coefficients": {"energy": 1.0, "forces": 10.0, "stress": 10.0},
                        "schedule": [{"start": 0.5, "coefficients": {"energy": 20.0}}]},
               "optim": {"lr": 0.02, "grad_clip": 1.0}, "schedule": {"warmup_steps": 2},

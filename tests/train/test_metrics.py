@@ -17,11 +17,11 @@ def batch(rng):
         d = Data(atomic_numbers=torch.ones(n, dtype=torch.long), natoms=torch.tensor([n]),
                  energy=torch.tensor([float(rng.normal())]), forces=torch.tensor(rng.normal(size=(n, 3))),
                  stress=torch.full((1, 3, 3), float("nan")) if i == 1 else torch.tensor(rng.normal(size=(1, 3, 3))),
-                 head=torch.tensor([i % 2]), dataset_index=torch.tensor([0 if i < 2 else 1]))
+                 head=torch.tensor([i % 2]), **{keys.DATASET: torch.tensor([0 if i < 2 else 1])})
         d.num_nodes = n
         items.append(d)
     b = Batch.from_data_list(items)
-    b[keys.DATASET] = torch.tensor([0, 0, 1])    # Batch offsets fields named *index*
+    b[keys.DATASET] = torch.tensor([0, 0, 1])    # PyG would offset a field named *index*: set it explicitly
     return b
 
 
