@@ -110,6 +110,7 @@ class LongRangeHead(nn.Module):
             raise ValueError(f"node_features must have shape (n, {self.charge_mlp[0].in_features}) (invariant "
                              f"features), got {tuple(node_features.shape)}")
         raw = self.charge_mlp(node_features).squeeze(-1)
+        raw = raw.to(torch.promote_types(raw.dtype, torch.float32))  # bf16 autocast: constrain in float32
         return constrain_total_charge(raw, batch, num_graphs, total_charge)
 
     def forward(self, node_features: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,

@@ -18,6 +18,7 @@ bf16/fp16 inputs are computed in float32; outputs have the (promoted) compute dt
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -31,6 +32,16 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
     for t in tensors[1:]:
         dtype = torch.promote_types(dtype, t.dtype)
     return torch.promote_types(dtype, torch.float32)
+
+
+def _full_precision(fn):
+    """Run ``fn`` with autocast disabled (bf16 phases k.r and FFTs are useless); inputs are upcast instead."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device_type=device.type, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapper
 
 
 def strained_cell(cell: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
@@ -56,6 +67,7 @@ def _pairs_within(batch: torch.Tensor, num_graphs: int) -> tuple[torch.Tensor, t
     return order[first], order[second]
 
 
+@_full_precision
 def coulomb_energy(charges: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
                    sigma: float) -> torch.Tensor:
     """Erf-damped Coulomb energy of each structure over all pairs of its atoms (no periodic images).
@@ -72,6 +84,7 @@ def coulomb_energy(charges: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor
     return COULOMB_CONSTANT * energy
 
 
+@_full_precision
 def ewald_real_space_energy(charges: torch.Tensor, vectors: torch.Tensor, sender: torch.Tensor,
                             receiver: torch.Tensor, batch: torch.Tensor, num_graphs: int,
                             sigma: float) -> torch.Tensor:
@@ -124,6 +137,7 @@ def _check_cells(cell: torch.Tensor, structures: list[int]) -> torch.Tensor:
     return volume
 
 
+@_full_precision
 def ewald_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
                  num_graphs: int, sigma: float, kcut: float) -> torch.Tensor:
     """Latent Ewald (k-space only) energy of each periodic structure present in ``batch``.
@@ -186,6 +200,7 @@ def _truncated_coulomb(sigma: float, kcut: float):
     return torchpme, TruncatedCoulomb(smearing=sigma, prefactor=COULOMB_CONSTANT)
 
 
+@_full_precision
 def pme_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, sigma: float, kcut: float,
                mesh_spacing: float, interpolation_nodes: int = 7) -> torch.Tensor:
     """The latent Ewald energy of ONE periodic structure by particle-mesh Ewald (torch-pme): () eV.
@@ -252,6 +267,5 @@ def electrostatic_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.T
     for s in torch.nonzero(use_pme).flatten().tolist():
         atoms = torch.nonzero(batch == s).flatten()
         e_s = pme_energy(charges[atoms], pos[atoms], cell[s], sigma, kcut, spacing, interpolation_nodes)
-        energy = energy + torch.nn.functional.one_hot(torch.tensor(s, device=pos.device), num_graphs).to(
-            energy.dtype) * e_s
+        energy = energy.index_add(0, atoms[:1].new_full((1,), s), e_s.reshape(1).to(energy.dtype))
     return energy

@@ -231,6 +231,21 @@ def test_pme_stress_matches_ewald_and_dispatch_uses_threshold():
     assert via_ewald.item() == pytest.approx(via_pme.item(), rel=1e-5)
 
 
+def test_bf16_autocast_does_not_degrade_the_sums():
+    pos, cell, q = _random_cell(9, 30)
+    pos, cell, q = pos.float(), cell.float(), q.float()
+    pbc = torch.tensor([[True] * 3, [False] * 3])
+    batch = torch.cat([torch.zeros(30, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    args = (torch.cat([q, WATER_Q.float()]), torch.cat([pos, WATER.float()]),
+            torch.stack([cell, torch.zeros(3, 3)]), pbc, batch, 2)
+    reference = el.electrostatic_energy(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = el.electrostatic_energy(*args)
+        pme = el.pme_energy(q, pos, cell, 1.0, 5.0, 0.5)
+    assert autocast.dtype == torch.float32 and torch.equal(autocast, reference)
+    assert pme.item() == pytest.approx(el.pme_energy(q, pos, cell, 1.0, 5.0, 0.5).item(), rel=1e-6)
+
+
 def test_float32_inputs_and_errors():
     pos, cell, q = _random_cell(8, 6)
     e64 = el.ewald_energy(q, pos, cell.unsqueeze(0), _one(6), 1, 1.0, 5.0)
