@@ -14,7 +14,7 @@ PBC = "pbc"                          # (1, 3) bool, periodic along each lattice 
 NATOMS = "natoms"                    # (1,) int64, atoms in the structure
 TOTAL_CHARGE = "total_charge"        # (1,) float, e
 HEAD = "head"                        # (1,) int64, index of the readout head for this structure
-DATASET = "dataset_index"            # (1,) int64, which dataset of a mixture the structure came from
+DATASET = "dataset"                  # (1,) int64, which dataset of a mixture the structure came from
 
 # --- graph (neighbor list, built with the model's r_max) --------------------------------------------------
 # Full (both directions) list of pairs closer than r_max, self-pairs in the same image excluded, sorted by

@@ -6,7 +6,7 @@
   0.5-2x contact distance (some beyond a 5 Å cutoff), closed-shell ions; energy, forces, charges, dipole, total charge.
 - ``heldout`` (EMT): ordered and disordered Cu-Au alloys, a system absent from ``metals`` for fine-tuning demos.
 
-Each part is written as an extxyz file (streamed, one structure at a time) and converted to LMDB shards with
+Each part is written as an ASE database (streamed, one structure at a time) and converted to LMDB shards with
 ``foundation.data.convert.convert``, so the manifest, statistics and provenance are the standard ones.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from ase.calculators.calculator import CalculationFailed
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.collections import g2
-from ase.io import write
+from ase.db import connect
 from tqdm import tqdm
 
 METALS = ("Al", "Cu", "Ag", "Au", "Ni", "Pd", "Pt")
@@ -184,11 +184,13 @@ def generate(preset: str, out: str | os.PathLike, seed: int = 0, shard_size: int
     paths = {}
     with tempfile.TemporaryDirectory(dir=out, prefix=".generate-") as tmp:
         for part, (theory, make) in PARTS.items():
-            xyz = Path(tmp) / f"{part}.xyz"
-            for atoms in tqdm(make(getattr(sizes, part), seed), total=getattr(sizes, part), desc=f"{part} [{theory}]"):
-                write(xyz, atoms, format="extxyz", append=True)
-            convert([str(xyz)], str(out / part), shard_size=shard_size, dataset_name=f"{preset}-{part}",
+            source = Path(tmp) / f"{part}.db"  # an ASE sqlite db keeps float64 exactly (extxyz keeps 8 decimals)
+            with connect(source, use_lock_file=False) as db:
+                for atoms in tqdm(make(getattr(sizes, part), seed), total=getattr(sizes, part),
+                                  desc=f"{part} [{theory}]"):
+                    db.write(atoms, config_type=atoms.info["config_type"], total_charge=int(atoms.info.get("charge", 0)))
+            convert([str(source)], str(out / part), shard_size=shard_size, dataset_name=f"{preset}-{part}",
                     level_of_theory=theory)
             paths[part] = out / part
-            xyz.unlink()
+            source.unlink()
     return paths

@@ -96,12 +96,7 @@ def collate(data_list: Sequence[Data]) -> Batch:
             for key in missing:
                 data[key] = _nan_like(present[key], key, data, i)
         filled.append(data)
-    batch = Batch.from_data_list(filled)
-    if keys.DATASET in present:
-        # PyG offsets every field whose name contains "index" by the atom count (as for edge_index), which
-        # would corrupt the per-structure "dataset_index"; restore the values.
-        batch[keys.DATASET] = torch.cat([d[keys.DATASET].reshape(-1) for d in filled])
-    return batch
+    return Batch.from_data_list(filled)
 
 
 def _nan_like(example: torch.Tensor, key: str, data: Data, i: int) -> torch.Tensor:
