@@ -120,16 +120,18 @@ class LongRangeHead(nn.Module):
 
         node_features (n,C); pos (n,3) Å and cell (B,3,3) Å, strained (``electrostatics.strained_cell``) when
         stress is wanted; batch (n,); pbc (B,3) bool; total_charge (B,) e or None (neutral).
-        Returns {ENERGY: (B,) eV, CHARGES: (n,) e, DIPOLE: (B,3) e·Å = sum_i q_i r_i about the origin}. For
+        Returns {ENERGY: (B,) eV, NODE_ENERGY: (n,) eV (per-atom shares, summing to ENERGY), CHARGES: (n,) e,
+        DIPOLE: (B,3) e·Å = sum_i q_i r_i about the origin}. For
         periodic structures the dipole is that of the atoms at the positions given (it depends on how they
         are wrapped, it is not a polarisation): put dipole losses on molecules only.
         """
         cfg = self.config
         q = self.charges(node_features, batch, num_graphs, total_charge)
-        energy = electrostatics.electrostatic_energy(
+        atom_energy = electrostatics.electrostatic_atom_energies(
             q, pos, cell, pbc, batch, num_graphs, sigma=cfg["sigma"], kcut=cfg["kcut"],
             pme_threshold=cfg["pme_threshold"], mesh_spacing=cfg["mesh_spacing"],
             interpolation_nodes=cfg["interpolation_nodes"], periodic_allowed=cfg["kind"] == "latent_ewald")
         dipole = torch.zeros(num_graphs, 3, dtype=q.dtype, device=q.device).index_add(
             0, batch, q.unsqueeze(1) * pos.to(q.dtype))
-        return {keys.ENERGY: energy, keys.CHARGES: q, keys.DIPOLE: dipole}
+        energy = electrostatics.structure_sum(atom_energy, batch, num_graphs)
+        return {keys.ENERGY: energy, keys.NODE_ENERGY: atom_energy, keys.CHARGES: q, keys.DIPOLE: dipole}

@@ -67,21 +67,32 @@ def _pairs_within(batch: torch.Tensor, num_graphs: int) -> tuple[torch.Tensor, t
     return order[first], order[second]
 
 
-@_full_precision
-def coulomb_energy(charges: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
-                   sigma: float) -> torch.Tensor:
-    """Erf-damped Coulomb energy of each structure over all pairs of its atoms (no periodic images).
+def structure_sum(atom_energies: torch.Tensor, batch: torch.Tensor, num_graphs: int) -> torch.Tensor:
+    """Per-atom energies (n,) eV -> per-structure sums (num_graphs,) eV."""
+    out = torch.zeros(num_graphs, dtype=atom_energies.dtype, device=atom_energies.device)
+    return out.index_add(0, batch, atom_energies)
 
-    charges (n,) e, pos (n,3) Å, batch (n,) structure index in [0, num_graphs), sigma Å -> (num_graphs,) eV.
-    Structures with no atoms among the inputs get 0. Cost O(sum n_s^2).
+
+@_full_precision
+def coulomb_atom_energies(charges: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+                          sigma: float) -> torch.Tensor:
+    """Erf-damped Coulomb energy over all pairs of atoms of each structure (no periodic images), per atom.
+
+    charges (n,) e, pos (n,3) Å, batch (n,) structure index in [0, num_graphs), sigma Å -> (n,) eV, each
+    pair's energy split equally between its two atoms. Cost O(sum n_s^2).
     """
     dtype = _compute_dtype(charges, pos)
     q, r = charges.to(dtype), pos.to(dtype)
     i, j = _pairs_within(batch, num_graphs)
     dist = torch.linalg.norm(r[j] - r[i], dim=-1)
-    pair = q[i] * q[j] * torch.erf(dist / (math.sqrt(2.0) * sigma)) / dist
-    energy = torch.zeros(num_graphs, dtype=dtype, device=pos.device).index_add(0, batch[i], pair)
-    return COULOMB_CONSTANT * energy
+    half = 0.5 * COULOMB_CONSTANT * q[i] * q[j] * torch.erf(dist / (math.sqrt(2.0) * sigma)) / dist
+    return torch.zeros_like(q).index_add(0, i, half).index_add(0, j, half)
+
+
+def coulomb_energy(charges: torch.Tensor, pos: torch.Tensor, batch: torch.Tensor, num_graphs: int,
+                   sigma: float) -> torch.Tensor:
+    """``coulomb_atom_energies`` summed per structure: (num_graphs,) eV (0 for structures without atoms)."""
+    return structure_sum(coulomb_atom_energies(charges, pos, batch, num_graphs, sigma), batch, num_graphs)
 
 
 @_full_precision
@@ -102,11 +113,10 @@ def ewald_real_space_energy(charges: torch.Tensor, vectors: torch.Tensor, sender
     return 0.5 * COULOMB_CONSTANT * energy
 
 
-def self_energy(charges: torch.Tensor, batch: torch.Tensor, num_graphs: int, sigma: float) -> torch.Tensor:
-    """K sum_i q_i^2 / (sqrt(2 pi) sigma) per structure (num_graphs,) eV: the smeared charges' self-interaction."""
+def self_energy(charges: torch.Tensor, sigma: float) -> torch.Tensor:
+    """K q_i^2 / (sqrt(2 pi) sigma) per atom (n,) eV: the smeared charges' self-interaction."""
     q = charges.to(_compute_dtype(charges))
-    energy = torch.zeros(num_graphs, dtype=q.dtype, device=q.device).index_add(0, batch, q * q)
-    return COULOMB_CONSTANT * energy / (math.sqrt(2.0 * math.pi) * sigma)
+    return COULOMB_CONSTANT * q * q / (math.sqrt(2.0 * math.pi) * sigma)
 
 
 # --- periodic cells: latent Ewald ------------------------------------------------------------------------
@@ -138,19 +148,19 @@ def _check_cells(cell: torch.Tensor, structures: list[int]) -> torch.Tensor:
 
 
 @_full_precision
-def ewald_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
-                 num_graphs: int, sigma: float, kcut: float) -> torch.Tensor:
-    """Latent Ewald (k-space only) energy of each periodic structure present in ``batch``.
+def ewald_atom_energies(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
+                        num_graphs: int, sigma: float, kcut: float) -> torch.Tensor:
+    """Latent Ewald (k-space only) energy of the periodic structures present in ``batch``, per atom.
 
-    charges (n,) e, pos (n,3) Å, cell (num_graphs,3,3) Å, batch (n,), sigma Å, kcut 1/Å -> (num_graphs,) eV
-    (0 for structures with no atoms among the inputs). Batched over structures by padding atoms and k-vectors:
-    memory O(P * max n_s * max K_s) with K_s ~ V_s kcut^3 / (12 pi^2).
+    charges (n,) e, pos (n,3) Å, cell (num_graphs,3,3) Å, batch (n,), sigma Å, kcut 1/Å -> (n,) eV with
+    E_i = K (2 pi / V) sum_k w(k) q_i Re(exp(-i k.r_i) S(k)) - K q_i^2 / (sqrt(2 pi) sigma), which sums to
+    the structure's energy. Batched over structures by padding atoms and k-vectors: memory
+    O(P * max n_s * max K_s) with K_s ~ V_s kcut^3 / (12 pi^2) (half of the sphere).
     """
     dtype = _compute_dtype(charges, pos, cell)
     q, r, cell = charges.to(dtype), pos.to(dtype), cell.to(dtype)
-    energy = torch.zeros(num_graphs, dtype=dtype, device=pos.device)
     if batch.numel() == 0:
-        return energy
+        return torch.zeros_like(q)
     structures = torch.unique(batch).tolist()
     index = torch.as_tensor(structures, device=batch.device)
     volume = _check_cells(cell[index], structures)
@@ -166,21 +176,28 @@ def ewald_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, b
     weight = torch.where(valid, torch.exp(-0.5 * sigma * sigma * safe) / safe, torch.zeros_like(k_sq))
 
     local = torch.searchsorted(index, batch)  # structure -> row p of the padded arrays
-    order = torch.argsort(local, stable=True)
     counts = torch.bincount(local, minlength=len(structures))
-    slot = torch.arange(order.numel(), device=batch.device) - (torch.cumsum(counts, 0) - counts)[local[order]]
+    slot = torch.arange(batch.numel(), device=batch.device)
+    order = torch.argsort(local, stable=True)
+    slot = torch.empty_like(slot).index_put((order,), slot - (torch.cumsum(counts, 0) - counts)[local[order]])
     nmax = int(counts.max())
-    r_dense = torch.zeros(len(structures), nmax, 3, dtype=dtype, device=pos.device)
-    q_dense = torch.zeros(len(structures), nmax, dtype=dtype, device=pos.device)
-    r_dense = r_dense.index_put((local[order], slot), r[order])
-    q_dense = q_dense.index_put((local[order], slot), q[order])
+    r_dense = torch.zeros(len(structures), nmax, 3, dtype=dtype, device=pos.device).index_put((local, slot), r)
+    q_dense = torch.zeros(len(structures), nmax, dtype=dtype, device=pos.device).index_put((local, slot), q)
     phase = torch.bmm(r_dense, kpad.transpose(1, 2))  # (P, nmax, kmax)
-    s_re = torch.einsum("pn,pnk->pk", q_dense, torch.cos(phase))
-    s_im = torch.einsum("pn,pnk->pk", q_dense, torch.sin(phase))
-    kspace = 2.0 * (weight * (s_re * s_re + s_im * s_im)).sum(-1)  # both halves of k-space
-    per_structure = COULOMB_CONSTANT * 2.0 * math.pi / volume * kspace
-    energy = energy.index_put((index,), per_structure)
-    return energy - self_energy(q, batch, num_graphs, sigma)
+    cos, sin = torch.cos(phase), torch.sin(phase)
+    s_re = torch.einsum("pn,pnk->pk", q_dense, cos)
+    s_im = torch.einsum("pn,pnk->pk", q_dense, sin)
+    # q_i Re(exp(-i k.r_i) S(k)), summed over both halves of k-space (factor 2)
+    per_atom = 2.0 * q_dense * torch.einsum("pk,pnk->pn", weight * s_re, cos) \
+        + 2.0 * q_dense * torch.einsum("pk,pnk->pn", weight * s_im, sin)
+    per_atom = COULOMB_CONSTANT * 2.0 * math.pi / volume[:, None] * per_atom
+    return per_atom[local, slot] - self_energy(q, sigma)
+
+
+def ewald_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, batch: torch.Tensor,
+                 num_graphs: int, sigma: float, kcut: float) -> torch.Tensor:
+    """``ewald_atom_energies`` summed per structure: (num_graphs,) eV (0 for structures without atoms)."""
+    return structure_sum(ewald_atom_energies(charges, pos, cell, batch, num_graphs, sigma, kcut), batch, num_graphs)
 
 
 # --- periodic cells: PME (torch-pme) ---------------------------------------------------------------------
@@ -201,9 +218,9 @@ def _truncated_coulomb(sigma: float, kcut: float):
 
 
 @_full_precision
-def pme_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, sigma: float, kcut: float,
-               mesh_spacing: float, interpolation_nodes: int = 7) -> torch.Tensor:
-    """The latent Ewald energy of ONE periodic structure by particle-mesh Ewald (torch-pme): () eV.
+def pme_atom_energies(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, sigma: float, kcut: float,
+                      mesh_spacing: float, interpolation_nodes: int = 7) -> torch.Tensor:
+    """The latent Ewald energy of ONE periodic structure by particle-mesh Ewald (torch-pme), per atom: (n,) eV.
 
     charges (n,) e, pos (n,3) Å, cell (3,3) Å; mesh_spacing Å must be below pi / kcut so that the mesh holds
     every |k| <= kcut. Equals ``ewald_energy`` up to the interpolation error (smaller for finer meshes and
@@ -222,10 +239,15 @@ def pme_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, sig
     calculator = calculator.to(device=pos.device, dtype=dtype)
     no_pairs = torch.zeros(0, 2, dtype=torch.long, device=pos.device)
     no_dist = torch.zeros(0, dtype=dtype, device=pos.device)
-    potential_per_atom = calculator(q.unsqueeze(1), cell, r, no_pairs, no_dist)  # (n,1), includes the 1/2
-    energy = (q.unsqueeze(1) * potential_per_atom).sum()
-    total = q.sum()
-    return energy + COULOMB_CONSTANT * math.pi * sigma * sigma * total * total / volume
+    potential = calculator(q.unsqueeze(1), cell, r, no_pairs, no_dist).squeeze(1)  # (n,), includes the 1/2
+    background = COULOMB_CONSTANT * math.pi * sigma * sigma * q.sum() / volume
+    return q * (potential + background)
+
+
+def pme_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, sigma: float, kcut: float,
+               mesh_spacing: float, interpolation_nodes: int = 7) -> torch.Tensor:
+    """``pme_atom_energies`` summed: the energy () eV of one periodic structure."""
+    return pme_atom_energies(charges, pos, cell, sigma, kcut, mesh_spacing, interpolation_nodes).sum()
 
 
 def default_mesh_spacing(sigma: float, kcut: float) -> float:
@@ -234,17 +256,18 @@ def default_mesh_spacing(sigma: float, kcut: float) -> float:
 
 
 # --- dispatch --------------------------------------------------------------------------------------------
-def electrostatic_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
-                         batch: torch.Tensor, num_graphs: int, sigma: float = 1.0, kcut: float | None = None,
-                         pme_threshold: int | None = None, mesh_spacing: float | None = None,
-                         interpolation_nodes: int = 7, periodic_allowed: bool = True) -> torch.Tensor:
-    """Per-structure energy (num_graphs,) eV of a mixed batch of molecules and periodic cells.
+def electrostatic_atom_energies(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                                batch: torch.Tensor, num_graphs: int, sigma: float = 1.0, kcut: float | None = None,
+                                pme_threshold: int | None = None, mesh_spacing: float | None = None,
+                                interpolation_nodes: int = 7, periodic_allowed: bool = True) -> torch.Tensor:
+    """Per-atom energies (n,) eV of a mixed batch of molecules and periodic cells.
 
     charges (n,) e, pos (n,3) Å, cell (B,3,3) Å, pbc (B,3) bool, batch (n,); kcut None -> 5 / sigma (1/Å,
     truncation error ~exp(-12.5) relative; pi as in the LES paper is ~1e-2 eV off for water in a box).
-    Structures without a periodic direction: ``coulomb_energy``. Periodic structures with fewer than
-    ``pme_threshold`` atoms (or all, if it is None): ``ewald_energy``; larger ones: ``pme_energy`` with
-    ``mesh_spacing`` (default ``default_mesh_spacing``). ``periodic_allowed=False`` makes a periodic structure a ValueError.
+    Structures without a periodic direction: ``coulomb_atom_energies``. Periodic structures with fewer than
+    ``pme_threshold`` atoms (or all, if it is None): ``ewald_atom_energies``; larger ones:
+    ``pme_atom_energies`` with ``mesh_spacing`` (default ``default_mesh_spacing``).
+    ``periodic_allowed=False`` makes a periodic structure a ValueError.
     """
     kcut = 5.0 / sigma if kcut is None else kcut
     periodic = pbc.reshape(num_graphs, 3).any(dim=1)
@@ -254,18 +277,26 @@ def electrostatic_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.T
         raise ValueError(f"structures {bad} are periodic, but long_range kind 'coulomb' only handles molecules; "
                          "use kind 'latent_ewald' or set pbc to False")
     mol = torch.nonzero(~atom_periodic).flatten()
-    energy = coulomb_energy(charges[mol], pos[mol], batch[mol], num_graphs, sigma)
+    mol_energy = coulomb_atom_energies(charges[mol], pos[mol], batch[mol], num_graphs, sigma)
+    energy = torch.zeros(batch.numel(), dtype=mol_energy.dtype, device=pos.device).index_put((mol,), mol_energy)
     if not bool(periodic.any()):
         return energy
     counts = torch.bincount(batch, minlength=num_graphs)
     use_pme = periodic & (counts >= pme_threshold) if pme_threshold is not None else torch.zeros_like(periodic)
-    ewald_atoms = torch.nonzero(atom_periodic & ~use_pme[batch]).flatten()
-    if ewald_atoms.numel():
-        energy = energy + ewald_energy(charges[ewald_atoms], pos[ewald_atoms], cell, batch[ewald_atoms],
-                                       num_graphs, sigma, kcut)
+    ewald = torch.nonzero(atom_periodic & ~use_pme[batch]).flatten()
+    if ewald.numel():
+        e_ewald = ewald_atom_energies(charges[ewald], pos[ewald], cell, batch[ewald], num_graphs, sigma, kcut)
+        energy = energy.index_put((ewald,), e_ewald.to(energy.dtype))
     spacing = mesh_spacing if mesh_spacing is not None else default_mesh_spacing(sigma, kcut)
     for s in torch.nonzero(use_pme).flatten().tolist():
         atoms = torch.nonzero(batch == s).flatten()
-        e_s = pme_energy(charges[atoms], pos[atoms], cell[s], sigma, kcut, spacing, interpolation_nodes)
-        energy = energy.index_add(0, atoms[:1].new_full((1,), s), e_s.reshape(1).to(energy.dtype))
+        e_s = pme_atom_energies(charges[atoms], pos[atoms], cell[s], sigma, kcut, spacing, interpolation_nodes)
+        energy = energy.index_put((atoms,), e_s.to(energy.dtype))
     return energy
+
+
+def electrostatic_energy(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor,
+                         batch: torch.Tensor, num_graphs: int, **options) -> torch.Tensor:
+    """``electrostatic_atom_energies`` summed per structure: (num_graphs,) eV; same keyword options."""
+    atom = electrostatic_atom_energies(charges, pos, cell, pbc, batch, num_graphs, **options)
+    return structure_sum(atom, batch, num_graphs)

@@ -105,6 +105,8 @@ def test_forward_outputs_charges_and_dipole():
     # the energy is the electrostatics of these charges; the neutral structure's dipole is origin-independent
     expected = el.electrostatic_energy(q, pos, cell, pbc, batch, 3, sigma=1.0)
     assert torch.allclose(out[keys.ENERGY], expected, rtol=1e-12)
+    assert out[keys.NODE_ENERGY].shape == (15,)
+    assert torch.allclose(el.structure_sum(out[keys.NODE_ENERGY], batch, 3), out[keys.ENERGY], rtol=1e-12)
     moved = head(_features(pos + 2.0, z, batch), pos + 2.0, batch, 3, cell, pbc, total)
     assert torch.allclose(moved[keys.DIPOLE][1], out[keys.DIPOLE][1], atol=1e-12)
     assert torch.allclose(moved[keys.ENERGY], out[keys.ENERGY], rtol=1e-10)

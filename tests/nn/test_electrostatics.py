@@ -166,6 +166,11 @@ def test_molecule_in_large_box_stress_is_its_virial_and_forces_match():
     p2 = pos.clone().requires_grad_(True)
     f_mol = -torch.autograd.grad(energy_mol(p2, cell), p2)[0]
     assert torch.allclose(f_box, f_mol, atol=5e-3 * f_mol.abs().max().item())  # image-dipole field ~1e-3 eV/Å
+    # per-atom shares converge too (the k-space split q_i phi_i / 2 -> half of each erf pair)
+    a_box = el.ewald_atom_energies(WATER_Q, pos, cell.unsqueeze(0), _one(3), 1, 1.0, 5.0)
+    a_mol = el.coulomb_atom_energies(WATER_Q, pos, _one(3), 1, 1.0)
+    assert torch.allclose(a_box, a_mol, atol=2e-3)
+    assert a_box.sum().item() == pytest.approx(energy_box(pos, cell).item(), rel=1e-12)
 
 
 def test_translation_and_wrapping_invariance():
@@ -197,6 +202,11 @@ def test_mixed_batch_equals_single_structures():
               el.coulomb_energy(-WATER_Q, WATER + 1.0, _one(3), 1, 1.0)]
     assert torch.allclose(energy, torch.cat(single), rtol=1e-12, atol=1e-12)
     assert energy.shape == (4,)
+    atoms = el.electrostatic_atom_energies(q[perm], pos[perm], cell, pbc, batch[perm], 4, sigma=1.0)
+    assert atoms.shape == (20,)
+    assert torch.allclose(el.structure_sum(atoms, batch[perm], 4), energy, rtol=1e-12)
+    unperm = torch.empty_like(perm).index_put((perm,), torch.arange(20))
+    assert torch.allclose(atoms[unperm][3:8], el.ewald_atom_energies(q1, p1, c1.unsqueeze(0), _one(5), 1, 1.0, 5.0))
 
 
 @pytest.mark.parametrize("charged", [False, True])
@@ -226,6 +236,9 @@ def test_pme_stress_matches_ewald_and_dispatch_uses_threshold():
                                       mesh_spacing=0.31)
     direct = el.pme_energy(q, pos, cell, 1.0, 5.0, 0.31, 7)
     assert via_pme.item() == pytest.approx(direct.item(), rel=1e-12)
+    atoms_pme = el.pme_atom_energies(q, pos, cell, 1.0, 5.0, 0.31, 7)
+    atoms_ewald = el.ewald_atom_energies(q, pos, cell.unsqueeze(0), _one(40), 1, 1.0, 5.0)
+    assert (atoms_pme - atoms_ewald).abs().max() < 1e-5 * atoms_ewald.abs().max()
     via_ewald = el.electrostatic_energy(q, pos, cell.unsqueeze(0), pbc, _one(40), 1, pme_threshold=41)
     assert via_ewald.item() != via_pme.item()
     assert via_ewald.item() == pytest.approx(via_pme.item(), rel=1e-5)
