@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 from ase import Atoms, units
 
-CONFIG_TYPES = ("seed", "rattle", "strain", "md")
+CONFIG_TYPES = ("seed", "rattle", "strain", "md", "onpolicy")  # "onpolicy": frames picked from student MD
 _KIND_CODE = {"rattle": 1, "strain": 2, "md": 3}
 
 

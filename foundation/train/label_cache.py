@@ -94,7 +94,7 @@ def label_frames(teacher: Teacher, frames: Sequence[Atoms], cache_dir: str | os.
 
 def _plain(a: Atoms, info: dict) -> Atoms:
     out = Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc)
-    out.info.update({k: info.get(k, d) for k, d in zip(_INFO, ("seed", -1, 0.0, -1))})
+    out.info.update({k: info.get(k, d) for k, d in zip(_INFO, ("onpolicy", -1, 0.0, -1))})
     return out
 
 
@@ -129,6 +129,7 @@ def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, l
         if is_complete(final, key):
             if log:
                 log(f"teacher labels: reusing cache {final}")
+            _refresh_statistics(final, teacher, r_max)
             return final
         if final.exists():
             shutil.rmtree(final)
@@ -154,6 +155,20 @@ def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, l
         os.rename(partial, final)
         fsync_dir(cache_dir)
     return final
+
+
+def _refresh_statistics(directory: Path, teacher: Teacher, r_max: float) -> None:
+    """Recompute the manifest statistics (no teacher calls) when they were made for another ``r_max``."""
+    manifest = read_manifest(directory)
+    if manifest["statistics"].get("r_max") == r_max:
+        return
+    shards = [directory / s["file"] for s in manifest["shards"]]
+    prov = manifest["provenance"]
+    fresh = _manifest(shards, teacher, prov["cache_key"], r_max, prov["arguments"])
+    fresh["provenance"]["created"] = prov["created"]
+    tmp = directory / (MANIFEST_NAME + ".tmp")
+    write_json_synced(tmp, fresh)
+    os.replace(tmp, directory / MANIFEST_NAME)
 
 
 def _configurations(partial: Path, make, log) -> list[Atoms]:

@@ -284,6 +284,11 @@ def load_teacher(spec: Mapping[str, Any]) -> Teacher:
     if ("model" in spec) == ("calculator" in spec):
         raise ValueError(f"teacher spec needs exactly one of 'model' (hub id or directory of a FoundationModel) or "
                          f"'calculator' ('module.path:ClassName'); got keys {sorted(spec)}")
+    try:
+        json.dumps(dict(spec), sort_keys=True)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"teacher spec must be plain JSON (strings, numbers, lists, dicts): it is recorded in the "
+                         f"model card and hashed into the label-cache key ({exc})") from None
     allowed = _MODEL_KEYS if "model" in spec else _CALC_KEYS
     unknown = sorted(set(spec) - allowed)
     if unknown:

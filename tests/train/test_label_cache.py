@@ -83,6 +83,11 @@ def test_cache_holds_the_teacher_labels_and_is_reused(tmp_path, monkeypatch):
                              log=None) == out
     assert recount.calls == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, out.name + ".lock"]
+    # another cutoff for the student: statistics are recomputed from the shards, the teacher is not called
+    build_label_cache(again, seeds(), settings(), tmp_path, hvp_vectors=2, seed=4, shard_size=5, r_max=3.0, log=None)
+    stats = ShardedDataset(out).manifest["statistics"]
+    assert recount.calls == 0 and stats["r_max"] == 3.0
+    assert stats["avg_num_neighbors"] < manifest["statistics"]["avg_num_neighbors"]
 
 
 def test_key_changes_with_teacher_seeds_settings_and_label_options(tmp_path):
@@ -150,6 +155,10 @@ def test_on_policy_frames_are_labelled_and_cached(tmp_path):
     assert label_frames(teacher, picked[:2], tmp_path, hvp_vectors=1, log=None) != out
     recs = records(out)
     assert len(recs) == 3
+    info = json.loads((out / label_cache.FRAMES_NAME).read_text())
+    assert info["config_type"] == [f.info["config_type"] for f in picked]
+    student_md = label_frames(teacher, [seeds()[1]], tmp_path, hvp_vectors=0, log=None)  # no info: from MD
+    assert json.loads((student_md / label_cache.FRAMES_NAME).read_text())["config_type"] == ["onpolicy"]
     for rec, frame in zip(recs, picked):
         np.testing.assert_array_equal(rec[keys.POSITIONS], frame.positions)
         assert rec[keys.HESSIAN_PRODUCTS].shape == (len(frame), 3)

@@ -183,6 +183,7 @@ def test_description_names_the_weights_and_changes_with_them(tmp_path, model_dir
     ({"calculator": "ase.calculators.emt:Nope"}, "has no 'Nope'"),
     ({"calculator": f"{__name__}:Quadratic", "kwargs": {}}, "could not be created"),
     ({"calculator": "ase.calculators.emt:EMT", "hvp_step": 0}, "hvp_step must be > 0"),
+    ({"calculator": "ase.calculators.emt:EMT", "kwargs": {"x": object()}}, "must be plain JSON"),
 ])
 def test_bad_specs_are_refused_with_a_message(spec, match):
     with pytest.raises(ValueError, match=match):
