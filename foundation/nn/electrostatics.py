@@ -120,15 +120,20 @@ def self_energy(charges: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 # --- periodic cells: latent Ewald ------------------------------------------------------------------------
-def kvectors(cell: torch.Tensor, kcut: float) -> torch.Tensor:
+def _max_indices(cells: torch.Tensor, kcut: float) -> list[list[int]]:
+    """Largest |n_i| per lattice vector with |k| <= kcut: n_i = k.a_i / 2 pi, so |n_i| <= kcut |a_i| / 2 pi."""
+    lengths = torch.linalg.norm(cells.detach().reshape(-1, 3, 3), dim=2)
+    return torch.floor(kcut * lengths / (2.0 * math.pi)).long().tolist()
+
+
+def kvectors(cell: torch.Tensor, kcut: float, nmax: list[int] | None = None) -> torch.Tensor:
     """Half of the reciprocal vectors 0 < |k| <= kcut of one cell (3,3) Å (rows = lattice vectors): (K,3) 1/Å.
 
     Only one of each pair +-k is kept (|S(k)|^2 is even in k). Differentiable with respect to the cell;
-    which integer vectors are kept is decided on the detached cell.
+    which integer vectors are kept is decided on the detached cell. nmax: ``_max_indices`` if known.
     """
     reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)  # rows b_j, a_i . b_j = 2 pi delta_ij
-    lengths = torch.linalg.norm(cell.detach(), dim=1)
-    nmax = [int(math.floor(kcut * float(a) / (2.0 * math.pi))) for a in lengths]
+    nmax = _max_indices(cell, kcut)[0] if nmax is None else nmax
     axes = [torch.arange(-m, m + 1, device=cell.device, dtype=cell.dtype) for m in nmax]
     n = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
     half = (n[:, 0] > 0) | ((n[:, 0] == 0) & (n[:, 1] > 0)) | ((n[:, 0] == 0) & (n[:, 1] == 0) & (n[:, 2] > 0))
@@ -164,7 +169,7 @@ def ewald_atom_energies(charges: torch.Tensor, pos: torch.Tensor, cell: torch.Te
     structures = torch.unique(batch).tolist()
     index = torch.as_tensor(structures, device=batch.device)
     volume = _check_cells(cell[index], structures)
-    ks = [kvectors(cell[s], kcut) for s in structures]
+    ks = [kvectors(cell[s], kcut, m) for s, m in zip(structures, _max_indices(cell[index], kcut))]
     kmax = max(1, max(k.shape[0] for k in ks))
     kpad = torch.zeros(len(ks), kmax, 3, dtype=dtype, device=pos.device)
     valid = torch.zeros(len(ks), kmax, dtype=torch.bool, device=pos.device)

@@ -69,6 +69,19 @@ def test_kcut_pi_truncation_is_visible_and_convergence_with_kcut():
     assert abs(energies[1] - energies[2]) < 1e-5
 
 
+def test_kvectors_complete_half_sphere_for_skewed_cell():
+    cell = torch.tensor([[4.0, 0.0, 0.0], [3.7, 1.5, 0.0], [-2.0, 1.0, 6.0]], dtype=F64)
+    k = el.kvectors(cell, 4.0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(-12, 13, dtype=F64)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    brute = grid @ (2 * math.pi * torch.linalg.inv(cell).T)
+    norms = brute.norm(dim=1)
+    inside = (norms > 0) & (norms <= 4.0)
+    assert 2 * k.shape[0] == int(inside.sum())  # +-k pairs: half of the sphere
+    assert k.norm(dim=1).max() <= 4.0 and k.norm(dim=1).min() > 0
+    both = torch.cat([k, -k])
+    assert torch.allclose(torch.sort(both.norm(dim=1)).values, torch.sort(norms[inside]).values)
+
+
 def _point_charge_energy(atoms, sigma=0.8, kcut=10.0, r_cut=6.4):
     """Point-charge Ewald: latent (smeared) k-space sum + real-space erfc term."""
     pos = torch.tensor(atoms.positions, dtype=F64)
