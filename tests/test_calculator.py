@@ -16,6 +16,15 @@ from foundation.data.graph import neighbor_list
 from foundation.hub import HubMixin
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy shared CPU OpenMP barriers make 2 threads ~100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # --- a smooth, conservative fixture model with two heads and a charge output (the calculator is generic) ---
 @dataclasses.dataclass
 class PairConfig:

@@ -26,7 +26,7 @@ from foundation.hubserver import serve_in_thread
 
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))
-from test_calculator import PairModel, cu_au_bulk, pair_model  # noqa: E402
+from test_calculator import PairModel, _one_torch_thread, cu_au_bulk, pair_model  # noqa: E402,F401
 
 METRICS = {"rmd17-ethanol": {"energy_mae_meV_per_atom": 1.234, "forces_mae_meV_per_A": 20.5}}
 DATASETS = [{"name": "rmd17-ethanol", "structures": 1000, "level_of_theory": "PBE/def2-SVP", "license": "CC0"}]
@@ -197,7 +197,8 @@ def test_push_pull_revisions_offline_cache_and_tampering(tmp_path):
     work.mkdir()
     server, url = serve_in_thread(root)
     env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "test-token",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "OMP_NUM_THREADS": "1"}
     try:
         fmt = dict(tests=str(TESTS), metrics=METRICS, datasets=DATASETS, work=str(work), root=str(root))
         res = _run(_PRELUDE.format(**fmt) + _ONLINE.format(**fmt), env)
@@ -248,7 +249,8 @@ print("CARD" + open(hf_hub_download("org/cu-au", "README.md")).read())
 def test_card_example_runs_exactly_as_written(tmp_path):
     server, url = serve_in_thread(tmp_path / "hub")
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "test-token"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "test-token",
+           "OMP_NUM_THREADS": "1"}
     try:
         push = subprocess.run([sys.executable, "-c", _PUSH_FOUNDATION.format(tests=str(TESTS), metrics=METRICS,
                                                                                datasets=DATASETS)],

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from ase.build import bulk, molecule
 from ase.io import read, write
 
@@ -13,7 +14,7 @@ from foundation.calculator import FoundationCalculator
 from foundation.md import initialize_velocities, make_dynamics, md, run_md
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_calculator import PairModel, pair_model  # noqa: E402
+from test_calculator import PairModel, _one_torch_thread, foundation_model, pair_model  # noqa: E402,F401
 
 
 def cu_au_32() -> "ase.Atoms":  # noqa: F821
@@ -45,13 +46,15 @@ class ScaledForces(FoundationCalculator):
 
 
 @pytest.mark.slow
-def test_nve_conserves_energy_with_a_float64_model():
-    assert nve_energy_deviation(FoundationCalculator(pair_model(), dtype="float64")) < 1e-4
+def test_nve_conserves_energy_with_a_small_float64_foundation_model():
+    deviation = nve_energy_deviation(FoundationCalculator(foundation_model(), dtype="float64"))
+    print(f"NVE 32 atoms, 1 fs, 1000 steps: max |Etot - Etot(0)| = {deviation:.3g} eV/atom")
+    assert deviation < 1e-4
 
 
 @pytest.mark.slow
 def test_nve_check_fails_for_non_conservative_forces():
-    assert nve_energy_deviation(ScaledForces(pair_model(), dtype="float64"), steps=200) > 1e-4
+    assert nve_energy_deviation(ScaledForces(foundation_model(), dtype="float64"), steps=200) > 1e-4
 
 
 def test_run_md_nvt_npt_write_trajectory_and_log(tmp_path):
@@ -90,3 +93,15 @@ def test_md_errors_are_clear(tmp_path):
         run_md(water, 2, 300.0, "nph")
     with pytest.raises(FileNotFoundError, match="structure file"):
         md(str(tmp_path), tmp_path / "absent.xyz", 2, 300.0, model_class=PairModel)
+
+
+def test_cli_md_runs_a_saved_foundation_model(tmp_path, capsys):
+    from foundation.cli import main
+    foundation_model().save_pretrained(tmp_path / "model")
+    write(tmp_path / "cell.xyz", cu_au_32())
+    rc = main(["md", str(tmp_path / "model"), str(tmp_path / "cell.xyz"), "--steps", "6", "--temperature", "300",
+               "--ensemble", "nvt", "--timestep", "2", "--interval", "3", "--head", "r2scan"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "ns/day" in out and "atom-steps/s" in out
+    assert len(read(tmp_path / "cell.md.traj", ":")) == 3
+    assert len((tmp_path / "cell.md.log").read_text().splitlines()) == 1 + 3
