@@ -91,6 +91,8 @@ def resolve_model_dir(id_or_dir: str | Path, revision: str | None = None, cache_
             raise ValueError(f"revision={revision!r} was given but {path} is a local directory; drop revision")
         return path
     name = str(id_or_dir)
+    if path.exists():
+        raise FileNotFoundError(f"{path} is a file; pass the directory that holds {CONFIG_NAME} and {WEIGHTS_NAME}")
     if not _REPO_ID.fullmatch(name):
         raise FileNotFoundError(f"{name!r} is neither an existing directory nor a Hub repo id 'namespace/name'")
     from huggingface_hub import snapshot_download
@@ -104,8 +106,9 @@ def resolve_model_dir(id_or_dir: str | Path, revision: str | None = None, cache_
         raise ValueError(f"Hub repo {name} has no revision {revision!r} (branch, tag or commit); "
                          "list them with huggingface_hub.HfApi().list_repo_refs") from exc
     except RepositoryNotFoundError as exc:
-        raise FileNotFoundError(f"Hub repo {name!r} not found (or private: pass token=...); check the id, "
-                                f"HF_ENDPOINT ({os.environ.get('HF_ENDPOINT', 'default')}) and your access") from exc
+        raise FileNotFoundError(f"{name!r} is not a local directory and no Hub repo of that name was found (or it "
+                                f"is private: pass token=...); check the path or id, HF_ENDPOINT "
+                                f"({os.environ.get('HF_ENDPOINT', 'default')}) and your access") from exc
     except (LocalEntryNotFoundError, EntryNotFoundError) as exc:
         raise FileNotFoundError(f"{where} is not in the local Hub cache and the Hub is unreachable or offline "
                                 f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}): {exc}") from exc

@@ -120,6 +120,8 @@ def test_corrupted_missing_newer_and_mismatched_checkpoints_are_refused(tmp_path
             PairModel.from_pretrained(out)
     with pytest.raises(FileNotFoundError, match="neither an existing directory nor a Hub repo id"):
         PairModel.from_pretrained(tmp_path / "no" / "such" / "dir")
+    with pytest.raises(FileNotFoundError, match="is a file"):
+        PairModel.from_pretrained(weights)
     with pytest.raises(FileNotFoundError, match="config.json not found"):
         read_config(tmp_path)
 
