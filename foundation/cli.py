@@ -143,6 +143,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", default=None, metavar="PNG", help="write parity plots to this file")
     p.add_argument("--json", default=None, metavar="FILE", help="write the metrics as JSON")
     p.add_argument("--max-atoms", type=int, default=512, help="atoms per inference batch (default 512)")
+    p.add_argument("--head", default=None, help="readout head to evaluate (default: the model's first)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=_run_evaluate)
 
@@ -150,7 +151,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from .train.evaluate import main as evaluate
     print(evaluate(args.model, args.data, plot=args.plot, json_path=args.json, max_atoms=args.max_atoms,
-                   device=args.device))
+                   device=args.device, head=args.head))
     return 0
 
 

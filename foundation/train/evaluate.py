@@ -22,14 +22,14 @@ from .metrics import UNITS, MetricAccumulator, format_table
 class AtomsDataset(torch.utils.data.Dataset):
     """Structures of an ASE-readable file as graphs at ``r_max`` (Å), labels included; ``natoms`` per structure."""
 
-    def __init__(self, path: Path, r_max: float, dtype: torch.dtype | None = None):
+    def __init__(self, path: Path, r_max: float, dtype: torch.dtype | None = None, head: int = 0):
         from ase.io import read
 
         from ..data import from_atoms
         frames = read(str(path), ":")
         if not frames:
             raise ValueError(f"{path} holds no structures")
-        self.items = [from_atoms(a, r_max=r_max, dtype=dtype) for a in frames]
+        self.items = [from_atoms(a, r_max=r_max, dtype=dtype, head=head) for a in frames]
         self.natoms = np.array([len(a) for a in frames], np.int64)
         self.name = path.stem
 
@@ -40,16 +40,17 @@ class AtomsDataset(torch.utils.data.Dataset):
         return self.items[i]
 
 
-def open_eval_data(paths: Sequence[str | Path], r_max: float, dtype: torch.dtype | None = None) -> list:
-    """One dataset per path: ``ShardedDataset`` for a directory, ``AtomsDataset`` for a file (floats in ``dtype``)."""
+def open_eval_data(paths: Sequence[str | Path], r_max: float, dtype: torch.dtype | None = None, head: int = 0) -> list:
+    """One dataset per path: ``ShardedDataset`` for a directory, ``AtomsDataset`` for a file (floats in ``dtype``,
+    every structure evaluated with readout head index ``head``)."""
     from ..data import ShardedDataset
     out = []
     for i, p in enumerate(Path(p) for p in paths):
         if p.is_dir():
-            ds = ShardedDataset(p, r_max=r_max, dataset_index=i, dtype=dtype)
+            ds = ShardedDataset(p, r_max=r_max, dataset_index=i, dtype=dtype, head=head)
             ds.name = (ds.manifest or {}).get("name") or p.name
         elif p.is_file():
-            ds = AtomsDataset(p, r_max, dtype)
+            ds = AtomsDataset(p, r_max, dtype, head)
         else:
             raise FileNotFoundError(f"evaluation data {str(p)!r} not found; give a dataset directory "
                                     "('foundation data convert') or an ASE-readable file")
@@ -72,18 +73,22 @@ def _head_names(model) -> list[str]:
 
 def evaluate(model, data: str | Path | Sequence[str | Path], *, max_atoms: int = 512, device: str = "cpu",
              plot: str | Path | None = None, json_path: str | Path | None = None,
-             dtype: torch.dtype | None = None) -> dict:
+             dtype: torch.dtype | None = None, head: str | None = None) -> dict:
     """Metrics {"dataset/head/property": {"mae", "rmse", "count"}, "all/property": ...} of ``model`` on ``data``.
 
     ``plot``: write parity plots (energy per atom, forces, stress) to this PNG; ``json_path``: write the metrics.
-    ``dtype``: float dtype of the structures (default: the model's parameter dtype).
+    ``dtype``: float dtype of the structures (default: the model's parameter dtype); ``head``: readout head name
+    (default: the model's first).
     """
     module = load_model(model, device)
     module.eval()
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     dtype = dtype or next(module.parameters()).dtype
-    datasets = open_eval_data(paths, float(module.config.r_max), dtype)
-    acc = MetricAccumulator([d.name for d in datasets], _head_names(module))
+    names = _head_names(module)
+    if head is not None and head not in names:
+        raise ValueError(f"unknown head {head!r}; this model has heads {names}")
+    datasets = open_eval_data(paths, float(module.config.r_max), dtype, 0 if head is None else names.index(head))
+    acc = MetricAccumulator([d.name for d in datasets], names)
     pairs: dict[str, tuple[list, list]] = {"energy_per_atom": ([], []), keys.FORCES: ([], []), keys.STRESS: ([], [])}
     stress = any(keys.STRESS in d[0] for d in datasets)
     for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
@@ -120,6 +125,7 @@ def _collect(pairs: dict, pred: dict, batch) -> None:
 
 
 def main(model: str, data: Sequence[str], plot: str | None, json_path: str | None, max_atoms: int,
-         device: str) -> str:
+         device: str, head: str | None = None) -> str:
     """What ``foundation evaluate`` prints: the metrics table (MAE/RMSE x 1000, i.e. meV-based units)."""
-    return format_table(evaluate(model, data, max_atoms=max_atoms, device=device, plot=plot, json_path=json_path))
+    return format_table(evaluate(model, data, max_atoms=max_atoms, device=device, plot=plot, json_path=json_path,
+                                 head=head))

@@ -37,7 +37,7 @@ def build_model(config: TrainConfig, elements: list[str], heads: list[str]):
     """``FoundationModel(ModelConfig.preset(model.preset, elements=..., **model.overrides))``."""
     from ..model import FoundationModel, ModelConfig
     overrides = dict(config.model.overrides)
-    if len(heads) > 1:
+    if config.data.heads:
         overrides.setdefault("heads", heads)
     return FoundationModel(ModelConfig.preset(config.model.preset, elements=elements, **overrides))
 

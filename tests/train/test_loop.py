@@ -130,10 +130,12 @@ def test_cli_pretrain_real_model_then_evaluate(tmp_path, emt_data, capsys):
     printed = capsys.readouterr().out
     assert "model exported to" in printed and "valid/emt " in printed and "forces" in printed
     assert (out / "model" / "config.json").is_file()
-    assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--plot", str(tmp_path / "parity.png"),
-                 "--json", str(tmp_path / "m.json")]) == 0
+    assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--head", "emt2",
+                 "--plot", str(tmp_path / "parity.png"), "--json", str(tmp_path / "m.json")]) == 0
     table = capsys.readouterr().out
-    assert "forces" in table and (tmp_path / "parity.png").stat().st_size > 1000
+    assert "valid/emt2 " in table and "forces" in table and (tmp_path / "parity.png").stat().st_size > 1000
+    assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--head", "dft"]) == 2
+    assert "unknown head 'dft'" in capsys.readouterr().err
     import json
     assert json.loads((tmp_path / "m.json").read_text())["all/forces"]["count"] > 0
 
