@@ -1,29 +1,31 @@
 """mace-torch side of scripts/bench_model.py. Runs in the mace-torch venv (scripts/setup_mace_venv.sh).
 
-  <mace-venv>/bin/python scripts/_mace_worker.py --request req.json --out res.json
+  <mace-venv>/bin/python scripts/_mace_worker.py --serve      (started and driven by WorkerClient below)
 
-Reads the request written by bench_model.py (hyperparameters, structures, workloads, timing, threads, dtype),
+Gets the request of bench_model.py (hyperparameters, structures, workloads, timing, threads, dtype) and
 builds mace-torch's ScaleShiftMACE the way `mace_run_train --model ScaleShiftMACE` does with its CLI defaults
 (RealAgnosticResidualInteractionBlock for every layer including the first, radial MLP [64, 64, 64], readout
 MLP 16x0e with silu, use_reduced_cg False), hidden irreps C x (0e + 1o + ... up to L), zero atomic energies,
 scale 1 / shift 0, avg_num_neighbors = mean neighbour count of the benchmarked structure, random weights.
 Graphs come from mace's own pipeline (config_from_atoms -> AtomicData.from_config, matscipy neighbour list)
-and are built outside the timed region. Writes JSON results to --out. Never imports `foundation`.
+and are built outside the timed region. Then times single repeats on command, so that the driver can
+alternate them with its own. Never imports `foundation`. ``WorkerClient`` (used by bench_model.py in our
+venv) starts and drives this worker; this module imports mace only inside functions for that reason.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
-# e3nn 0.4.4 loads its packaged constants.pt with torch.load; torch >= 2.6 needs this to allow it.
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from bench_model import run_workloads, training_loss  # noqa: E402  (same directory: same timing code)
+from bench_model import LocalRunner, training_loss  # same folder: the same timing and loss code
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -34,7 +36,7 @@ def hidden_irreps(channels: int, max_L: int) -> str:
 
 
 class MaceSide:
-    """Builds mace-torch models and batches for the workloads of ``bench_model.run_workloads``."""
+    """Builds mace-torch models and batches for the workloads of ``bench_model.LocalRunner``."""
 
     def __init__(self, hyper: dict, use_reduced_cg: bool = False):
         self.hyper = hyper
@@ -100,24 +102,101 @@ class MaceSide:
         return step
 
 
+class WorkerClient:
+    """The mace-torch side: scripts/_mace_worker.py under ``python`` (the mace venv), driven over a pipe with
+    one JSON command per line; same interface as ``LocalRunner``."""
+
+    def __init__(self, python: str, threads: int):
+        if not Path(python).is_file():
+            raise FileNotFoundError(f"--mace-python {python} does not exist; create the venv with "
+                                    "`bash scripts/setup_mace_venv.sh [DIR]` and pass DIR/bin/python")
+        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS=str(threads),
+                   MKL_NUM_THREADS=str(threads))
+        env.pop("PYTHONPATH", None)  # the mace venv must not see our package
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--serve"], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+
+    def call(self, **command) -> dict:
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            self.log.seek(0)
+            raise RuntimeError(f"mace-torch worker died (exit {self.proc.wait()}):\n{self.log.read()[-4000:]}")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise RuntimeError(f"mace-torch worker: {reply['error']}")
+        return reply
+
+    def prepare(self, request: dict) -> dict:
+        return self.call(cmd="prepare", request=request)
+
+    def warmup(self, name: str, calls: int) -> None:
+        self.call(cmd="warmup", workload=name, calls=calls)
+
+    def repeat(self, name: str, min_time: float) -> float:
+        return self.call(cmd="repeat", workload=name, min_time=min_time)["seconds"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+        self.log.close()
+
+
+def serve(commands, reply) -> None:
+    """Answer one JSON command per line of ``commands`` with one JSON line through ``reply(dict)``.
+
+    {"cmd": "prepare", "request": {...}} builds models and graphs (threads, dtype, seed from the request) and
+    answers {workloads: {name: {count, atoms, edges}}, params, versions}; {"cmd": "warmup", "workload", "calls"};
+    {"cmd": "repeat", "workload", "min_time"} answers {"seconds": per call}. End of input stops the worker.
+    """
+    runner = None
+    for line in commands:
+        command = json.loads(line)
+        try:
+            if command["cmd"] != "prepare" and runner is None:
+                raise ValueError(f"command {command['cmd']!r} before 'prepare': send the request first")
+            if command["cmd"] == "prepare":
+                request = command["request"]
+                torch.set_num_threads(int(request["threads"]))
+                torch.set_default_dtype(DTYPES[request["dtype"]])
+                torch.manual_seed(int(request.get("seed", 0)))
+                runner = LocalRunner(MaceSide(request["hyper"], bool(request.get("mace_reduced_cg", False))))
+                answer = runner.prepare(request)
+                import e3nn
+                import mace
+                answer["versions"] = {"torch": torch.__version__, "e3nn": e3nn.__version__, "mace": mace.__version__,
+                                      "threads": torch.get_num_threads(), "dtype": request["dtype"]}
+            elif command["cmd"] == "warmup":
+                runner.warmup(command["workload"], int(command["calls"]))
+                answer = {}
+            elif command["cmd"] == "repeat":
+                answer = {"seconds": runner.repeat(command["workload"], float(command["min_time"]))}
+            else:
+                answer = {"error": f"unknown command {command['cmd']!r}"}
+        except Exception as err:  # reported to the driver, which raises it with this text
+            answer = {"error": f"{type(err).__name__}: {err}"}
+        reply(answer)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--request", required=True, help="JSON request written by bench_model.py")
-    parser.add_argument("--out", required=True, help="where to write the JSON results")
-    args = parser.parse_args(argv)
-    with open(args.request) as f:
-        request = json.load(f)
-    torch.set_num_threads(int(request["threads"]))
-    torch.set_default_dtype(DTYPES[request["dtype"]])
-    torch.manual_seed(int(request.get("seed", 0)))
-    import e3nn
-    import mace
-    side = MaceSide(request["hyper"], use_reduced_cg=bool(request.get("mace_reduced_cg", False)))
-    results = run_workloads(side, request)
-    info = {"torch": torch.__version__, "e3nn": e3nn.__version__, "mace": mace.__version__,
-            "threads": torch.get_num_threads(), "dtype": request["dtype"]}
-    with open(args.out, "w") as f:
-        json.dump({"results": results, "params": side.params, "versions": info}, f, indent=1)
+    parser.add_argument("--serve", action="store_true", required=True,
+                        help="read JSON commands on stdin, answer JSON lines on stdout")
+    parser.parse_args(argv)
+    # e3nn 0.4.4 loads its own packaged constants.pt with torch.load; torch >= 2.6 needs this to allow it.
+    # Set here, in the worker process only (WorkerClient also sets it), never in bench_model's process.
+    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    # Keep the protocol on the real stdout; anything mace or e3nn prints goes to stderr instead.
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def reply(answer: dict) -> None:
+        protocol.write(json.dumps(answer) + "\n")
+        protocol.flush()
+    serve(sys.stdin, reply)
     return 0
 
 

@@ -11,11 +11,15 @@ Timing: graphs (neighbour lists) are built once, outside the timed region, on bo
 the call until at least --min-time seconds have passed and records seconds per call; the table shows the
 median over --repeats after --warmup untimed calls. Random weights, zero reference energies, eager mode.
 
-mace-torch runs in its own venv (scripts/setup_mace_venv.sh) as a subprocess: `scripts/_mace_worker.py
---request req.json --out res.json`. The worker imports the helpers of this file, which therefore imports
-nothing from `foundation` at module level.
+Both sides are timed alternately, repeat by repeat (A B, B A, ...), so the load of a shared machine hits
+them alike; the load average is recorded. mace-torch runs in its own venv (scripts/setup_mace_venv.sh) as a
+subprocess, `scripts/_mace_worker.py --serve`, driven over a pipe (one JSON command per line); the worker
+imports the helpers of this file, which therefore imports nothing from `foundation` at module level.
 
-  python scripts/bench_model.py --mace-python /work/mace-venv/bin/python --threads 2 --json out.json
+  bash scripts/setup_mace_venv.sh /work/mace-venv
+  python scripts/bench_model.py --mace-python /work/mace-venv/bin/python --threads 1 --json out.json
+  python scripts/bench_model.py --quick --mace-python /work/mace-venv/bin/python     (smoke test, ~1 min)
+  python scripts/bench_model.py --profile prof.txt --profile-only                   (where our time goes)
 """
 from __future__ import annotations
 
@@ -23,9 +27,7 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -61,24 +63,17 @@ def aspirin_frames(data_dir: Path, count: int) -> tuple[list[Atoms], str]:
     if path.is_file():
         from ase.io import read
         frames = read(path, f"::{max(1, 1000 // count)}")[:count]
-        out = []
-        for a in frames:
-            b = Atoms(a.numbers, a.positions)
-            b.info["energy"] = float(a.get_potential_energy())
-            b.arrays["forces"] = np.array(a.get_forces())
-            out.append(b)
+        out = [Atoms(a.numbers, a.positions) for a in frames]
+        for a, b in zip(frames, out):
+            b.info["energy"], b.arrays["forces"] = float(a.get_potential_energy()), np.array(a.get_forces())
         return out, f"rMD17 aspirin ({path.name}, {len(out[0])} atoms)"
-    base = molecule("C6H6")
-    acid = molecule("CH3COOH")
+    base, acid = molecule("C6H6"), molecule("CH3COOH")
     acid.translate([0.0, 0.0, 4.5])
     base += acid
-    out = []
-    for seed in range(count):
-        a = Atoms(base.numbers, base.positions)
+    out = [Atoms(base.numbers, base.positions) for _ in range(count)]
+    for seed, a in enumerate(out):
         a.rattle(stdev=0.05, seed=seed)
-        a.info["energy"] = 0.0
-        a.arrays["forces"] = np.zeros((len(a), 3))
-        out.append(a)
+        a.info["energy"], a.arrays["forces"] = 0.0, np.zeros((len(a), 3))
     return out, f"fallback benzene+acetic acid ({len(base)} atoms; {path} not found)"
 
 
@@ -107,46 +102,71 @@ def mean_neighbors(atoms: Atoms, r_max: float) -> float:
 
 
 # --- timing ---------------------------------------------------------------------------------------------
-def time_call(fn: Callable[[], object], warmup: int, repeats: int, min_time: float) -> dict:
-    """Median seconds per call of ``fn`` over ``repeats`` repeats, each looping until ``min_time`` s passed."""
-    for _ in range(warmup):
+def time_repeat(fn: Callable[[], object], min_time: float) -> float:
+    """Seconds per call of ``fn``, calling it until ``min_time`` seconds have passed (at least once)."""
+    calls, start = 0, time.perf_counter()
+    while True:
         fn()
-    per_call = []
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while True:
-            fn()
-            calls += 1
-            elapsed = time.perf_counter() - start
-            if elapsed >= min_time:
-                break
-        per_call.append(elapsed / calls)
-    return {"median_s": statistics.median(per_call), "per_call_s": per_call}
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_time:
+            return elapsed / calls
 
 
-def run_workloads(side, request: dict) -> dict:
-    """Time every workload of ``request`` on ``side``.
+class LocalRunner:
+    """Runs the workloads of a request on ``side`` in this process, one timed repeat at a time.
 
     ``side`` has ``infer(atoms, stress, avg_num_neighbors)`` and ``train(frames, avg_num_neighbors)``, which
-    build the model and graphs and return a zero-argument step function, and ``edges(atoms)``. The model's
-    avg_num_neighbors is the mean neighbour count of the benchmarked structure(s) at the request's r_max.
+    build the model and graphs (untimed) and return a zero-argument step function, ``edges(atoms)`` and a
+    ``params`` dict. The model's avg_num_neighbors is the mean neighbour count of the benchmarked
+    structure(s) at the request's r_max.
     """
-    timing, structs, r_max = request["timing"], request["structures"], request["hyper"]["r_max"]
-    results = {}
-    for name in request["workloads"]:
-        if name in ("cu_ef", "cu_efs", "asp_ef"):
-            atoms = atoms_from_json(structs["cu"] if name.startswith("cu") else structs["aspirin"][0])
-            step = side.infer(atoms, name == "cu_efs", mean_neighbors(atoms, r_max))
-            count = len(atoms)
-        else:
-            frames = [atoms_from_json(r) for r in structs["aspirin"][: request["batch_size"]]]
-            atoms, count = frames[0], len(frames)
-            step = side.train(frames, float(np.mean([mean_neighbors(a, r_max) for a in frames])))
-        res = time_call(step, timing["warmup"], timing["repeats"], timing["min_time"])
-        res.update(throughput=count / res["median_s"], unit=UNITS[name], edges=side.edges(atoms),
-                   atoms=len(atoms))
-        results[name] = res
-    return results
+
+    def __init__(self, side):
+        self.side, self.steps = side, {}
+
+    def prepare(self, request: dict) -> dict:
+        """Build every workload's step; return {workload: {count, atoms, edges}} and the parameter counts."""
+        structs, r_max, info = request["structures"], request["hyper"]["r_max"], {}
+        for name in request["workloads"]:
+            if name in ("cu_ef", "cu_efs", "asp_ef"):
+                atoms = atoms_from_json(structs["cu"] if name.startswith("cu") else structs["aspirin"][0])
+                self.steps[name] = self.side.infer(atoms, name == "cu_efs", mean_neighbors(atoms, r_max))
+                count = len(atoms)
+            else:
+                frames = [atoms_from_json(r) for r in structs["aspirin"][: request["batch_size"]]]
+                atoms, count = frames[0], len(frames)
+                avg = float(np.mean([mean_neighbors(a, r_max) for a in frames]))
+                self.steps[name] = self.side.train(frames, avg)
+            info[name] = {"count": count, "atoms": len(atoms), "edges": self.side.edges(atoms)}
+        return {"workloads": info, "params": dict(self.side.params)}
+
+    def warmup(self, name: str, calls: int) -> None:
+        for _ in range(calls):
+            self.steps[name]()
+
+    def repeat(self, name: str, min_time: float) -> float:
+        return time_repeat(self.steps[name], min_time)
+
+
+def interleaved(runners: dict, request: dict) -> dict:
+    """Time each workload on every runner, alternating runners repeat by repeat (A B, B A, ...) so that the
+    load of a shared machine hits both sides alike. Returns {side: {workload: results}}."""
+    timing, names = request["timing"], list(runners)
+    infos = {side: r.prepare(request) for side, r in runners.items()}
+    out = {side: {"params": infos[side]["params"], "versions": infos[side].get("versions")} for side in names}
+    for w in request["workloads"]:
+        per_call = {side: [] for side in names}
+        for side in names:
+            runners[side].warmup(w, timing["warmup"])
+        for i in range(timing["repeats"]):
+            for side in (names if i % 2 == 0 else names[::-1]):
+                per_call[side].append(runners[side].repeat(w, timing["min_time"]))
+        for side in names:
+            med, info = statistics.median(per_call[side]), infos[side]["workloads"][w]
+            out[side][w] = {"median_s": med, "per_call_s": per_call[side], "throughput": info["count"] / med,
+                            "unit": UNITS[w], "atoms": info["atoms"], "edges": info["edges"]}
+    return out
 
 
 def training_loss(energy: torch.Tensor, forces: torch.Tensor, ref_energy: torch.Tensor,
@@ -222,24 +242,6 @@ def hyperparameters(config) -> dict:
     return hyper
 
 
-def run_mace(python: str, request: dict) -> dict:
-    """Run scripts/_mace_worker.py under ``python`` (the mace-torch venv) and return its JSON results."""
-    if not Path(python).is_file():
-        raise FileNotFoundError(f"--mace-python {python} does not exist; create the venv with "
-                                "`bash scripts/setup_mace_venv.sh [DIR]` and pass DIR/bin/python")
-    with tempfile.TemporaryDirectory() as tmp:
-        req, out = Path(tmp) / "request.json", Path(tmp) / "results.json"
-        req.write_text(json.dumps(request))
-        env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1", OMP_NUM_THREADS=str(request["threads"]),
-                   MKL_NUM_THREADS=str(request["threads"]))
-        env.pop("PYTHONPATH", None)  # the mace venv must not see our package
-        proc = subprocess.run([python, str(SCRIPTS / "_mace_worker.py"), "--request", str(req), "--out", str(out)],
-                              env=env, capture_output=True, text=True)
-        if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"mace-torch worker failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
-        return json.loads(out.read_text())
-
-
 def cases(presets: list[str], Ls: list[int] | None) -> list[tuple[str, dict]]:
     """(preset, overrides) pairs: each preset at its own max_L, or at every L of ``Ls``."""
     return [(p, {}) for p in presets] if not Ls else [(p, {"max_L": L}) for p in presets for L in Ls]
@@ -260,23 +262,58 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
               f"{fmt(r.get('mace')):>10} {ratio:>7}  {r['unit']}", file=file)
 
 
+def _label_modules(model: torch.nn.Module, depth: int) -> list:
+    """Forward hooks that wrap each submodule (up to ``depth`` dots in its name) in a profiler range '## name'."""
+    from torch.autograd.profiler import record_function
+    handles, open_ranges = [], []
+
+    def pre(name):
+        def hook(module, args):
+            rf = record_function(f"## {name}")
+            rf.__enter__()
+            open_ranges.append(rf)
+        return hook
+
+    def post(module, args, output):
+        open_ranges.pop().__exit__(None, None, None)
+
+    for name, module in model.named_modules():
+        if name and name.count(".") < depth:
+            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post)]
+    return handles
+
+
 def profile_ours(path: Path, preset: str, Ls: list[int], dtype: str, calls: int = 2) -> None:
-    """torch.profiler of our energy+forces on the 256-atom Cu cell for each L; top ops written to ``path``."""
+    """torch.profiler of our energy+forces on the 256-atom Cu cell for each L; tables written to ``path``.
+
+    Rows '## name' are forward ranges of submodules (inclusive, forward only); backward shows up as
+    'autograd::engine::evaluate_function: ...Backward' rows.
+    """
     from torch.profiler import ProfilerActivity, profile
-    lines = [f"# our model, preset {preset}, 256-atom Cu fcc, energy+forces, {calls} calls, "
-             f"threads {torch.get_num_threads()}, {dtype}; load {os.getloadavg()}"]
+    lines = [f"# our model, preset {preset}, 256-atom Cu fcc, r_max from the preset, energy+forces, {calls} calls "
+             f"after 1 warmup, threads {torch.get_num_threads()}, {dtype}; load {os.getloadavg()}"]
     atoms = copper_cell()
     for L in Ls:
         side = OursSide(preset, {"max_L": L}, dtype)
-        step = side.infer(atoms, False, mean_neighbors(atoms, side.config(["Cu"]).r_max))
-        step()
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model, batch = side.model([atoms], mean_neighbors(atoms, side.config(["Cu"]).r_max))
+        model.eval()
+        model(batch, compute_forces=True, training=False)
+        handles = _label_modules(model, depth=3)
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            start = time.perf_counter()
             for _ in range(calls):
-                step()
+                model(batch, compute_forces=True, training=False)
+            wall = (time.perf_counter() - start) / calls
+        for h in handles:
+            h.remove()
+        lines.append(f"\n## L={L}: {wall:.3f} s per call under the profiler ({len(atoms) / wall:.1f} atom-steps/s)")
         for key in ("self_cpu_time_total", "cpu_time_total"):
-            lines.append(f"\n## L={L}: top ops by {key}\n")
-            lines.append(prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=70))
-    Path(path).write_text("\n".join(lines))
+            lines.append(f"\n### L={L}: top rows by {key}\n")
+            lines.append(prof.key_averages().table(sort_by=key, row_limit=35, max_name_column_width=80))
+        lines.append(f"\n### L={L}: top ops by self CPU time, split by input shapes\n")
+        lines.append(prof.key_averages(group_by_input_shape=True).table(
+            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=110))
+    Path(path).write_text("\n".join(lines) + "\n")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -295,7 +332,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="shared data folder (rmd17/ inside)")
     p.add_argument("--quick", action="store_true", help="smoke test: 8 channels, 1 repeat, no min time")
     p.add_argument("--json", default=None, help="write all results and metadata to this JSON file")
-    p.add_argument("--profile", default=None, help="also profile ours (Cu, energy+forces) into this file")
+    p.add_argument("--profile", default=None, help="first profile ours (Cu, energy+forces) into this file")
+    p.add_argument("--profile-only", action="store_true", help="write the profile and stop")
     p.add_argument("--profile-L", default="0,1", help="max_L values to profile")
     p.add_argument("--mace-reduced-cg", action="store_true", help="mace use_reduced_cg=True (CLI default False)")
     return p.parse_args(argv)
@@ -314,6 +352,12 @@ def main(argv=None) -> int:
               "neighbor_list": "excluded (graphs built once before timing, both sides)", "cases": []}
     print(f"# threads {args.threads}, {args.dtype}, aspirin: {asp_desc}; neighbour lists excluded from timing; "
           f"median of {timing['repeats']} repeats", flush=True)
+    if args.profile:  # first: it is short, and the model's author wants it before the long table
+        profile_ours(Path(args.profile), args.presets.split(",")[0], [int(x) for x in args.profile_L.split(",")],
+                     args.dtype)
+        print(f"profile of our model written to {args.profile}", flush=True)
+        if args.profile_only:
+            return 0
     rows = []
     for preset, extra in cases(args.presets.split(","), Ls):
         side = OursSide(preset, {**overrides, **extra}, args.dtype)
@@ -323,27 +367,27 @@ def main(argv=None) -> int:
                    "mace_reduced_cg": args.mace_reduced_cg}
         torch.manual_seed(0)
         case = {"preset": preset, "hyper": hyper, "load_before": os.getloadavg()}
-        case["ours"] = run_workloads(side, request)
-        case["ours_params"] = side.params
+        runners = {"ours": LocalRunner(side)}
         if args.mace_python:
-            case["mace"] = run_mace(args.mace_python, request)
+            from _mace_worker import WorkerClient  # scripts/ is on sys.path: this file's folder
+            runners["mace"] = WorkerClient(args.mace_python, args.threads)
+        try:
+            case.update(interleaved(runners, request))
+        finally:
+            if "mace" in runners:
+                runners["mace"].close()
         case["load_after"] = os.getloadavg()
         report["cases"].append(case)
         for w in request["workloads"]:
-            mace = case.get("mace", {}).get("results", {}).get(w, {})
             rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
-                         "ours": case["ours"][w]["throughput"], "mace": mace.get("throughput")})
-        print(f"{preset} L={hyper['max_L']}: params ours {case['ours_params']}, mace "
+                         "ours": case["ours"][w]["throughput"], "mace": case.get("mace", {}).get(w, {}).get("throughput")})
+        print(f"{preset} L={hyper['max_L']}: params ours {case['ours']['params']}, mace "
               f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",
               flush=True)
     print()
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps({**report, "rows": rows}, indent=1))
-    if args.profile:
-        profile_ours(Path(args.profile), args.presets.split(",")[0], [int(x) for x in args.profile_L.split(",")],
-                     args.dtype)
-        print(f"profile written to {args.profile}")
     return 0
 
 
