@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -242,6 +243,14 @@ def hyperparameters(config) -> dict:
     return hyper
 
 
+def source_state() -> str:
+    """Commit of the repository and whether foundation/ has uncommitted edits (what was benchmarked)."""
+    def git(*a):
+        return subprocess.run(["git", "-C", str(SCRIPTS), *a], capture_output=True, text=True).stdout.strip()
+    dirty = git("status", "--porcelain", "--", str(SCRIPTS.parent / "foundation"))
+    return git("rev-parse", "--short", "HEAD") + (" + uncommitted edits in foundation/" if dirty else "")
+
+
 def cases(presets: list[str], Ls: list[int] | None) -> list[tuple[str, dict]]:
     """(preset, overrides) pairs: each preset at its own max_L, or at every L of ``Ls``."""
     return [(p, {}) for p in presets] if not Ls else [(p, {"max_L": L}) for p in presets for L in Ls]
@@ -349,9 +358,10 @@ def main(argv=None) -> int:
     structures = {"cu": atoms_to_json(copper_cell()), "aspirin": [atoms_to_json(a) for a in frames]}
     Ls = [int(x) for x in args.L.split(",")] if args.L else None
     report = {"aspirin": asp_desc, "threads": args.threads, "dtype": args.dtype, "timing": timing,
-              "neighbor_list": "excluded (graphs built once before timing, both sides)", "cases": []}
-    print(f"# threads {args.threads}, {args.dtype}, aspirin: {asp_desc}; neighbour lists excluded from timing; "
-          f"median of {timing['repeats']} repeats", flush=True)
+              "neighbor_list": "excluded (graphs built once before timing, both sides)", "cases": [],
+              "source": source_state()}
+    print(f"# foundation {report['source']}; threads {args.threads}, {args.dtype}, aspirin: {asp_desc}; "
+          f"neighbour lists excluded from timing; median of {timing['repeats']} repeats", flush=True)
     if args.profile:  # first: it is short, and the model's author wants it before the long table
         profile_ours(Path(args.profile), args.presets.split(",")[0], [int(x) for x in args.profile_L.split(",")],
                      args.dtype)
