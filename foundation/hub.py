@@ -215,13 +215,22 @@ def push_folder(model_dir: str | Path, repo_id: str, revision: str | None = None
     if not _REPO_ID.fullmatch(repo_id):
         raise ValueError(f"repo id {repo_id!r} must look like 'namespace/name'")
     from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    if revision and revision != "main":
-        api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
-    message = commit_message or f"Upload foundation model ({cfg['framework']['version']})"
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, repo_type="model",
-                             commit_message=message, allow_patterns=list(MODEL_FILES))
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
+        message = commit_message or f"Upload foundation model ({cfg['framework']['version']})"
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, repo_type="model",
+                                 commit_message=message, allow_patterns=list(MODEL_FILES))
+    except Exception as exc:  # network and HTTP errors -> one clear line; anything else propagates unchanged
+        network = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
+        if not (network or isinstance(exc, (HfHubHTTPError, ConnectionError))):
+            raise
+        raise ValueError(f"pushing {model_dir} to {repo_id} on {api.endpoint} failed: {type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''} (check the network, HF_ENDPOINT, the repo "
+                         "id and that your token (HF_TOKEN or --token) can write to it)") from exc
     return info.oid
 
 

@@ -44,16 +44,22 @@ class MDSummary:
 def make_dynamics(atoms: Atoms, ensemble: str, timestep_fs: float, temperature_k: float, *,
                   friction_per_fs: float = 0.01, pressure_gpa: float = 0.0, seed: int = 0, logfile=None,
                   loginterval: int = 10):
-    """The ASE integrator for ``ensemble`` (nve | nvt | npt) on ``atoms`` (calculator attached)."""
+    """The ASE integrator for ``ensemble`` (nve | nvt | npt) on ``atoms`` (calculator attached).
+
+    nvt (Langevin) adds a ``FixCom`` constraint to ``atoms`` (ASE's recommended way to fix the centre of mass).
+    """
     dt = timestep_fs * units.fs
     kw = {"logfile": logfile, "loginterval": loginterval}
     if ensemble == "nve":
         from ase.md.verlet import VelocityVerlet
         return VelocityVerlet(atoms, timestep=dt, **kw)
     if ensemble == "nvt":
+        from ase.constraints import FixCom
         from ase.md.langevin import Langevin
+        if not any(isinstance(c, FixCom) for c in atoms.constraints):  # centre of mass fixed the way ASE advises
+            atoms.set_constraint([*atoms.constraints, FixCom()])
         return Langevin(atoms, timestep=dt, temperature_K=temperature_k, friction=friction_per_fs / units.fs,
-                        rng=np.random.default_rng(seed), **kw)
+                        fixcm=False, rng=np.random.default_rng(seed), **kw)
     if ensemble == "npt":
         if not atoms.pbc.all():
             raise ValueError("--ensemble npt needs a fully periodic structure (pbc on all three cell vectors)")
