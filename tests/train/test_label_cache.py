@@ -1,8 +1,10 @@
 """Teacher-label cache: LMDB shards readable by ShardedDataset, reused, resumable, keyed by what made them."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -199,3 +201,32 @@ def test_concurrent_builders_label_once(tmp_path):
         t.join()
     assert not errors and results[0] == results[1]
     assert sorted(c.calls for c in counts) == [0, 3]
+
+
+DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("sevenn") is None, reason="sevenn is not installed")
+def test_sevennet_labels_mlearn_silicon_seeds_close_to_dft(tmp_path, monkeypatch):
+    path = DATA / "mlearn" / "Si_train.xyz"
+    if not path.is_file():
+        pytest.skip(f"{path} is absent (shared data not checked out)")
+    from ase.io import read
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.set_num_threads(1)
+    frames = read(path, ":")
+    seeds = [a for a in frames if len(a) <= 16]  # the three small surface cells (12-16 atoms)
+    assert len(seeds) == 3
+    dft = [a.get_forces() for a in seeds]
+    spec = {"calculator": "sevenn.calculator:SevenNetCalculator", "kwargs": {"model": "7net-0", "device": "cpu"}}
+    s = ConfigurationSettings(md_steps=0, rattle_copies=1, strain_copies=1)
+    out = build_label_cache(load_teacher(spec), seeds, s, tmp_path, hvp_vectors=1, log=None)
+    ds = ShardedDataset(out)
+    assert len(ds) == 9 and ds.manifest["elements"] == ["Si"]
+    teacher_forces = [ds.record(3 * i)[keys.FORCES] for i in range(3)]  # the seeds themselves
+    mae = np.mean([np.abs(t - d).mean() for t, d in zip(teacher_forces, dft)])
+    assert mae < 0.15  # SevenNet-0 vs the mlearn PBE forces (0.13 eV/Å MAE on the whole Si test set)
+    again = load_teacher(spec)
+    count = Counting(again)
+    assert build_label_cache(again, seeds, s, tmp_path, hvp_vectors=1, log=None) == out and count.calls == 0
