@@ -171,3 +171,22 @@ def test_resume_restores_zero_partitions_exactly(tmp_path, emt_data, stage):
     a, b = train_rows(tmp_path / "a"), train_rows(tmp_path / "b")
     assert [r["step"] for r in b] == [str(i) for i in range(1, 7)]
     assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+@pytest.mark.slow
+def test_loader_workers_do_not_change_the_losses(tmp_path, emt_data):
+    """Structures built in 2 DataLoader worker processes give bit-identical losses to the main process."""
+    import torch
+
+    from foundation.train.loop import run
+    from pair_model import PairPotential
+    losses = []
+    for workers in (0, 2):
+        out = tmp_path / f"w{workers}"
+        cfg = small_config(out, emt_data, max_steps=5, valid_every=100, checkpoint_every=100,
+                           data={"train": [str(emt_data["train"]), str(emt_data["train_nostress"])],
+                                 "valid": [str(emt_data["valid"])], "max_atoms": 48, "num_workers": workers})
+        torch.manual_seed(0)
+        run(cfg, model=PairPotential([28, 29], r_max=4.0))
+        losses.append([r["loss"] for r in train_rows(out)])
+    assert losses[0] == losses[1] and len(losses[0]) == 5
