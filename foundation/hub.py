@@ -242,7 +242,6 @@ def _yaml_front_matter(cfg: dict) -> str:
         "library_name": "foundation", "license": cfg.get("license", "mit"),
         "tags": ["foundation", "interatomic-potential", "machine-learning-potential", "mace", "equivariant",
                  "atomistic-simulation", "chemistry", "materials-science"],
-        "pipeline_tag": "other",
     }
     if datasets:
         meta["datasets"] = [d.get("hub_id", d["name"]) for d in datasets]

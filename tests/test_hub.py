@@ -11,7 +11,6 @@ import pickle
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -235,6 +234,10 @@ def test_foundation_model_round_trip(tmp_path):
     card = (out / "README.md").read_text()
     assert f"| parameters | {sum(p.numel() for p in model.parameters()):,} |" in card
     assert "| max_L | 0 |" in card and "`pbe`, `r2scan`" in card
+    cfg = json.loads((out / "config.json").read_text())  # a config field this version does not know
+    (out / "config.json").write_text(json.dumps({**cfg, "model_config": {**cfg["model_config"], "new_field": 1}}))
+    with pytest.raises(ValueError, match="not understood by this version .*upgrade foundation"):
+        FoundationModel.from_pretrained(out)
 
 
 _PUSH_FOUNDATION = """

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from ase import Atoms
 from ase.build import bulk, molecule
 from ase.io import read, write
 
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_calculator import PairModel, _one_torch_thread, foundation_model, pair_model  # noqa: E402,F401
 
 
-def cu_au_32() -> "ase.Atoms":  # noqa: F821
+def cu_au_32() -> Atoms:
     atoms = bulk("Cu", "fcc", a=3.7, cubic=True).repeat((2, 2, 2))
     atoms.symbols[::4] = "Au"
     return atoms
