@@ -55,15 +55,7 @@ class Trainer:
         self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
         if model is None:
             model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
-        elements, seen = _symbols(model.config.elements), set()
-        for h, name in enumerate(self.head_names):
-            stats = tdata.statistics([d for d, hd in zip(self.train_sets, heads) if hd == h], r_max)
-            seen |= set(stats["atomic_energies"])
-            stats["atomic_energies"] = tdata.fill_elements(stats["atomic_energies"], elements)
-            model.set_statistics(**stats, head=name if len(self.head_names) > 1 else None)
-        if set(elements) - seen and self.rank == 0:
-            warnings.warn(f"no training structure contains {sorted(set(elements) - seen)}: their reference "
-                          "energies are 0 eV and their embeddings untrained", stacklevel=2)
+        self._set_statistics(model, heads, r_max)
         self.engine = Engine(model, config)
         self.loss = Loss(config.loss, config.max_steps)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.max_steps)
@@ -77,8 +69,22 @@ class Trainer:
         self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
                                 progress=config.progress)
 
+    def _set_statistics(self, model, heads: list[int], r_max: float) -> None:
+        """E0s (least squares), scale (force RMS), shift and mean neighbor count of each head's training data."""
+        elements, seen = _symbols(model.config.elements), set()
+        for h, name in enumerate(self.head_names):
+            stats = tdata.statistics([d for d, hd in zip(self.train_sets, heads) if hd == h], r_max)
+            seen |= set(stats["atomic_energies"])
+            stats["atomic_energies"] = tdata.fill_elements(stats["atomic_energies"], elements)
+            model.set_statistics(**stats, head=name if len(self.head_names) > 1 else None)
+        if set(elements) - seen and self.rank == 0:
+            warnings.warn(f"no training structure contains {sorted(set(elements) - seen)}: their reference "
+                          "energies are 0 eV and their embeddings untrained", stacklevel=3)
+
     # --- one optimizer step -----------------------------------------------------------------------------------
     def train_step(self, batches) -> dict:
+        """One optimizer step on the next ``gradient_accumulation`` micro-batches of every rank; returns the log
+        row: global-batch loss and per-property terms, learning rate, gradient norm, atoms in the global batch."""
         engine, loss = self.engine, self.loss
         lr = self.schedule.apply(engine.optimizer)
         micro = [next(batches) for _ in range(engine.gas)]
@@ -89,7 +95,7 @@ class Trainer:
         engine.ds.train()
         for b in micro:
             b = b.to(engine.device)
-            pred = engine.forward(b, compute_forces=True, compute_stress=loss.needs_stress(), training=True)
+            pred = engine.forward(b, compute_forces=True, compute_stress=loss.needs_stress(b), training=True)
             s = loss.sums(pred, b)
             engine.backward(Loss.combine(s, counts, coeffs) * self.world)
             engine.step()

@@ -59,8 +59,11 @@ class Loss:
                 coeffs.update(stage.coefficients)
         return torch.tensor([float(coeffs.get(p, 0.0)) for p in self.properties], dtype=torch.float64)
 
-    def needs_stress(self) -> bool:
-        return keys.STRESS in self.properties
+    def needs_stress(self, batch=None) -> bool:
+        """Whether the model must predict stress: the loss uses it (and ``batch``, if given, has stress labels)."""
+        if keys.STRESS not in self.properties:
+            return False
+        return batch is None or (keys.STRESS in batch and bool(_label_mask(batch[keys.STRESS]).any()))
 
     def _weights(self, batch) -> Tensor:
         """(B,) per-structure weight from its dataset index (1 when no dataset weights are configured)."""
