@@ -34,6 +34,7 @@ _ROUTES = [  # (method, regex over the raw (quoted) URL path, handler name)
     ("GET", rf"/api/models/{_REPO}/revision/(?P<rev>[^/]+)", "repo_info"),
     ("GET", rf"/api/models/{_REPO}/tree/(?P<rev>[^/]+)(?:/(?P<path>.*))?", "tree"),
     ("GET", rf"/api/models/{_REPO}/refs", "refs"),
+    ("GET", rf"/api/models/{_REPO}/commits/(?P<rev>[^/]+)", "commits"),
     ("POST", rf"/api/models/{_REPO}/preupload/(?P<rev>[^/]+)", "preupload"),
     ("POST", rf"/api/models/{_REPO}/commit/(?P<rev>[^/]+)", "commit"),
     ("POST", rf"/api/models/{_REPO}/branch/(?P<branch>[^/]+)", "create_branch"),
@@ -277,6 +278,15 @@ class HubHandler(BaseHTTPRequestHandler):
         fmt = lambda kind, prefix: [{"name": n, "ref": f"refs/{prefix}/{n}", "targetCommit": s}  # noqa: E731
                                     for n, s in refs[kind].items()]
         self._send_json({"branches": fmt("branches", "heads"), "tags": fmt("tags", "tags"), "converts": []})
+
+    def _h_commits(self, repo, rev):
+        sha, history = self.store.resolve(repo, rev), []
+        while sha is not None:
+            c = self.store.commit(repo, sha)
+            history.append({"id": sha, "title": c["message"], "message": c.get("description", ""), "date": c["date"],
+                            "authors": [{"user": repo.split("/")[0]}]})
+            sha = c["parent"]
+        self._send_json(history)
 
     def _h_preupload(self, repo, rev):
         sha = self.store.resolve(repo, rev)

@@ -49,6 +49,8 @@ def test_push_branches_tags_and_pinned_downloads(hub):
     assert {b.name: b.target_commit for b in refs.branches} == {"main": v2, "stable": v1}
     assert [(t.name, t.target_commit) for t in refs.tags] == [("release-1", v1)]
     assert api.model_info("org/model").sha == v2
+    history = api.list_repo_commits("org/model")
+    assert [c.commit_id for c in history[:2]] == [v2, v1] and [c.title for c in history] == ["v2", "v1", "initial commit"]
     cache = tmp / "cache"
     for rev, text in ((None, "two"), (v1, "one"), ("stable", "one"), ("release-1", "one"), ("main", "two")):
         snap = snapshot_download("org/model", revision=rev, cache_dir=cache, endpoint=url)
