@@ -177,13 +177,13 @@ class ModelTeacher(Teacher):
     kind = "foundation"
 
     def __init__(self, spec: Mapping[str, Any]):
-        from ..hub import read_config, resolve_model_dir
+        from ..hub import resolve_model_dir
         from ..model import FoundationModel
         source, revision = str(spec["model"]), spec.get("revision")
         model_dir = resolve_model_dir(source, revision)
-        weights_sha = read_config(model_dir, verify=True)["files"]["model.safetensors"]
         self.device = torch.device(spec.get("device") or "cpu")
         self.model = FoundationModel.from_pretrained(model_dir, device=self.device)
+        weights_sha = weights_digest(self.model)
         if spec.get("dtype"):
             dtypes = {"float32": torch.float32, "float64": torch.float64}
             if spec["dtype"] not in dtypes:
@@ -193,7 +193,7 @@ class ModelTeacher(Teacher):
         self.head = spec.get("head")
         self.head_index = self.model.config.head_index(self.head)
         commit = model_dir.name if re.fullmatch(r"[0-9a-f]{40}", model_dir.name) else None
-        rev = f"{commit or revision or 'local'}@sha256:{weights_sha[:16]}"
+        rev = f"{commit or revision or 'local'}@weights:{weights_sha[:16]}"
         super().__init__(spec, spec.get("name") or source, rev)
         self._calc = None
 
@@ -247,6 +247,19 @@ class ModelTeacher(Teacher):
                     rec[keys.HESSIAN_VECTORS] = pack_vectors(vectors[i])
                     rec[keys.HESSIAN_PRODUCTS] = pack_vectors(hv[lo:hi])
         return out
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """Hex SHA-256 of a model's weights (names, dtypes, shapes, bytes; sorted by name) and its config.
+
+    A content digest: the same weights give the same digest however the file was written (the bytes of a
+    safetensors file are not reproducible: its metadata order varies between saves)."""
+    h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def _import_object(path: str):

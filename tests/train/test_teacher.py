@@ -164,7 +164,7 @@ def test_model_teacher_matches_the_model_and_batches_consistently(model_dir):
 def test_description_names_the_weights_and_changes_with_them(tmp_path, model_dir):
     other = tiny_model(seed=1).save_pretrained(tmp_path / "other")
     a, b = load_teacher({"model": str(model_dir)}), load_teacher({"model": str(other)})
-    assert a.describe()["kind"] == "foundation" and "sha256:" in a.revision
+    assert a.describe()["kind"] == "foundation" and "@weights:" in a.revision
     assert a.revision != b.revision and a.fingerprint() != b.fingerprint()
     assert a.fingerprint() == load_teacher({"model": str(model_dir)}).fingerprint()
     emt = load_teacher({"calculator": "ase.calculators.emt:EMT", "name": "EMT"})
@@ -238,3 +238,49 @@ def test_sevennet_teacher_labels_silicon_offline(monkeypatch):
     assert np.sum(v[..., 0] * hv[..., 0]) > 0 and np.sum(v[..., 1] * hv[..., 1]) > 0
     cross = np.sum(v[..., 0] * hv[..., 1]), np.sum(v[..., 1] * hv[..., 0])
     assert abs(cross[0] - cross[1]) < 0.02 * np.abs(hv).max()
+
+
+_HUB_TEACHER = """
+import json, sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+from ase.build import bulk
+from test_teacher import tiny_model
+from foundation.train.teacher import load_teacher
+atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
+atoms.rattle(0.05, seed=1)
+sha1 = tiny_model(seed=1).push_to_hub("org/teacher")
+sha2 = tiny_model(seed=2).push_to_hub("org/teacher")
+pinned = load_teacher({{"model": "org/teacher", "revision": sha1}})
+latest = load_teacher({{"model": "org/teacher"}})
+local = load_teacher({{"model": str(tiny_model(seed=1).save_pretrained({work!r}))}})
+f = [t.label([atoms], hvp_vectors=1)[0]["hvp"].tolist() for t in (pinned, latest, local)]
+print("RESULT" + json.dumps(dict(sha1=sha1, sha2=sha2, rev1=pinned.revision, rev2=latest.revision,
+                                 rev_local=local.revision, hvp=f)))
+"""
+
+
+@pytest.mark.slow
+def test_teacher_from_the_hub_is_pinned_to_a_revision(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from foundation.hubserver import serve_in_thread
+    server, url = serve_in_thread(tmp_path / "hub")
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_TOKEN": "test-token",
+           "OMP_NUM_THREADS": "1"}
+    code = _HUB_TEACHER.format(tests=str(Path(__file__).resolve().parent), work=str(tmp_path / "local"))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["rev1"].startswith(res["sha1"] + "@weights:") and res["rev2"].startswith(res["sha2"] + "@weights:")
+    assert res["rev_local"].startswith("local@weights:") and res["rev_local"].split("@")[1] == res["rev1"].split("@")[1]
+    assert res["hvp"][0] == res["hvp"][2] and res["hvp"][0] != res["hvp"][1]
