@@ -2,13 +2,17 @@
 
 ``load_teacher(spec)`` accepts two kinds of spec (plain JSON-able dicts, so a recipe can hold them):
 
-- ``{"model": "<hub id or directory>", "revision": None, "dtype": None, "device": "cpu"}``: one of our
-  ``FoundationModel``s; H v by autograd (``model.hessian_vector_product``, double backward).
-- ``{"calculator": "module.path:ClassName", "kwargs": {...}, "hvp_step": 1e-3}``: any ASE calculator
+- ``{"model": "<hub id or directory>", "revision": None, "dtype": None, "device": "cpu", "head": None,
+  "max_atoms": 2048}``: one of our ``FoundationModel``s (``dtype`` "float32"/"float64" overrides the saved
+  one, ``head`` picks a readout head, ``max_atoms`` caps a batch); H v by autograd
+  (``model.hessian_vector_product``, double backward). Its revision is "<Hub commit or 'local'>@weights:<content
+  digest of the weights>".
+- ``{"calculator": "module.path:ClassName", "kwargs": {...}, "hvp_step": 1e-3}``: any ASE calculator,
+  revision "<distribution> <version>" of the package that provides it
   (e.g. ``sevenn.calculator:SevenNetCalculator`` with ``{"model": "7net-0"}``); H v by central finite
   differences of the forces along v: H v = -(F(x + h v) - F(x - h v)) / (2 h), h in Å (2 k extra force calls).
 
-Labels of one structure (float64 numpy, ASE units), as ``read_labels`` returns them:
+Both accept an optional ``name`` (for the model card). Labels of one structure (float64 numpy, ASE units), as ``read_labels`` returns them:
 ``energy`` () eV, ``forces`` (n,3) eV/Å, ``stress`` (3,3) eV/Å³ (only for cells periodic in all three
 directions), ``hvp_vectors`` (n,3k) and ``hvp`` (n,3k) eV/Å² when k > 0 vectors are asked for.
 Layout of the (n,3k) arrays: columns 3j..3j+2 hold vector j (``pack_vectors``/``unpack_vectors`` convert

@@ -161,6 +161,22 @@ def test_model_teacher_matches_the_model_and_batches_consistently(model_dir):
     np.testing.assert_allclose(pack_vectors(hv.numpy()), rn[0][keys.HESSIAN_PRODUCTS], atol=1e-10)
 
 
+def test_dtype_and_head_options_of_a_model_teacher(model_dir):
+    atoms = cuni(7)
+    f64 = load_teacher({"model": str(model_dir)}).label([atoms], hvp_vectors=1)[0]
+    t32 = load_teacher({"model": str(model_dir), "dtype": "float32", "head": "default"})
+    assert t32.model.dtype == torch.float32 and t32.calculator.dtype == torch.float32
+    f32 = t32.label([atoms], hvp_vectors=1)[0]
+    for k in f64:
+        assert f32[k].dtype == np.float64
+        np.testing.assert_allclose(f32[k], f64[k], rtol=1e-4, atol=1e-5 * np.abs(f64[k]).max(), err_msg=k)
+    assert not np.array_equal(f32[keys.FORCES], f64[keys.FORCES])
+    with pytest.raises(ValueError, match="not one of"):
+        load_teacher({"model": str(model_dir), "dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="unknown head 'pbe'"):
+        load_teacher({"model": str(model_dir), "head": "pbe"})
+
+
 def test_description_names_the_weights_and_changes_with_them(tmp_path, model_dir):
     other = tiny_model(seed=1).save_pretrained(tmp_path / "other")
     a, b = load_teacher({"model": str(model_dir)}), load_teacher({"model": str(other)})
