@@ -262,18 +262,26 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _example_structure(elements: list[str]) -> tuple[str, str]:
-    """(import line, code building an ase.Atoms) for a structure made only of ``elements``."""
+    """(import line, code building an ase.Atoms) made only of ``elements``: a metal crystal, else a molecule of
+    >= 3 atoms (ASE's g2 set), else a diamond / simple-cubic crystal, else any g2 molecule, else a chain in a box."""
     from ase.build import molecule
     from ase.collections import g2
     from ase.data import atomic_numbers, reference_states
-    for el in elements:
-        ref = reference_states[atomic_numbers[el]] or {}
-        if ref.get("symmetry") in ("fcc", "bcc", "diamond", "sc"):
-            return "from ase.build import bulk", f'atoms = bulk("{el}", cubic=True).repeat((2, 2, 2))'
-    candidates = [n for n in g2.names if set(molecule(n).get_chemical_symbols()) <= set(elements)]
-    if candidates:
-        best = max(candidates, key=lambda n: (len(molecule(n)), n))
+    sym = {el: (reference_states[atomic_numbers[el]] or {}).get("symmetry") for el in elements}
+    bulk_code = lambda el: ("from ase.build import bulk", f'atoms = bulk("{el}", cubic=True).repeat((2, 2, 2))')  # noqa: E731
+    metals = [el for el in elements if sym[el] in ("fcc", "bcc")]
+    if metals:
+        return bulk_code(metals[0])
+    sizes = {n: len(molecule(n)) for n in g2.names if set(molecule(n).get_chemical_symbols()) <= set(elements)}
+    best = max((n for n in sizes if sizes[n] >= 3), key=lambda n: (sizes[n], n), default=None)
+    if best:
         return "from ase.build import molecule", f'atoms = molecule("{best}")\natoms.center(vacuum=5.0)'
+    covalent = [el for el in elements if sym[el] in ("diamond", "sc")]
+    if covalent:
+        return bulk_code(covalent[0])
+    if sizes:
+        return "from ase.build import molecule", f'atoms = molecule("{max(sizes, key=lambda n: (sizes[n], n))}")\n' \
+            "atoms.center(vacuum=5.0)"
     symbols = "".join(elements[:4])
     return ("from ase import Atoms",
             f'atoms = Atoms("{symbols}", positions=[[2.2 * i, 0.0, 0.0] for i in range({len(elements[:4])})])\n'

@@ -81,6 +81,18 @@ def test_card_has_real_content_and_never_invents_metrics(tmp_path):
     assert "Not recorded" in bare and "20.5" not in bare
 
 
+@pytest.mark.parametrize("elements", [["Cu", "Au"], ["H", "C", "O"], ["Si"], ["H"], ["Tc", "Re"], ["Li", "F"]])
+def test_card_example_structure_uses_only_the_model_elements(elements):
+    from foundation.hub import _example_structure
+    imp, build = _example_structure(elements)
+    scope: dict = {}
+    exec(imp + "\n" + build, scope)
+    atoms = scope["atoms"]
+    assert len(atoms) >= 1 and set(atoms.get_chemical_symbols()) <= set(elements)
+    if elements == ["H", "C", "O"]:
+        assert "molecule" in imp  # an organic model gets a molecule, not diamond
+
+
 def test_weights_are_safetensors_and_loading_never_unpickles(tmp_path, monkeypatch):
     out = pair_model().save_pretrained(tmp_path / "m")
     raw = (out / WEIGHTS_NAME).read_bytes()
