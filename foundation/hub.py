@@ -234,6 +234,24 @@ def push_folder(model_dir: str | Path, repo_id: str, revision: str | None = None
     return info.oid
 
 
+def update_card(model_dir: str | Path, *, metrics: dict | None = None, datasets: list[dict] | None = None,
+                repo_id: str | None = None, merge: bool = True) -> Path:
+    """Record ``metrics`` / ``datasets`` in a saved model's config.json and re-render its README.md.
+
+    For ``foundation evaluate`` after training: the weights (and their checksum) are untouched. With ``merge``
+    new metric groups are added to (or replace same-named groups of) the recorded ones.
+    """
+    model_dir = Path(model_dir)
+    cfg = read_config(model_dir, verify=True)
+    if metrics is not None:
+        cfg["metrics"] = {**(cfg.get("metrics") or {}), **metrics} if merge else metrics
+    if datasets is not None:
+        cfg["datasets"] = datasets
+    (model_dir / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+    (model_dir / CARD_NAME).write_text(render_card(cfg, repo_id or str(model_dir)))
+    return model_dir / CARD_NAME
+
+
 # --- model card ---------------------------------------------------------------------------------------------
 def _yaml_front_matter(cfg: dict) -> str:
     import yaml

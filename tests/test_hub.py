@@ -93,6 +93,21 @@ def test_card_example_structure_uses_only_the_model_elements(elements):
         assert "molecule" in imp  # an organic model gets a molecule, not diamond
 
 
+def test_update_card_records_evaluation_metrics_without_touching_weights(tmp_path):
+    from foundation.hub import update_card
+    out = pair_model().save_pretrained(tmp_path / "m")
+    digest = sha256_file(out / WEIGHTS_NAME)
+    assert "Not evaluated" in (out / "README.md").read_text()
+    update_card(out, metrics=METRICS, datasets=DATASETS, repo_id="org/cu-au")
+    update_card(out, metrics={"mlearn-Cu": {"energy_mae_meV_per_atom": 3.5}})
+    card = (out / "README.md").read_text()
+    results = _front_matter(card)["model-index"][0]["results"]
+    assert [r["dataset"]["name"] for r in results] == ["rmd17-ethanol", "mlearn-Cu"]
+    assert "| mlearn-Cu | energy_mae_meV_per_atom | 3.5 |" in card and "Not evaluated" not in card
+    assert sha256_file(out / WEIGHTS_NAME) == digest
+    assert PairModel.from_pretrained(out).hub_metadata["metrics"]["mlearn-Cu"] == {"energy_mae_meV_per_atom": 3.5}
+
+
 def test_weights_are_safetensors_and_loading_never_unpickles(tmp_path, monkeypatch):
     out = pair_model().save_pretrained(tmp_path / "m")
     raw = (out / WEIGHTS_NAME).read_bytes()
