@@ -62,7 +62,7 @@ class FoundationCalculator(Calculator):
     energies (per atom, eV), and charges (e) / dipole (e·Å) when the model outputs them.
 
     ``model``: a module with ``config.r_max``/``config.elements``/``config.heads`` called as
-    ``model(batch, compute_forces=True, compute_stress=...)``; it is moved to ``device`` and ``dtype`` and put
+    ``model(batch, compute_forces=True, compute_stress=...)``; it is moved (in place) to ``device`` and ``dtype`` and put
     in eval mode. ``head``: readout head name (default: the first). ``skin`` (Å): neighbor-list skin for MD.
     The total charge (e) is read from ``atoms.info["charge"]`` (or ``"total_charge"``), default 0.
     """
