@@ -61,6 +61,19 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
                weight_decay=o.weight_decay)
 
 
+def _trainable_precision(model: torch.nn.Module, rank: int) -> torch.nn.Module:
+    """The model in float32 if it is float64: DeepSpeed reduces and optimizes fp32 (bf16/fp16) gradients only.
+
+    A float64 ``ModelConfig`` keeps its dtype: ``from_pretrained`` loads the exported fp32 weights into a float64
+    model, so inference still runs in float64."""
+    if any(p.dtype == torch.float64 for p in model.parameters()):
+        if rank == 0:
+            print("foundation: training the float64 model in float32 (DeepSpeed trains fp32/bf16); "
+                  "the exported model keeps its float64 config")
+        model = model.float()
+    return model
+
+
 class Engine:
     """A model wrapped by ``deepspeed.initialize`` with a torch AdamW/Adam optimizer.
 
@@ -90,7 +103,7 @@ class Engine:
             "bf16": {"enabled": False}, "fp16": {"enabled": False},  # weights stay fp32; bf16 = autocast
             "steps_per_print": 2**62, "wall_clock_breakdown": False,
         }
-        model = model.to(self.device)
+        model = _trainable_precision(model, self.rank).to(self.device)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, config), config=ds_config)
         self.module = self.ds.module
 

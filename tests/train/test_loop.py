@@ -119,17 +119,21 @@ def test_run_learns_and_writes_logs_checkpoints_and_ema_export(tmp_path, emt_dat
 
 @pytest.mark.slow
 def test_cli_pretrain_real_model_then_evaluate(tmp_path, emt_data, capsys):
+    import torch
+
     from foundation.cli import main
     recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "pretrain_small.yaml"
     out = tmp_path / "cli"
     sets = [f"data.train=[{emt_data['train']},{emt_data['train_nostress']}]", "data.heads=[emt,emt2]",
             f"data.valid=[{emt_data['valid']}]", f"out_dir={out}", "max_steps=3", "valid_every=3",
-            "checkpoint_every=3", "log_every=1", "progress=false", "data.max_atoms=40",
+            "checkpoint_every=3", "log_every=1", "progress=false", "data.max_atoms=40", "engine.zero_stage=0",
             "model.overrides={num_channels: 8, r_max: 4.0, num_layers: 1, max_ell: 1, correlation: 2}"]
     assert main(["pretrain", str(recipe_path)] + [a for s in sets for a in ("--set", s)]) == 0
     printed = capsys.readouterr().out
     assert "model exported to" in printed and "valid/emt " in printed and "forces" in printed
-    assert (out / "model" / "config.json").is_file()
+    from foundation import FoundationModel
+    model = FoundationModel.from_pretrained(out / "model")   # the float64 model was trained in float32
+    assert model.dtype == torch.float64 and model.config.heads == ["emt", "emt2"]
     assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--head", "emt2",
                  "--plot", str(tmp_path / "parity.png"), "--json", str(tmp_path / "m.json")]) == 0
     table = capsys.readouterr().out
