@@ -6,6 +6,7 @@ Layout under ``<out_dir>/checkpoints``::
         meta.json             step, world size, ZeRO stage, config, scheduler, sampler position, file list
         model.safetensors     training weights (rank 0)
         ema.json/.safetensors EMA state (rank 0)
+        model/                save_pretrained export of the EMA weights (config.json, model.safetensors, README)
         rank_00000.json/.safetensors   per-rank state: optimizer (its ZeRO partition), RNG states
     latest                    text file naming the newest complete checkpoint; replaced last, atomically
 
@@ -151,7 +152,7 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     meta = dict(meta, format_version=FORMAT_VERSION, step=step,
                 files=sorted(p.name for p in tmp.iterdir()) + ["meta.json"])
     _write_text(tmp / "meta.json", json.dumps(meta, indent=1))
-    for p in tmp.iterdir():
+    for p in tmp.rglob("*"):
         _fsync(p)
     if final.exists():                      # re-saving a step (e.g. after a resume): replace the old copy
         shutil.rmtree(final)
@@ -176,7 +177,7 @@ def latest(root: Path) -> Path | None:
     if not meta.is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no meta.json; the checkpoint directory "
                                 "was removed or damaged: point 'latest' at another step_* directory")
-    missing = [f for f in json.loads(meta.read_text())["files"] if not (path / f).is_file()]
+    missing = [f for f in json.loads(meta.read_text())["files"] if not (path / f).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is missing {missing}; point 'latest' at another step_* directory")
     return path

@@ -63,7 +63,7 @@ class Trainer:
         self.loader = tdata.make_train_loader(config, self.train_sets, self.rank, self.world)
         self.valid_loader = (tdata.make_eval_loader(self.valid_sets, config.data.max_atoms, self.rank, self.world)
                              if self.valid_sets else None)
-        self.step = 0
+        self.step, self.metrics = 0, {}
         if resume:
             self.restore()
         self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
@@ -148,6 +148,7 @@ class Trainer:
             ckpt.save_module(self.engine.module, tmp / "model.safetensors")
             if self.ema is not None:
                 ckpt.save_tree(self.ema.state_dict(), tmp / "ema")
+            self.export(self.metrics, tmp / "model")          # ready-to-use EMA model of this step
         self.engine.barrier()
         if self.rank == 0:
             meta = {"world_size": self.world, "zero_stage": self.config.engine.zero_stage,
@@ -177,9 +178,10 @@ class Trainer:
         self.step = int(meta["step"])
         return True
 
-    def export(self, metrics: dict | None = None) -> Path:
-        """``save_pretrained`` of the EMA weights to ``out_dir/model`` (rank 0)."""
-        target = self.out / "model"
+    def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
+        """``save_pretrained`` of the EMA weights (rank 0) to ``target`` (default ``out_dir/model``); the card
+        carries ``metrics`` (validation, EMA weights)."""
+        target = self.out / "model" if target is None else target
         if self.rank == 0:
             module = self.engine.module
             if not hasattr(module, "save_pretrained"):
@@ -188,7 +190,6 @@ class Trainer:
                 return target
             with (self.ema.applied(module) if self.ema is not None else _nullcontext()):
                 module.save_pretrained(target, metrics=card_metrics(metrics or {}))
-        self.engine.barrier()
         return target
 
     # --- the loop ---------------------------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Trainer:
             last = self.step == c.max_steps
             if self.valid_loader is not None and (self.step % c.valid_every == 0 or last):
                 valid_loss, metrics = self.evaluate()
+                self.metrics = metrics
                 self.schedule.report(valid_loss)
                 self.logger.valid(self.step, {"valid/loss": valid_loss, **flatten(metrics)})
             if self.step % c.checkpoint_every == 0 or last:
@@ -212,6 +214,7 @@ class Trainer:
         if not metrics and self.valid_loader is not None:   # resumed a finished run: measure before exporting
             metrics = self.evaluate()[1]
         self.export(metrics)
+        self.engine.barrier()
         self.logger.close()
         return metrics
 

@@ -115,6 +115,8 @@ def test_run_learns_and_writes_logs_checkpoints_and_ema_export(tmp_path, emt_dat
     shadow = load_tree(final / "ema")["shadow"]
     assert not torch.equal(exported["pair_gain"], trained["pair_gain"])   # export = EMA, not the last weights
     torch.testing.assert_close(exported["pair_gain"], shadow["pair_gain"])
+    in_checkpoint = load_file(str(final / "model" / "model.safetensors"))   # each checkpoint carries the export
+    assert all(torch.equal(in_checkpoint[k], exported[k]) for k in exported)
 
 
 @pytest.mark.slow
