@@ -8,6 +8,7 @@ optimizer (per-rank ZeRO partitions), scheduler, EMA, loader position, RNG state
 """
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
@@ -22,7 +23,7 @@ from . import data as tdata
 from .config import TrainConfig, config_to_dict
 from .ema import EMA
 from .engine import Engine, init_distributed
-from .loss import Loss
+from .loss import Loss, has_labels
 from .metrics import MetricAccumulator, RunLogger, card_metrics, flatten
 from .schedule import LRSchedule
 
@@ -119,12 +120,12 @@ class Trainer:
         sums = torch.zeros(len(self.loss.properties), dtype=torch.float64)
         counts = torch.zeros_like(sums)
         self.engine.ds.eval()
-        with (self.ema.applied(module) if self.ema is not None else _nullcontext()):
+        with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
             self.valid_loader.set_epoch(0)
             for b in self.valid_loader:
                 b = b.to(self.engine.device)
                 with self.engine.autocast():
-                    pred = module(b, compute_forces=True, compute_stress=self.loss.needs_stress(), training=False)
+                    pred = module(b, compute_forces=True, compute_stress=has_labels(b, keys.STRESS), training=False)
                 pred = {k: v.detach() for k, v in pred.items()}
                 acc.update(pred, b)
                 sums += self.loss.sums(pred, b).cpu()
@@ -153,7 +154,7 @@ class Trainer:
         if self.rank == 0:
             meta = {"world_size": self.world, "zero_stage": self.config.engine.zero_stage,
                     "config": config_to_dict(self.config), "schedule": self.schedule.state_dict(),
-                    "loader": loader_state}
+                    "loader": loader_state, "metrics": self.metrics}
             ckpt.commit(root, self.step, meta, self.config.keep_checkpoints)
         self.engine.barrier()
 
@@ -175,7 +176,7 @@ class Trainer:
         self.schedule.load_state_dict(meta["schedule"])
         self.loader.load_state_dict(meta["loader"])
         ckpt.set_rng_state(rank_state["rng"])
-        self.step = int(meta["step"])
+        self.step, self.metrics = int(meta["step"]), meta.get("metrics") or {}
         return True
 
     def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
@@ -188,7 +189,7 @@ class Trainer:
                 warnings.warn(f"{type(module).__name__} has no save_pretrained (foundation.hub.HubMixin): the "
                               f"export to {target} is skipped; the weights are in {self.out / 'checkpoints'}")
                 return target
-            with (self.ema.applied(module) if self.ema is not None else _nullcontext()):
+            with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
                 module.save_pretrained(target, metrics=card_metrics(metrics or {}))
         return target
 
@@ -196,7 +197,7 @@ class Trainer:
     def fit(self) -> dict:
         c = self.config
         batches = tdata.batches_forever(self.loader)
-        metrics: dict = {}
+        metrics: dict = self.metrics
         while self.step < c.max_steps:
             t0 = time.perf_counter()
             row = self.train_step(batches)
@@ -217,14 +218,6 @@ class Trainer:
         self.engine.barrier()
         self.logger.close()
         return metrics
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _symbols(elements: list) -> list[str]:

@@ -37,6 +37,11 @@ def structure_of_atom(batch) -> Tensor:
     return index
 
 
+def has_labels(batch, key: str) -> bool:
+    """Whether any structure of ``batch`` carries label ``key`` (non-NaN)."""
+    return key in batch and bool(_label_mask(batch[key]).any())
+
+
 class Loss:
     """Callable loss for one run. ``properties`` are the ones with a non-zero coefficient at some step."""
 
@@ -63,7 +68,7 @@ class Loss:
         """Whether the model must predict stress: the loss uses it (and ``batch``, if given, has stress labels)."""
         if keys.STRESS not in self.properties:
             return False
-        return batch is None or (keys.STRESS in batch and bool(_label_mask(batch[keys.STRESS]).any()))
+        return batch is None or has_labels(batch, keys.STRESS)
 
     def _weights(self, batch) -> Tensor:
         """(B,) per-structure weight from its dataset index (1 when no dataset weights are configured)."""
