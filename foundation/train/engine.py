@@ -16,6 +16,9 @@ Several nodes: a hostfile listing ``hostname slots=GPUS`` per line and passwordl
 logs) must be on storage every node sees at the same path: all ranks write their part of a checkpoint into
 the same directory and rank 0 commits it.
 
+Precision: weights, gradients and optimizer state are float32 (a float64 model is cast for training; its
+export keeps the float64 config); ``precision: auto`` adds bf16 autocast on GPUs that support it.
+
 Gradient normalisation: the loop computes each micro-batch's loss as (sum of errors) / (count of labelled
 entries over all micro-batches of the step and all ranks) x world size; DeepSpeed averages gradients over
 ranks and we disable its division by the accumulation steps, so the update equals that of one process
