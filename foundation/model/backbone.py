@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import keys
 from ..hub import HubMixin
-from ..nn.interaction import Interaction
+from ..nn.interaction import Interaction, PaddedNeighbors
 from ..nn.linear import ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
 from ..nn.radial import BesselCutoff
 from ..nn.readout import LinearReadout, NonLinearReadout
@@ -118,13 +118,13 @@ class FoundationModel(HubMixin, nn.Module):
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
         groups = ElementGroups.from_sorted(g["z"][order], len(cfg.elements))
-        send_s, recv_s = rank[sender], rank[receiver]
+        nbrs = PaddedNeighbors.build(rank[sender], rank[receiver], order.numel())
         h = self.embedding(g["z"][order])
         readout = 0.0
         for interaction, skip, product, linear, read in zip(self.interactions, self.skips, self.products,
                                                             self.product_linears, self.readouts):
             sc = skip(h, groups)
-            a = interaction(h, sh, edge_feats, send_s, recv_s, cfg.avg_num_neighbors)
+            a = interaction(h, sh, edge_feats, nbrs, cfg.avg_num_neighbors)
             h = _add_prefix(linear(product(a, groups)), sc)
             readout = readout + read(h[:, 0, :])
         readout = readout[rank]  # back to input atom order, (n, H)

@@ -40,6 +40,11 @@ def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
     return o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
 
 
+def path_cg(l1: int, l2: int, l3: int) -> torch.Tensor:
+    """CG block of one convolution path, (2 l1 + 1, 2 l2 + 1, 2 l3 + 1) float64: sqrt(2 l3 + 1) w3j(l1, l2, l3)."""
+    return math.sqrt(2 * l3 + 1) * _w3j(l1, l2, l3)
+
+
 def conv_table(l_in: int, max_ell: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Dense CG table of the "uvu" convolution with MACE's component normalisation.
 
@@ -60,7 +65,7 @@ def conv_table(l_in: int, max_ell: int) -> tuple[torch.Tensor, torch.Tensor, lis
             local = 0
         p_l3 = counts[l3]
         cols = [offset + m * p_l3 + local for m in range(2 * l3 + 1)]
-        cg[block(l1), block(l2), cols] = math.sqrt(2 * l3 + 1) * _w3j(l1, l2, l3)
+        cg[block(l1), block(l2), cols] = path_cg(l1, l2, l3)
         path_of[cols] = k
         local += 1
     return cg, path_of, counts

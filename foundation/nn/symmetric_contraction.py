@@ -56,35 +56,39 @@ class SymmetricContraction(nn.Module):
             self.register_buffer(f"u_L{L}_nu{nu}", u[:, rows[nu], :].to(dtype), persistent=False)
         self.num_monomials = sum(len(v) for v in used.values())
 
-    def monomials(self, a: torch.Tensor) -> torch.Tensor:
-        """a (n, d, C) -> products of 1..correlation components (n, num_monomials, C)."""
+    def monomials(self, a: torch.Tensor) -> list[torch.Tensor]:
+        """a (d, C, n) -> products of nu = 1..correlation components, one (num_monomials_nu, C, n) per nu.
+
+        The monomial index is the leading dimension so that gathers copy whole contiguous rows and their
+        backward is a row-wise index_add. The orders are kept apart (no concatenation to differentiate).
+        """
         parts = [a]
         if self.correlation >= 2:
-            m2 = a[:, self.pair_a] * a[:, self.pair_b]
-            parts.append(m2)
-            if self.correlation >= 3:
-                parts.append(m2[:, self.trip_prefix] * a[:, self.trip_last])
-        return torch.cat(parts, dim=1)
+            parts.append(a.index_select(0, self.pair_a) * a.index_select(0, self.pair_b))
+        if self.correlation >= 3:
+            parts.append(parts[1].index_select(0, self.trip_prefix) * a.index_select(0, self.trip_last))
+        return parts
 
-    def coefficients(self, elements: list[int]) -> torch.Tensor:
-        """T (len(elements), num_monomials, (L_out+1)^2, C): sum_k U_sym W[e] for the given elements."""
+    def coefficients(self, elements: list[int]) -> list[torch.Tensor]:
+        """Per nu: T_nu (len(elements), C, (L_out+1)^2, num_monomials_nu) = sum_k U_sym W[e] for the elements."""
         idx = torch.tensor(elements, device=self.weights["L0_nu1"].device)
-        per_l = []
-        for L in range(self.l_out + 1):
-            per_nu = [torch.einsum("mtk,ekc->etmc", getattr(self, f"u_L{L}_nu{nu}"),
-                                   self.weights[f"L{L}_nu{nu}"][idx]) for nu in range(1, self.correlation + 1)]
-            per_l.append(torch.cat(per_nu, dim=1))
-        return torch.cat(per_l, dim=2)
+        return [torch.cat([torch.einsum("mtk,ekc->ecmt", getattr(self, f"u_L{L}_nu{nu}"),
+                                        self.weights[f"L{L}_nu{nu}"][idx]) for L in range(self.l_out + 1)], dim=2)
+                for nu in range(1, self.correlation + 1)]
 
     def forward(self, a: torch.Tensor, groups: ElementGroups) -> torch.Tensor:
         """a (n, d, C) on element-sorted nodes -> (n, (L_out+1)^2, C)."""
-        m = self.monomials(a)
-        coeff = self.coefficients([e for e, _, _ in groups.slices])
-        pieces = [torch.einsum("ntc,tmc->nmc", m[start:stop], coeff[k])
-                  for k, (_, start, stop) in enumerate(groups.slices)]
-        if not pieces:
+        if not groups.slices:
             return a.new_zeros(0, irreps_dim(self.l_out), a.shape[-1])
-        return torch.cat(pieces, dim=0)
+        monomials = [m.transpose(0, 1) for m in self.monomials(a.permute(1, 2, 0).contiguous())]  # (C, T_nu, n)
+        coeffs = self.coefficients([e for e, _, _ in groups.slices])
+        n, pieces = a.shape[0], []
+        for k, (_, start, stop) in enumerate(groups.slices):
+            whole = (start, stop) == (0, n)
+            terms = [torch.bmm(t[k], m if whole else m[:, :, start:stop]) for t, m in zip(coeffs, monomials)]
+            pieces.append(sum(terms[1:], terms[0]))  # (C, M, n_e)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # (C, M, n)
+        return out.permute(2, 1, 0)
 
 
 def _used_rows(u: torch.Tensor, nu: int, d: int) -> list[tuple[int, ...]]:

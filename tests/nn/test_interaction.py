@@ -2,7 +2,7 @@
 import torch
 from e3nn import o3
 
-from foundation.nn.interaction import Interaction
+from foundation.nn.interaction import Interaction, PaddedNeighbors
 from foundation.nn.radial import BesselCutoff
 
 
@@ -20,7 +20,7 @@ def _setup(l_in, seed=0):
 def _run(block, basis, pos, send, recv, h):
     vec = pos[recv] - pos[send]
     sh = o3.spherical_harmonics([0, 1, 2, 3], vec, normalize=True, normalization="component")
-    return block(h, sh, basis(vec.norm(dim=1)), send, recv, avg_num_neighbors=2.0)
+    return block(h, sh, basis(vec.norm(dim=1)), PaddedNeighbors.build(send, recv, len(pos)), avg_num_neighbors=2.0)
 
 
 def test_rotation_equivariance():
@@ -41,3 +41,29 @@ def test_edge_order_and_no_edges():
     assert torch.allclose(_run(block, basis, pos, send, recv, h), _run(block, basis, pos, send[perm], recv[perm], h))
     empty = torch.zeros(0, dtype=torch.long)
     assert torch.all(_run(block, basis, pos, empty, empty, h) == 0)
+
+
+def test_matches_dense_message_formula():
+    """A_i = linear(sum_j R_ij[p] (cg_p h_j Y_ij)) written out edge by edge with the dense CG table."""
+    from foundation.nn.cg import conv_table
+    block, basis, pos, send, recv, h = _setup(2, seed=3)
+    vec = pos[recv] - pos[send]
+    sh = o3.spherical_harmonics([0, 1, 2, 3], vec, normalize=True, normalization="component")
+    table, path_of, counts = conv_table(2, 3)
+    weights = block.radial(basis(vec.norm(dim=1))).view(len(send), -1, 4)
+    msg = torch.einsum("eb,abo,eac->eoc", sh, table, block.linear_up(h)[send]) * weights[:, torch.tensor(block.radial_index)[path_of]]
+    agg = torch.zeros(5, msg.shape[1], 4, dtype=torch.float64).index_add(0, recv, msg)
+    out, start = [], 0
+    for l3, (count, w) in enumerate(zip(counts, block.linear)):
+        width = (2 * l3 + 1) * count
+        out.append(agg[:, start:start + width].reshape(5, 2 * l3 + 1, count * 4) @ w / (count * 4) ** 0.5 / 2.0)
+        start += width
+    assert torch.allclose(_run(block, basis, pos, send, recv, h), torch.cat(out, 1), atol=1e-12)
+
+
+def test_padded_neighbors_layout():
+    send = torch.tensor([3, 0, 1, 2, 0])
+    recv = torch.tensor([2, 1, 0, 1, 2])
+    nbrs = PaddedNeighbors.build(send, recv, 4)
+    assert nbrs.width == 2 and sorted(nbrs.index.tolist()) == [0, 2, 3, 4, 5]
+    assert nbrs.sender.view(4, 2)[1].tolist() == [0, 2] and nbrs.sender.view(4, 2)[2].tolist() == [3, 0]
