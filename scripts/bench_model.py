@@ -9,7 +9,9 @@ Workloads (each for every preset / L, both models, same structures, threads, dty
              mean((dE/N)^2) + mean(dF^2), backward, Adam step; unit structures/s
 Timing: graphs (neighbour lists) are built once, outside the timed region, on both sides; each repeat runs
 the call until at least --min-time seconds have passed and records seconds per call; the table shows the
-median over --repeats after --warmup untimed calls. Random weights, zero reference energies, eager mode.
+median over --repeats after --warmup untimed calls (default 3: mace-torch's TorchScript-compiled e3nn
+settles on the 3rd-4th call). A "paired" ratio is also given: the median over adjacent (ours, mace) repeats
+of their time ratio. Random weights, zero reference energies, no torch.compile on either side.
 
 Both sides are timed alternately, repeat by repeat (A B, B A, ...), so the load of a shared machine hits
 them alike; the load average is recorded. mace-torch runs in its own venv (scripts/setup_mace_venv.sh) as a
@@ -163,6 +165,9 @@ def interleaved(runners: dict, request: dict) -> dict:
         for i in range(timing["repeats"]):
             for side in (names if i % 2 == 0 else names[::-1]):
                 per_call[side].append(runners[side].repeat(w, timing["min_time"]))
+        if len(names) == 2:  # median over adjacent (A, B) repeats of B's time / A's time: robust to load drift
+            a, b = (per_call[n] for n in names)
+            out[names[0]][w + "_paired_ratio"] = statistics.median(tb / ta for ta, tb in zip(a, b))
         for side in names:
             med, info = statistics.median(per_call[side]), infos[side]["workloads"][w]
             out[side][w] = {"median_s": med, "per_call_s": per_call[side], "throughput": info["count"] / med,
@@ -261,14 +266,16 @@ def fmt(x: float | None) -> str:
 
 
 def print_table(rows: list[dict], file=sys.stdout) -> None:
-    """One line per (case, workload): ours, mace, ours/mace (>1 means we are faster)."""
-    head = f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7}  unit"
+    """One line per (case, workload): ours, mace, ours/mace of the medians (>1: we are faster), and the
+    median of the per-repeat ratios of adjacent (ours, mace) repeats."""
+    head = f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7} {'paired':>7}  unit"
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
         ratio = f"{r['ours'] / r['mace']:.2f}x" if r.get("mace") and r.get("ours") else "-"
+        paired = f"{r['paired']:.2f}x" if r.get("paired") else "-"
         print(f"{r['preset']:<8} {r['L']:>2} {r['workload']:<10} {fmt(r.get('ours')):>10} "
-              f"{fmt(r.get('mace')):>10} {ratio:>7}  {r['unit']}", file=file)
+              f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7}  {r['unit']}", file=file)
 
 
 def _label_modules(model: torch.nn.Module, depth: int) -> list:
@@ -334,7 +341,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mace-python", default=None, help="python of a mace-torch venv (setup_mace_venv.sh)")
     p.add_argument("--threads", type=int, default=1, help="torch threads on both sides (default 1)")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=3, help="untimed calls first (e3nn 0.4.4 TorchScript needs ~3)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--min-time", type=float, default=2.0, help="seconds per repeat (at least one call)")
     p.add_argument("--batch-size", type=int, default=5, help="aspirin frames per training step")
@@ -352,7 +359,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     overrides = {"num_channels": 8} if args.quick else {}
-    timing = ({"warmup": 1, "repeats": 1, "min_time": 0.0} if args.quick else
+    timing = ({"warmup": 3, "repeats": 1, "min_time": 0.0} if args.quick else
               {"warmup": args.warmup, "repeats": args.repeats, "min_time": args.min_time})
     frames, asp_desc = aspirin_frames(Path(args.data_dir), args.batch_size)
     structures = {"cu": atoms_to_json(copper_cell()), "aspirin": [atoms_to_json(a) for a in frames]}
@@ -390,7 +397,8 @@ def main(argv=None) -> int:
         report["cases"].append(case)
         for w in request["workloads"]:
             rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
-                         "ours": case["ours"][w]["throughput"], "mace": case.get("mace", {}).get(w, {}).get("throughput")})
+                         "ours": case["ours"][w]["throughput"], "mace": case.get("mace", {}).get(w, {}).get("throughput"),
+                         "paired": case["ours"].get(w + "_paired_ratio")})
         print(f"{preset} L={hyper['max_L']}: params ours {case['ours']['params']}, mace "
               f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",
               flush=True)
