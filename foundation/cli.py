@@ -155,6 +155,21 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finetune(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a pretrained model (directory or Hub id at a pinned revision) on "
+                                        "new data: full, frozen backbone, LoRA or multi-head replay")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/finetune_mlearn_si.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set finetune.strategy=frozen --set max_steps=200 (repeatable)")
+    p.set_defaults(func=_run_finetune)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
+    from .train.finetune import main as finetune
+    print(finetune(args.recipe, args.set))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -165,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune]
 
 
 def main(argv: list[str] | None = None) -> int:

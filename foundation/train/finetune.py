@@ -1,0 +1,350 @@
+"""``foundation finetune RECIPE.yaml``: a pretrained model -> a model fine-tuned on new data, right at step 0.
+
+Order of work (``finetune``):
+  1. load the base model (directory, or Hub id at a pinned revision); check ``base.head`` exists
+  2. new data: LMDB dataset directories as they are, ASE-readable files converted into ``cache_dir``;
+     replay data likewise (a seeded sample of ``replay.samples`` structures written as its own dataset)
+  3. elements of the new data the base never saw are added (``surgery.extend_elements``)
+  4. heads laid out so that dataset k trains head k: [target, (base head when replaying), other heads...];
+     a new head starts as a copy of the base head unless ``head_init: random``
+  5. zero-shot errors of the base on the new validation data (table, before and after the E0 refit) and
+     per-element reference energies refitted by least squares (table old / new / difference)
+  6. strategy: full, frozen (heads only), lora (adapters, merged on export), replay (multi-head)
+  7. a step-0 check: the model about to be trained predicts what the base with refitted E0 predicts
+  8. training with the DeepSpeed ``Trainer`` (statistics are not recomputed: they come from the base + refit),
+     export with ``save_pretrained`` (LoRA merged), forgetting on ``monitor`` data reported as a table.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .. import keys
+from . import surgery
+from .finetune_config import FinetuneConfig, load_finetune_config
+from .loop import Trainer
+from .metrics import MetricAccumulator, card_metrics
+
+STEP0_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}   # eV (energies), eV/Å (forces): relative to 1 + |value|
+
+
+# --- inputs -----------------------------------------------------------------------------------------------------
+def load_base(model: str, revision: str | None = None):
+    """The base ``FoundationModel`` from a directory or a Hub id (at ``revision``), in eval mode on CPU."""
+    from ..model import FoundationModel
+    return FoundationModel.from_pretrained(model, revision=revision)
+
+
+def prepare_paths(paths: list[str], cache_dir: Path, r_max: float) -> list[str]:
+    """Dataset directories (and .lmdb shard files) as they are; other files (ASE-readable) converted to shards in
+    ``cache_dir/<stem>-<hash>`` (idempotent: an unchanged file is not converted again)."""
+    out = []
+    for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"fine-tuning data {str(p)!r} not found; give an LMDB dataset directory "
+                                    "('foundation data convert') or an ASE-readable file (extxyz, ASE db ...)")
+        if p.is_dir() or p.suffix in (".lmdb", ".mdb"):
+            out.append(str(p))
+            continue
+        from ..data.convert import convert
+        tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
+        out.append(str(convert([p], cache_dir / f"{p.stem}-{tag}", r_max=r_max, dataset_name=p.stem,
+                               progress=False)))
+    return out
+
+
+def sample_dataset(path: str, samples: int, seed: int, cache_dir: Path, r_max: float) -> str:
+    """A seeded sample of ``samples`` structures of the dataset at ``path``, written as a dataset in ``cache_dir``
+    (exact float64 labels through an ASE db); ``path`` itself when ``samples`` is 0 or covers it all."""
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.db import connect
+    from ase.stress import full_3x3_to_voigt_6_stress
+
+    from ..data import ShardedDataset
+    from ..data.convert import convert
+    ds = ShardedDataset(path)
+    if samples == 0 or samples >= len(ds):
+        return path
+    name = ((ds.manifest or {}).get("name") or Path(path).name) + f"-replay{samples}-s{seed}"
+    out = cache_dir / name
+    if (out / "manifest.json").is_file():
+        return str(out)
+    picks = np.sort(np.random.default_rng([seed, 11]).choice(len(ds), samples, replace=False))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    source = cache_dir / f"{name}.db"
+    source.unlink(missing_ok=True)
+    with connect(source, use_lock_file=False) as db:
+        for i in picks:
+            rec = ds.record(int(i))
+            atoms = Atoms(numbers=rec[keys.ATOMIC_NUMBERS].astype(int), positions=rec[keys.POSITIONS],
+                          cell=rec[keys.CELL].reshape(3, 3), pbc=rec[keys.PBC].reshape(3))
+            res = {k: rec[k] for k in (keys.ENERGY, keys.FORCES, keys.CHARGES, keys.DIPOLE) if k in rec}
+            if keys.STRESS in rec:
+                res[keys.STRESS] = full_3x3_to_voigt_6_stress(rec[keys.STRESS].reshape(3, 3))
+            atoms.calc = SinglePointCalculator(atoms, **res)
+            db.write(atoms, total_charge=float(rec.get(keys.TOTAL_CHARGE, 0.0)))
+    convert([source], out, r_max=r_max, dataset_name=name, progress=False)
+    source.unlink()
+    return str(out)
+
+
+# --- predictions and tables -------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, datasets: list, head_names: list[str], max_atoms: int = 256) -> dict:
+    """Run ``model`` over ``datasets`` (items carry their head index). Returns {"metrics": MetricAccumulator
+    result, "numbers": [(n,) per structure], "labels": (S,) eV, "preds": (S,) eV} (energies of labelled structures)."""
+    from .data import make_eval_loader
+    acc = MetricAccumulator([getattr(d, "name", None) or f"data{i}" for i, d in enumerate(datasets)], head_names)
+    numbers, labels, preds = [], [], []
+    model.eval()
+    for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
+        stress = keys.STRESS in batch
+        pred = model(batch, compute_forces=True, compute_stress=stress, training=False)
+        acc.update(pred, batch)
+        if keys.ENERGY in batch:
+            z = batch[keys.ATOMIC_NUMBERS].cpu().numpy()
+            ptr = batch.ptr.cpu().numpy()
+            e = batch[keys.ENERGY].reshape(-1).double().cpu().numpy()
+            p = pred[keys.ENERGY].reshape(-1).double().cpu().numpy()
+            for s in range(len(e)):
+                if np.isfinite(e[s]):
+                    numbers.append(z[ptr[s]:ptr[s + 1]])
+                    labels.append(e[s])
+                    preds.append(p[s])
+    return {"metrics": acc.result(), "numbers": numbers, "labels": np.array(labels), "preds": np.array(preds)}
+
+
+def refit_e0(config, head: str, numbers: list, labels: np.ndarray, preds: np.ndarray, how: str) -> dict[str, float]:
+    """New per-element reference energies (eV, every model element) of ``head`` by least squares.
+
+    residual: E0 + argmin sum_s (E_s - P_s - sum_z n_sz dE0_z)^2 (keeps the model's interaction energies);
+    total: argmin sum_s (E_s - sum_z n_sz E0_z)^2; keep: unchanged. Elements absent from the data keep their E0.
+    With fewer distinct compositions than elements the minimum-norm solution is used.
+    """
+    from ase.data import chemical_symbols
+
+    from ..data.stats import fit_reference_energies
+    old = dict(zip(config.elements, config.atomic_energies[head]))
+    if how == "keep" or not len(labels):
+        return old
+    target = labels - preds if how == "residual" else labels
+    fit = fit_reference_energies(numbers, target)
+    new = dict(old)
+    for z, value in fit.items():
+        s = chemical_symbols[z]
+        new[s] = (old[s] + value) if how == "residual" else value
+    return new
+
+
+def e0_table(old: dict[str, float], new: dict[str, float], added: list[str] = ()) -> str:
+    """Per element: old / new / new - old (eV); '-' for elements the base never had."""
+    lines = [f"{'element':8s} {'old E0 (eV)':>16s} {'new E0 (eV)':>16s} {'difference (eV)':>16s}"]
+    for s in new:
+        if s in added:
+            lines.append(f"{s:8s} {'-':>16s} {new[s]:16.6f} {'-':>16s}")
+        else:
+            lines.append(f"{s:8s} {old[s]:16.6f} {new[s]:16.6f} {new[s] - old[s]:16.6f}")
+    return "\n".join(lines)
+
+
+def comparison_table(columns: dict[str, dict], title: str = "property") -> str:
+    """Metrics side by side: rows "group/property", per column MAE and RMSE (x1000: meV, meV/Å, meV/Å^3)."""
+    from .metrics import UNITS
+    names = list(columns)
+    rows = list(dict.fromkeys(k for c in columns.values() for k in c))
+    head = f"{title:44s} {'unit':>10s}" + "".join(f" {n + ' MAE':>18s} {n + ' RMSE':>18s}" for n in names)
+    lines = [head]
+    for r in rows:
+        unit = "m" + UNITS[r.rsplit("/", 1)[1]]
+        cells = "".join(f" {1000 * columns[n][r]['mae']:18.4f} {1000 * columns[n][r]['rmse']:18.4f}"
+                        if r in columns[n] else f" {'-':>18s} {'-':>18s}" for n in names)
+        lines.append(f"{r:44s} {unit:>10s}{cells}")
+    return "\n".join(lines)
+
+
+def max_prediction_difference(a, b, datasets: list, max_atoms: int = 256) -> float:
+    """max |pred_a - pred_b| over energies (eV) and forces (eV/Å) on ``datasets``, relative to 1 + |pred_b|."""
+    from .data import make_eval_loader
+    worst = 0.0
+    for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
+        pa, pb = a(batch, compute_forces=True), b(batch, compute_forces=True)
+        for k in (keys.ENERGY, keys.FORCES):
+            d = ((pa[k].double() - pb[k].double()).abs() / (1 + pb[k].double().abs())).max()
+            worst = max(worst, float(d))
+    return worst
+
+
+# --- the model to fine-tune -------------------------------------------------------------------------------------
+def layout_heads(base, config: FinetuneConfig) -> tuple[list[str], list[str]]:
+    """(data heads: one per training dataset, model heads in order) - the first len(data heads) model heads are
+    the data heads, in order, so that a dataset's head index is the model's head index."""
+    source = base.config.heads[base.config.head_index(config.base.head)]
+    target = config.finetune.head or source
+    if config.finetune.head and config.finetune.head in base.config.heads:
+        raise ValueError(f"finetune.head {target!r} already exists in the base model (heads {base.config.heads}); "
+                         "name a new head, or leave finetune.head empty to fine-tune base.head in place")
+    data_heads = [target] + ([source] if config.finetune.strategy == "replay" else [])
+    rest = [h for h in base.config.heads if h not in data_heads]
+    return data_heads, data_heads + rest
+
+
+def prepare_model(base, config: FinetuneConfig, new_elements: list[str]):
+    """(reference, model): the base with added elements and laid-out heads, every new head a copy of the base
+    head (``reference``); ``model`` = the same with ``head_init: random`` applied to the target head."""
+    source = base.config.heads[base.config.head_index(config.base.head)]
+    extended = surgery.extend_elements(base, new_elements, seed=config.train.seed)
+    _, order = layout_heads(base, config)
+    sources = [source if h not in base.config.heads else h for h in order]
+    reference = surgery.remap_heads(extended, order, sources, seed=config.train.seed)
+    model = reference
+    if config.finetune.head_init == "random":
+        model = surgery.reinit_head(reference, order[0], seed=config.train.seed + 1)
+    return reference, copy.deepcopy(model)
+
+
+def apply_strategy(model, config: FinetuneConfig, new_elements: list[str]) -> list[str]:
+    """Set what trains (in place); returns the trainable parameter names."""
+    strategy = config.finetune.strategy
+    masked = bool(new_elements) and strategy in ("frozen", "lora")
+    if masked and config.train.optim.weight_decay > 0:
+        raise ValueError(f"optim.weight_decay={config.train.optim.weight_decay} would change the frozen rows of "
+                         f"the old elements while training the new elements {new_elements}; set it to 0")
+    if strategy == "frozen":
+        surgery.freeze_backbone(model, new_elements)
+    elif strategy == "lora":
+        surgery.add_lora(model, config.lora.rank, config.lora.alpha, seed=config.train.seed, train_elements=new_elements)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(True)
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+class FinetuneTrainer(Trainer):
+    """The pretraining ``Trainer`` with the model's statistics left as prepared (base + E0 refit: recomputing
+    scale/shift/neighbour count from the new data would change the model at step 0) and LoRA merged on export."""
+
+    def _set_statistics(self, model, heads, r_max) -> None:
+        return None
+
+    def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
+        module = self.engine.module
+        if not surgery.has_lora(module):
+            return super().export(metrics, target)
+        target = self.out / "model" if target is None else target
+        if self.rank == 0:
+            with (self.ema.applied(module) if self.ema is not None else _Null()):
+                merged = surgery.merged_copy(module)
+            merged.save_pretrained(target, metrics=card_metrics(metrics or {}))
+        return target
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# --- orchestration ----------------------------------------------------------------------------------------------
+def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: bool = True) -> dict:
+    """Run the fine-tuning described by ``config``; returns {"zero_shot", "e0_old", "e0_new", "added_elements",
+    "step0_difference", "metrics", "forgetting", "model_dir", "model"} (see the module docstring).
+    ``train=False`` stops before the first step (the prepared model is returned under "model")."""
+    from ..data import ShardedDataset
+    from .data import elements_of, open_datasets
+    c, t = config, config.train
+    base = load_base(c.base.model, c.base.revision)
+    r_max = float(base.config.r_max)
+    cache = Path(c.finetune.cache_dir or Path(t.out_dir) / "data")
+    data_heads, order = layout_heads(base, c)
+    train_paths = prepare_paths(t.data.train, cache, r_max)
+    if not train_paths:
+        raise ValueError("data.train is empty; give the new data (dataset directories or ASE-readable files)")
+    t.data.valid = prepare_paths(t.data.valid, cache, r_max)
+    t.data.train, t.data.heads = train_paths, [data_heads[0]] * len(train_paths)
+    if c.finetune.strategy == "replay":
+        replay = [sample_dataset(p, c.replay.samples, t.seed, cache, r_max)
+                  for p in prepare_paths(c.replay.data, cache, r_max)]
+        t.data.train = train_paths + replay
+        t.data.heads = t.data.heads + [data_heads[1]] * len(replay)
+        new_w, old_w = (1 - c.replay.weight) / len(train_paths), c.replay.weight / len(replay)
+        t.data.weights = [new_w] * len(train_paths) + [old_w] * len(replay)
+        if t.data.valid:   # valid k follows train k: new-data validation only on the target head
+            t.data.valid = t.data.valid[:len(train_paths)]
+    t.validate()
+    train_sets, valid_sets = open_datasets(t, r_max)
+    for ds in train_sets + valid_sets:
+        getattr(ds, "dataset", ds).dtype = base.dtype   # exact float64 labels for the E0 fit and the tables
+    new_data = [d for d, h in zip(train_sets, t.data.heads) if h == data_heads[0]]
+    n_train = len(t.data.train)
+    new_valid = [d for k, d in enumerate(valid_sets)
+                 if t.data.heads[min(k, n_train - 1) if c.train.data.valid else k] == data_heads[0]]
+    missing = [s for s in elements_of(new_data) if s not in base.config.elements]
+    if missing and not c.finetune.add_elements:
+        raise ValueError(f"the new data contains elements {missing} the base model does not know "
+                         f"({base.config.elements}); set finetune.add_elements: true to add them")
+    if missing:
+        log(f"adding elements {missing} to the base model (new embedding rows; the other weights kept)")
+    reference, model = prepare_model(base, c, missing)
+    target = order[0]
+
+    fit = predict(reference, new_data, order, t.data.max_atoms)
+    old = dict(zip(reference.config.elements, reference.config.atomic_energies[target]))
+    new = refit_e0(reference.config, target, fit["numbers"], fit["labels"], fit["preds"], c.finetune.e0)
+    before = predict(reference, new_valid, order, t.data.max_atoms)["metrics"] if new_valid else {}
+    for m in (reference, model):
+        m.set_statistics(atomic_energies=new, head=target)
+    after = predict(reference, new_valid, order, t.data.max_atoms)["metrics"] if new_valid else {}
+    log(f"per-element reference energies of head {target!r} refitted by least squares ({c.finetune.e0}):\n"
+        + e0_table(old, new, missing))
+    if new_valid:
+        log("zero-shot errors of the base model on the new validation data:\n"
+            + comparison_table({"base E0": before, "refit E0": after}))
+    source = base.config.heads[base.config.head_index(c.base.head)]
+    monitor = _open_monitor(c, order.index(source), r_max, cache)
+    monitor_before = predict(reference, monitor, order, t.data.max_atoms)["metrics"] if monitor else {}
+
+    trainable = apply_strategy(model, c, missing)
+    check = new_valid or new_data
+    step0 = max_prediction_difference(model, reference, check, t.data.max_atoms)
+    log(f"strategy {c.finetune.strategy}: {sum(model.get_parameter(n).numel() for n in trainable)} of "
+        f"{sum(p.numel() for p in model.parameters())} parameters train; step-0 check: max relative difference "
+        f"to the base with refitted E0 = {step0:.3g}" + (" (head re-initialised as asked)"
+                                                         if c.finetune.head_init == "random" else ""))
+    if c.finetune.head_init == "copy" and step0 > STEP0_TOL.get(model.dtype, 1e-4):
+        raise RuntimeError(f"step-0 check failed: the prepared model differs from the base by {step0:.3g}")
+    result = {"zero_shot": {"base_e0": before, "refit_e0": after}, "e0_old": old, "e0_new": new,
+              "added_elements": missing, "step0_difference": step0, "model": model, "heads": order}
+    if not train:
+        return result
+    metrics = FinetuneTrainer(t, model=model).fit()
+    result.update(metrics=metrics, model_dir=Path(t.out_dir) / "model")
+    if monitor:
+        from ..model import FoundationModel
+        tuned = FoundationModel.from_pretrained(result["model_dir"])
+        after_ft = predict(tuned, monitor, order, t.data.max_atoms)["metrics"]
+        result["forgetting"] = {"base": monitor_before, "finetuned": after_ft}
+        log(f"pretraining validation data on head {source!r} (forgetting):\n" + comparison_table({"base": monitor_before, "finetuned": after_ft}))
+    return result
+
+
+def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: Path) -> list:
+    """Pretraining validation datasets (``config.monitor``), evaluated on head ``head_index`` (the base head)."""
+    from .evaluate import open_eval_data
+    if not config.monitor:
+        return []
+    return open_eval_data(prepare_paths(config.monitor, cache, r_max), r_max, torch.float64, head=head_index)
+
+
+def main(recipe: str, overrides: list[str] | None = None) -> str:
+    """``foundation finetune``: prints the tables as it goes; returns the final summary."""
+    from .metrics import format_table
+    result = finetune(load_finetune_config(recipe, overrides))
+    return f"model exported to {result['model_dir']}\n" + format_table(result.get("metrics") or {})

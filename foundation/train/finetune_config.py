@@ -1,0 +1,163 @@
+"""``FinetuneConfig``: a fine-tuning recipe = a ``TrainConfig`` (same sections, same validation) plus
+``base:``, ``finetune:``, ``lora:`` and ``replay:``.
+
+Options that could not take effect are errors, never silently ignored: a ``lora:`` section without
+``finetune.strategy: lora``, ``replay:`` without ``strategy: replay`` (and replay without replay data), a
+``model:`` section (the architecture comes from the base model), ``data.heads``/``data.weights`` (set from
+``finetune.head`` and ``replay.weight``), a Hub id without a pinned ``base.revision``.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+from .config import TrainConfig, _build, _suggest, apply_overrides, config_from_dict
+
+STRATEGIES = ("full", "frozen", "lora", "replay")
+E0_FITS = ("residual", "total", "keep")
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass
+class BaseSection:
+    """The pretrained model: a saved directory or a Hub id ``namespace/name`` pinned to ``revision`` (commit
+    sha, tag or branch); ``head``: the base head whose weights start the fine-tuning (default: the first)."""
+    model: str = ""
+    revision: Union[str, None] = None
+    head: Union[str, None] = None
+
+
+@dataclass
+class FinetuneSection:
+    """strategy: full (all weights), frozen (heads only), lora (adapters on the backbone's linear maps + heads),
+    replay (new head on the new data + the base head on a replay sample of the pretraining data).
+    head: name of a new head for the new data (required for replay; default: fine-tune the base head in place).
+    head_init: copy (new head starts as the base head: step 0 = base model) or random (a fresh head).
+    e0: residual (E0 += least-squares fit of label - base prediction), total (fit of total energies), keep.
+    add_elements: allow elements of the new data the base model never saw (embedding rows added).
+    cache_dir: where ASE-readable input files are converted to shards (default ``out_dir/data``).
+    monitor: pretraining validation data evaluated on the base head before and after (forgetting).
+    """
+    strategy: Literal["full", "frozen", "lora", "replay"] = "full"
+    head: Union[str, None] = None
+    head_init: Literal["copy", "random"] = "copy"
+    e0: Literal["residual", "total", "keep"] = "residual"
+    add_elements: bool = True
+    cache_dir: Union[str, None] = None
+    monitor: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoraSection:
+    """Low-rank adapters W + (alpha / rank) A B on every 2-D linear map of the backbone, merged on export."""
+    rank: int = 8
+    alpha: float = 16.0
+
+
+@dataclass
+class ReplaySection:
+    """Pretraining data mixed into training on the base head: ``data`` (dirs or files), a seeded sample of
+    ``samples`` structures (0 = all), mixing weight ``weight`` (fraction of sampled structures), ``valid``
+    (pretraining validation data: monitored before/after fine-tuning)."""
+    data: list[str] = field(default_factory=list)
+    valid: list[str] = field(default_factory=list)
+    samples: int = 0
+    weight: float = 0.2
+
+
+@dataclass
+class FinetuneConfig:
+    base: BaseSection
+    finetune: FinetuneSection
+    lora: Union[LoraSection, None]
+    replay: Union[ReplaySection, None]
+    train: TrainConfig
+
+    @property
+    def monitor(self) -> list[str]:
+        """Pretraining validation data to watch for forgetting (``finetune.monitor`` or ``replay.valid``)."""
+        return list(self.finetune.monitor) or (list(self.replay.valid) if self.replay else [])
+
+
+SECTIONS = {"base": BaseSection, "finetune": FinetuneSection, "lora": LoraSection, "replay": ReplaySection}
+
+
+def finetune_config_from_dict(values: dict) -> FinetuneConfig:
+    """A validated ``FinetuneConfig`` from a nested dict (as read from YAML)."""
+    values = dict(values or {})
+    train_names = [n for n in TrainConfig.__dataclass_fields__ if n != "model"]
+    for key in values:
+        if key not in SECTIONS and key not in train_names:
+            if key == "model":
+                raise ValueError("recipe key 'model' is not used in fine-tuning: the architecture comes from "
+                                 "base.model; remove the model: section")
+            raise ValueError(f"unknown recipe key {key!r}" + _suggest(str(key), list(SECTIONS) + train_names))
+    parts = {}
+    for name, cls in SECTIONS.items():
+        raw = values.pop(name, None)
+        if raw is not None and not isinstance(raw, dict):
+            raise ValueError(f"recipe key {name!r} must be a mapping of {cls.__name__} fields, got {raw!r}")
+        parts[name] = None if raw is None else _build(cls, raw, name + ".")
+    data = values.get("data") or {}
+    for key, instead in (("heads", "finetune.head"), ("weights", "replay.weight")):
+        if data.get(key) is not None:
+            raise ValueError(f"recipe key 'data.{key}' is set by fine-tuning; use {instead} instead")
+    if (values.get("loss") or {}).get("dataset_weights") is not None:
+        raise ValueError("recipe key 'loss.dataset_weights' is set by fine-tuning; use replay.weight instead")
+    values.setdefault("out_dir", "runs/finetune")
+    config = FinetuneConfig(base=parts["base"] or BaseSection(), finetune=parts["finetune"] or FinetuneSection(),
+                            lora=parts["lora"], replay=parts["replay"], train=config_from_dict(values))
+    return validate(config)
+
+
+def validate(config: FinetuneConfig) -> FinetuneConfig:
+    """Cross-section checks; ``ValueError`` naming the key and what to do."""
+    b, f = config.base, config.finetune
+    if not b.model:
+        raise ValueError("recipe key 'base.model' is empty; give a saved model directory (e.g. "
+                         "runs/pretrain_small/model) or a Hub id namespace/name with base.revision")
+    is_dir = Path(b.model).is_dir()
+    if not is_dir and _REPO_ID.fullmatch(b.model) and not b.revision and not Path(b.model).exists():
+        raise ValueError(f"base.model {b.model!r} is a Hub id: pin base.revision to a commit sha or tag so the "
+                         "fine-tune is reproducible (or point base.model to a local directory)")
+    if f.strategy == "lora" and config.lora is None:
+        config.lora = LoraSection()
+    if config.lora is not None and f.strategy != "lora":
+        raise ValueError(f"recipe has a lora: section but finetune.strategy is {f.strategy!r}; set "
+                         "finetune.strategy: lora or remove the lora: section")
+    if config.lora is not None and (config.lora.rank < 1 or config.lora.alpha <= 0):
+        raise ValueError("recipe key 'lora.rank' must be >= 1 and 'lora.alpha' > 0")
+    if config.replay is not None and f.strategy != "replay":
+        raise ValueError(f"recipe has a replay: section but finetune.strategy is {f.strategy!r}; set "
+                         "finetune.strategy: replay or remove the replay: section")
+    if f.strategy == "replay":
+        if config.replay is None or not config.replay.data:
+            raise ValueError("finetune.strategy is 'replay' but replay.data is empty: give the pretraining data "
+                             "(dataset directories or files) to replay, or choose another strategy")
+        if not f.head:
+            raise ValueError("finetune.strategy 'replay' trains a new head on the new data: name it with "
+                             "finetune.head (e.g. finetune.head: target)")
+        if not 0.0 < config.replay.weight < 1.0:
+            raise ValueError(f"recipe key 'replay.weight' is the fraction of replayed structures, in (0, 1); got "
+                             f"{config.replay.weight}")
+        if config.replay.samples < 0:
+            raise ValueError("recipe key 'replay.samples' must be >= 0 (0 = all structures)")
+    return config
+
+
+def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
+    """Read a fine-tuning recipe YAML, apply ``--set`` overrides, validate (FileNotFoundError / ValueError)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe {str(path)!r} not found; fine-tuning recipes ship in recipes/finetune_*.yaml")
+    values = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {str(path)!r} must be a YAML mapping of sections (base:, finetune:, data: ...)")
+    try:
+        return finetune_config_from_dict(apply_overrides(values, overrides or []))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None

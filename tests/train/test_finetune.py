@@ -1,0 +1,212 @@
+"""Fine-tuning: step-0 equality per head, zero-shot and E0 tables, strategies, errors, a real short run.
+
+Base model: a tiny random Cu/Ni model (8 channels) with one head 'emt' and non-trivial E0/scale/shift; new data:
+EMT-labelled Cu/Ni/Al cells written to an extxyz file (converted on the fly), so Al is a new element.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch_geometric.data import Batch
+
+from foundation import keys
+from foundation.model import FoundationModel, ModelConfig
+from foundation.train.finetune import finetune, refit_e0
+from foundation.train.finetune_config import finetune_config_from_dict
+
+R_MAX = 4.0
+
+
+def emt_frames(n: int, seed: int, elements=(29, 28, 13)) -> list:
+    """``n`` rattled, strained fcc cells (4-8 atoms) with random species from ``elements``, EMT labels."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    rng = np.random.default_rng(seed)
+    frames = []
+    for i in range(n):
+        atoms = bulk("Cu", "fcc", a=3.65, cubic=True).repeat((1, 1, 1 + i % 2))
+        atoms.numbers = rng.choice(elements, len(atoms))
+        atoms.set_cell(atoms.cell * (1 + 0.02 * rng.standard_normal()), scale_atoms=True)
+        atoms.positions += 0.1 * rng.standard_normal(atoms.positions.shape)
+        atoms.calc = EMT()
+        res = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
+        atoms.calc = SinglePointCalculator(atoms, **res)
+        frames.append(atoms)
+    return frames
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from ase.io import write
+    root = tmp_path_factory.mktemp("ft")
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("small", elements=["Ni", "Cu"], num_channels=8, max_L=1, num_layers=2, r_max=R_MAX,
+                             heads=["emt"], atomic_energies=[-0.3, -0.2], scale=0.5, shift=0.05,
+                             avg_num_neighbors=12.0)
+    base = FoundationModel(cfg)
+    base.save_pretrained(root / "base")
+    write(root / "new_train.xyz", emt_frames(24, seed=1), format="extxyz")
+    write(root / "new_valid.xyz", emt_frames(8, seed=2), format="extxyz")
+    write(root / "old.xyz", emt_frames(16, seed=3, elements=(29, 28)), format="extxyz")
+    return root
+
+
+def recipe(root: Path, out: str, **sections) -> dict:
+    values = {"base": {"model": str(root / "base")}, "out_dir": str(root / out), "max_steps": 2, "log_every": 1,
+              "valid_every": 100, "checkpoint_every": 100, "progress": False, "seed": 0,
+              "data": {"train": [str(root / "new_train.xyz")], "valid": [str(root / "new_valid.xyz")],
+                       "max_atoms": 32},
+              "optim": {"lr": 0.01}, "ema": {"enabled": False}, "engine": {"zero_stage": 0}}
+    for key, value in sections.items():
+        values[key] = value
+    return values
+
+
+def graphs(frames, head: int):
+    from foundation.data import from_atoms
+    return Batch.from_data_list([from_atoms(a, r_max=R_MAX, dtype=torch.float64, head=head) for a in frames])
+
+
+def test_step0_equals_base_with_refitted_e0_per_head(setup):
+    logs = []
+    res = finetune(finetune_config_from_dict(recipe(
+        setup, "s0", finetune={"strategy": "replay", "head": "target"},
+        replay={"data": [str(setup / "old.xyz")], "samples": 8, "weight": 0.3})), log=logs.append, train=False)
+    model = res["model"]
+    assert model.config.heads == ["target", "emt"] and res["added_elements"] == ["Al"]
+    base = FoundationModel.from_pretrained(setup / "base")
+    frames = emt_frames(4, seed=9, elements=(29, 28))
+    for h, name in enumerate(model.config.heads):
+        ref = FoundationModel.from_pretrained(setup / "base")
+        if name == "target":   # the base with the refitted references (Al is absent from these frames)
+            ref.set_statistics(atomic_energies={s: res["e0_new"][s] for s in ref.config.elements})
+        got, want = model(graphs(frames, h)), ref(graphs(frames, 0))
+        torch.testing.assert_close(got[keys.ENERGY], want[keys.ENERGY], rtol=0, atol=1e-10)
+        torch.testing.assert_close(got[keys.FORCES], want[keys.FORCES], rtol=0, atol=1e-10)
+    # the pretraining head keeps the base statistics
+    assert model.config.atomic_energies["emt"][:2] == base.config.atomic_energies["emt"]
+    assert res["step0_difference"] < 1e-10
+
+
+def test_zero_shot_table_and_least_squares_e0(setup):
+    logs = []
+    res = finetune(finetune_config_from_dict(recipe(setup, "zs")), log=logs.append, train=False)
+    text = "\n".join(logs)
+    assert "zero-shot errors" in text and "base E0 MAE" in text and "refit E0 MAE" in text
+    for prop in ("energy_per_atom", "forces", "stress"):
+        assert f"/emt/{prop}" in text
+    zs = res["zero_shot"]
+    # the refit can only lower the energy error on the data it was fitted to; on validation data it helps a lot here
+    assert zs["refit_e0"]["all/energy_per_atom"]["mae"] < zs["base_e0"]["all/energy_per_atom"]["mae"]
+    assert zs["refit_e0"]["all/forces"] == zs["base_e0"]["all/forces"]   # references do not move forces
+    # E0 table: old / new / diff per element, new = least squares on the residuals (independent numpy fit)
+    from ase.io import read
+    frames = read(setup / "new_train.xyz", ":")
+    base = FoundationModel.from_pretrained(setup / "base")
+    old_e0 = dict(zip(base.config.elements, base.config.atomic_energies["emt"]))
+    # the training split of the run: everything (explicit validation file); Al gets E0 0 eV before the fit
+    from foundation.train import surgery
+    ext = surgery.extend_elements(base, ["Al"])
+    pred = ext(graphs(frames, 0), compute_forces=False)[keys.ENERGY].numpy()
+    counts = np.array([[np.sum(a.numbers == z) for z in (28, 29, 13)] for a in frames], float)
+    labels = np.array([a.get_potential_energy() for a in frames])
+    delta = np.linalg.lstsq(counts, labels - pred, rcond=None)[0]
+    want = {"Ni": old_e0["Ni"] + delta[0], "Cu": old_e0["Cu"] + delta[1], "Al": delta[2]}
+    for s, v in want.items():
+        assert res["e0_new"][s] == pytest.approx(v, abs=1e-8)
+    table = next(m for m in logs if "refitted by least squares" in m)
+    ni = next(line for line in table.splitlines() if line.startswith("Ni"))
+    assert [float(x) for x in ni.split()[1:]] == pytest.approx([old_e0["Ni"], want["Ni"], want["Ni"] - old_e0["Ni"]],
+                                                               abs=2e-6)
+    assert next(line for line in table.splitlines() if line.startswith("Al")).split()[1] == "-"
+
+
+def test_refit_total_and_keep():
+    cfg = ModelConfig(elements=["H", "O"], atomic_energies=[-1.0, -2.0])
+    numbers = [np.array([1, 1, 8]), np.array([1, 8]), np.array([8, 8])]
+    labels = np.array([2 * -13.6 - 2041.0, -13.6 - 2041.0, -4082.0])
+    new = refit_e0(cfg, "default", numbers, labels, np.zeros(3), "total")
+    assert new["H"] == pytest.approx(-13.6) and new["O"] == pytest.approx(-2041.0)
+    assert refit_e0(cfg, "default", numbers, labels, np.zeros(3), "keep") == {"H": -1.0, "O": -2.0}
+
+
+@pytest.mark.parametrize("sections, message", [
+    ({"finetune": {"strategy": "replay", "head": "t"}}, "replay.data is empty"),
+    ({"finetune": {"strategy": "replay", "head": "t"}, "replay": {"data": []}}, "replay.data is empty"),
+    ({"finetune": {"strategy": "full"}, "replay": {"data": ["x"]}}, "replay: section but"),
+    ({"finetune": {"strategy": "frozen"}, "lora": {"rank": 2}}, "lora: section but"),
+    ({"finetune": {"strategy": "replay"}, "replay": {"data": ["x"]}}, "name it with finetune.head"),
+    ({"finetune": {"stratgy": "full"}}, "did you mean 'strategy'"),
+    ({"replay_data": ["x"]}, "unknown recipe key 'replay_data'"),
+    ({"model": {"preset": "small"}}, "architecture comes from base.model"),
+    ({"base": {"model": "org/name"}}, "pin base.revision"),
+])
+def test_options_that_cannot_take_effect_are_errors(setup, sections, message):
+    with pytest.raises(ValueError, match=message):
+        finetune_config_from_dict(recipe(setup, "err", **sections))
+
+
+def test_data_heads_are_set_by_finetuning(setup):
+    values = recipe(setup, "err")
+    values["data"]["heads"] = ["x"]
+    with pytest.raises(ValueError, match="finetune.head"):
+        finetune_config_from_dict(values)
+
+
+def test_unknown_base_head_is_an_error(setup):
+    with pytest.raises(ValueError, match="unknown head 'pbe'"):
+        finetune(finetune_config_from_dict(recipe(setup, "uh", base={"model": str(setup / "base"), "head": "pbe"})),
+                 log=lambda s: None, train=False)
+
+
+def test_existing_head_name_and_unknown_elements_are_errors(setup):
+    with pytest.raises(ValueError, match="already exists"):
+        finetune(finetune_config_from_dict(recipe(setup, "eh", finetune={"head": "emt"})), log=lambda s: None,
+                 train=False)
+    with pytest.raises(ValueError, match="add_elements"):
+        finetune(finetune_config_from_dict(recipe(setup, "ne", finetune={"add_elements": False})),
+                 log=lambda s: None, train=False)
+
+
+def test_frozen_backbone_unchanged_after_steps(setup):
+    res = finetune(finetune_config_from_dict(recipe(setup, "frozen", finetune={"strategy": "frozen"},
+                                                    max_steps=3)), log=lambda s: None)
+    from foundation.train import surgery
+    base = FoundationModel.from_pretrained(setup / "base")
+    init = surgery.extend_elements(base, ["Al"], seed=0)   # the model before the first step (same seeded init)
+    tuned = FoundationModel.from_pretrained(res["model_dir"])
+    old, new = init.state_dict(), tuned.state_dict()
+    rows = surgery.element_axes(init.config)
+    changed = [k for k in old if not torch.equal(old[k].float(), new[k].float())]
+    assert {k for k in changed if k.startswith("readouts.")}, "the heads did not train"
+    for k in changed:
+        if k.startswith("readouts."):
+            continue
+        assert k in rows, f"backbone weight {k} changed"   # per-element weights: only the new element's rows
+        al = init.config.elements.index("Al")
+        keep = [i for i in range(old[k].shape[rows[k]]) if i != al]
+        assert torch.equal(old[k].float().index_select(rows[k], torch.tensor(keep)),
+                           new[k].float().index_select(rows[k], torch.tensor(keep))), k
+    assert "embedding.weight" in changed   # the new element's embedding row did train
+
+
+@pytest.mark.slow
+def test_lora_export_is_merged_and_short_finetune_reduces_error(setup):
+    values = recipe(setup, "lora", finetune={"strategy": "lora"}, lora={"rank": 2, "alpha": 4.0}, max_steps=25,
+                    valid_every=25)
+    values["optim"] = {"lr": 0.02}
+    res = finetune(finetune_config_from_dict(values), log=lambda s: None)
+    tuned = FoundationModel.from_pretrained(res["model_dir"])   # strict load: names of the base model, no adapters
+    before = res["zero_shot"]["refit_e0"]["all/forces"]["rmse"]
+    after = res["metrics"]["all/forces"]["rmse"]
+    assert after < 0.9 * before, (before, after)
+    frames = emt_frames(3, seed=7)
+    with torch.no_grad():   # the exported (merged) model predicts what the trained adapter model predicted
+        live = res["model"]
+        got = tuned(graphs(frames, 0))[keys.ENERGY]
+        want = live.double()(graphs(frames, 0))[keys.ENERGY]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
