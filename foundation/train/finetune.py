@@ -42,20 +42,51 @@ def load_base(model: str, revision: str | None = None):
 
 def prepare_paths(paths: list[str], cache_dir: Path, r_max: float) -> list[str]:
     """Dataset directories (and .lmdb shard files) as they are; other files (ASE-readable) converted to shards in
-    ``cache_dir/<stem>-<hash>`` (idempotent: an unchanged file is not converted again)."""
+    ``cache_dir`` (idempotent: an unchanged file is not converted again). ``FILE@INDEX`` takes the frames
+    ``ase.io.read(FILE, INDEX)`` selects (e.g. ``aspirin.xyz@:1000:20`` = 50 frames spread over the trajectory)."""
     out = []
-    for p in map(Path, paths):
+    for entry in map(str, paths):
+        file, _, index = entry.partition("@") if "@" in entry and not Path(entry).exists() else (entry, "", "")
+        p = Path(file)
         if not p.exists():
             raise FileNotFoundError(f"fine-tuning data {str(p)!r} not found; give an LMDB dataset directory "
                                     "('foundation data convert') or an ASE-readable file (extxyz, ASE db ...)")
         if p.is_dir() or p.suffix in (".lmdb", ".mdb"):
+            if index:
+                raise ValueError(f"{entry!r}: @INDEX selects frames of a file, not of a dataset directory")
             out.append(str(p))
             continue
         from ..data.convert import convert
-        tag = hashlib.sha256(str(p.resolve()).encode()).hexdigest()[:8]
-        out.append(str(convert([p], cache_dir / f"{p.stem}-{tag}", r_max=r_max, dataset_name=p.stem,
+        tag = hashlib.sha256(f"{p.resolve()}@{index}".encode()).hexdigest()[:8]
+        name = p.stem + (f"-{index.replace(':', '_')}" if index else "")
+        source = _select_frames(p, index, cache_dir / f"{name}-{tag}.db") if index else p
+        out.append(str(convert([source], cache_dir / f"{name}-{tag}", r_max=r_max, dataset_name=name,
                                progress=False)))
     return out
+
+
+def _select_frames(path: Path, index: str, target: Path) -> Path:
+    """Frames ``ase.io.read(path, index)`` written to an ASE db ``target`` (exact floats); re-used if present."""
+    from ase.db import connect
+    from ase.io import read
+    if target.is_file():
+        return target
+    try:
+        frames = read(str(path), index)
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"cannot select frames {index!r} of {path}: {exc}; use Python slice syntax, e.g. :100 "
+                         "or ::10") from exc
+    frames = frames if isinstance(frames, list) else [frames]
+    if not frames:
+        raise ValueError(f"{path}@{index} selects no frames")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp.db")
+    tmp.unlink(missing_ok=True)
+    with connect(tmp, use_lock_file=False) as db:
+        for atoms in frames:
+            db.write(atoms, total_charge=float(atoms.info.get("total_charge", atoms.info.get("charge", 0.0))))
+    tmp.rename(target)
+    return target
 
 
 def sample_dataset(path: str, samples: int, seed: int, cache_dir: Path, r_max: float) -> str:
@@ -279,6 +310,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
         if t.data.valid:   # valid k follows train k: new-data validation only on the target head
             t.data.valid = t.data.valid[:len(train_paths)]
     t.validate()
+    _check_loss_targets(base, t)
     train_sets, valid_sets = open_datasets(t, r_max)
     for ds in train_sets + valid_sets:
         getattr(ds, "dataset", ds).dtype = base.dtype   # exact float64 labels for the E0 fit and the tables
@@ -333,6 +365,17 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
         result["forgetting"] = {"base": monitor_before, "finetuned": after_ft}
         log(f"pretraining validation data on head {source!r} (forgetting):\n" + comparison_table({"base": monitor_before, "finetuned": after_ft}))
     return result
+
+
+def _check_loss_targets(model, t) -> None:
+    """Loss terms the model cannot predict (charges/dipole without a long-range head) are errors."""
+    if model.config.long_range is None:
+        for where, coeffs in [("loss.coefficients", t.loss.coefficients)] + [
+                (f"loss.schedule[{i}].coefficients", s.coefficients) for i, s in enumerate(t.loss.schedule)]:
+            bad = [k for k in (keys.CHARGES, keys.DIPOLE) if coeffs.get(k, 0) > 0]
+            if bad:
+                raise ValueError(f"{where} weights {bad}, but the base model has no long-range charge head "
+                                 "(model_config.long_range is None), so it predicts no charges; set them to 0")
 
 
 def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: Path) -> list:

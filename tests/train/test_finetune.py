@@ -194,7 +194,6 @@ def test_frozen_backbone_unchanged_after_steps(setup):
     assert "embedding.weight" in changed   # the new element's embedding row did train
 
 
-@pytest.mark.slow
 def test_lora_export_is_merged_and_short_finetune_reduces_error(setup):
     values = recipe(setup, "lora", finetune={"strategy": "lora"}, lora={"rank": 2, "alpha": 4.0}, max_steps=25,
                     valid_every=25)
@@ -210,3 +209,25 @@ def test_lora_export_is_merged_and_short_finetune_reduces_error(setup):
         got = tuned(graphs(frames, 0))[keys.ENERGY]
         want = live.double()(graphs(frames, 0))[keys.ENERGY]
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+
+
+def test_file_frame_selection_is_converted_exactly(setup, tmp_path):
+    from ase.io import read
+
+    from foundation.data import ShardedDataset
+    from foundation.train.finetune import prepare_paths
+    (path,) = prepare_paths([f"{setup / 'new_train.xyz'}@1:20:4"], tmp_path, R_MAX)
+    want = read(setup / "new_train.xyz", "1:20:4")
+    ds = ShardedDataset(path)
+    assert len(ds) == len(want) == 5
+    assert [float(ds.record(i)[keys.ENERGY]) for i in range(5)] == [a.get_potential_energy() for a in want]
+    assert prepare_paths([f"{setup / 'new_train.xyz'}@1:20:4"], tmp_path, R_MAX) == [path]   # cached
+    with pytest.raises(FileNotFoundError, match="not found"):
+        prepare_paths([str(tmp_path / "absent.xyz")], tmp_path, R_MAX)
+
+
+def test_charge_loss_without_charge_head_is_an_error(setup):
+    values = recipe(setup, "q")
+    values["loss"] = {"coefficients": {"energy": 1.0, "forces": 10.0, "charges": 1.0}}
+    with pytest.raises(ValueError, match="no long-range charge head"):
+        finetune(finetune_config_from_dict(values), log=lambda s: None, train=False)
