@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -291,6 +292,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     from ..data import ShardedDataset
     from .data import elements_of, open_datasets
     c, t = config, config.train
+    if int(os.environ.get("RANK", "0")) != 0:   # under torchrun/deepspeed every rank prepares; rank 0 reports
+        log = _quiet
     base = load_base(c.base.model, c.base.revision)
     r_max = float(base.config.r_max)
     cache = Path(c.finetune.cache_dir or Path(t.out_dir) / "data")
@@ -363,8 +366,13 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
         tuned = FoundationModel.from_pretrained(result["model_dir"])
         after_ft = predict(tuned, monitor, order, t.data.max_atoms)["metrics"]
         result["forgetting"] = {"base": monitor_before, "finetuned": after_ft}
-        log(f"pretraining validation data on head {source!r} (forgetting):\n" + comparison_table({"base": monitor_before, "finetuned": after_ft}))
+        log(f"pretraining validation data on head {source!r} (forgetting):\n"
+            + comparison_table({"base": monitor_before, "finetuned": after_ft}))
     return result
+
+
+def _quiet(_: str) -> None:
+    return None
 
 
 def _check_loss_targets(model, t) -> None:

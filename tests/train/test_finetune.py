@@ -231,3 +231,20 @@ def test_charge_loss_without_charge_head_is_an_error(setup):
     values["loss"] = {"coefficients": {"energy": 1.0, "forces": 10.0, "charges": 1.0}}
     with pytest.raises(ValueError, match="no long-range charge head"):
         finetune(finetune_config_from_dict(values), log=lambda s: None, train=False)
+
+
+@pytest.mark.parametrize("name", ["finetune_mlearn_si", "finetune_rmd17_aspirin", "finetune_charges_xtb"])
+def test_shipped_recipes_are_valid(name):
+    from foundation.train.finetune_config import load_finetune_config
+    path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
+    config = load_finetune_config(path)
+    assert config.base.model == "runs/pretrain_small/model" and config.train.out_dir == f"runs/{name}"
+    assert config.train.max_steps >= 100
+
+
+def test_cli_finetune_missing_shared_data_is_a_clear_error(setup, capsys, tmp_path):
+    from foundation.cli import main
+    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "finetune_mlearn_si.yaml"
+    code = main(["finetune", str(recipe_path), "--set", f"base.model={setup / 'base'}", "--set", "base.head=emt",
+                 "--set", f"out_dir={tmp_path}", "--set", f"data.train=[{tmp_path / 'absent.xyz'}]"])
+    assert code == 2 and "absent.xyz' not found" in capsys.readouterr().err
