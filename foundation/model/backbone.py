@@ -148,7 +148,7 @@ class FoundationModel(HubMixin, nn.Module):
             readout = readout + read(h[:, 0, :])
         n_heads = len(self.config.heads)
         full = torch.zeros(len(self.config.elements), n_heads, dtype=self.dtype, device=z.device)
-        return full.index_copy(0, z, readout) if present else full
+        return full.index_copy(0, z, readout.to(full.dtype)) if present else full
 
     # ---------------------------------------------------------------------------------------------------
     def _inputs(self, batch) -> dict:

@@ -155,3 +155,16 @@ def test_clear_errors(ethanol):
         model(bare)
     with pytest.raises(NotImplementedError, match="long_range"):
         FoundationModel(ModelConfig(elements=ELEMENTS, long_range={"kind": "latent_ewald"}))
+
+
+def test_bf16_autocast_runs_and_stays_close(crystal):
+    """Mixed precision (as the trainer's bf16 autocast on GPUs), here on the CPU: finite and close to float32."""
+    model = tiny_model(max_L=1, dtype="float32")
+    batch = Batch.from_data_list([from_atoms(crystal, 4.0, dtype=torch.float32)])
+    ref = model(batch, compute_stress=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(batch, compute_stress=True, training=True)
+    interaction = ref[keys.ENERGY] - model.statistics.e0[0, model.element_index[batch.atomic_numbers]].sum()
+    assert torch.isfinite(out[keys.FORCES]).all() and torch.isfinite(out[keys.STRESS]).all()
+    assert abs(out[keys.ENERGY].float() - ref[keys.ENERGY]).item() < 0.05 * max(1.0, abs(interaction.item()))
+    assert (out[keys.FORCES].float() - ref[keys.FORCES]).abs().max() < 0.05 * max(1.0, ref[keys.FORCES].abs().max())
