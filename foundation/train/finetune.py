@@ -330,6 +330,9 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     reference, model = prepare_model(base, c, missing)
     target = order[0]
 
+    source = base.config.heads[base.config.head_index(c.base.head)]
+    monitor = _open_monitor(c, order.index(source), r_max, cache)
+    monitor_before = predict(reference, monitor, order, t.data.max_atoms)["metrics"] if monitor else {}
     fit = predict(reference, new_data, order, t.data.max_atoms)
     old = dict(zip(reference.config.elements, reference.config.atomic_energies[target]))
     new = refit_e0(reference.config, target, fit["numbers"], fit["labels"], fit["preds"], c.finetune.e0)
@@ -342,9 +345,6 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     if new_valid:
         log("zero-shot errors of the base model on the new validation data:\n"
             + comparison_table({"base E0": before, "refit E0": after}))
-    source = base.config.heads[base.config.head_index(c.base.head)]
-    monitor = _open_monitor(c, order.index(source), r_max, cache)
-    monitor_before = predict(reference, monitor, order, t.data.max_atoms)["metrics"] if monitor else {}
 
     trainable = apply_strategy(model, c, missing)
     check = new_valid or new_data
