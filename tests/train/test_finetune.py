@@ -173,8 +173,13 @@ def test_existing_head_name_and_unknown_elements_are_errors(setup):
 
 
 def test_frozen_backbone_unchanged_after_steps(setup):
-    res = finetune(finetune_config_from_dict(recipe(setup, "frozen", finetune={"strategy": "frozen"},
-                                                    max_steps=3)), log=lambda s: None)
+    res = finetune(finetune_config_from_dict(recipe(setup, "frozen", max_steps=3, finetune={
+        "strategy": "frozen", "monitor": [str(setup / "old.xyz")]})), log=lambda s: None)
+    # forgetting table: 'base' is the untouched base model (before the E0 refit of the fine-tuned head)
+    from foundation.train.evaluate import evaluate
+    want = evaluate(FoundationModel.from_pretrained(setup / "base"), setup / "old.xyz")
+    assert res["forgetting"]["base"]["all/energy"]["mae"] == pytest.approx(want["all/energy"]["mae"], rel=1e-9)
+    assert res["forgetting"]["finetuned"]["all/forces"]["mae"] != want["all/forces"]["mae"]
     from foundation.train import surgery
     base = FoundationModel.from_pretrained(setup / "base")
     init = surgery.extend_elements(base, ["Al"], seed=0)   # the model before the first step (same seeded init)
