@@ -170,6 +170,23 @@ def _run_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_distill(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("distill", help="distil a teacher (our model, or any ASE calculator such as SevenNet-0) into a "
+                                       "fast student: teacher labels with Hessian-vector products (cached), training, "
+                                       "on-policy rounds, speed/error/NVE report in the student's card")
+    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/distill_sevenn_si.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a recipe value, e.g. --set train.max_steps=200 --set seeds.max_structures=8 "
+                        "(repeatable)")
+    p.set_defaults(func=_run_distill)
+
+
+def _run_distill(args: argparse.Namespace) -> int:
+    from .train.distill import main as distill
+    print(distill(args.recipe, args.set))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -180,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,7 @@ import yaml
 
 from .. import keys
 
-LOSS_PROPERTIES = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.CHARGES, keys.DIPOLE)
+LOSS_PROPERTIES = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.CHARGES, keys.DIPOLE, keys.HESSIAN_PRODUCTS)
 
 
 @dataclass
@@ -84,14 +84,18 @@ class LossStage:
 class LossConfig:
     """One loss: sum over properties of coefficient x mean error, MSE or Huber (``huber_delta`` in label units).
 
-    Energy enters per atom (eV/atom); forces per component (eV/Å); stress per component (eV/Å³).
+    Energy enters per atom (eV/atom); forces per component (eV/Å); stress per component (eV/Å³); ``hvp``
+    (Hessian-vector products H v of the stored unit vectors, distillation) per component (eV/Å²).
     ``dataset_weights`` multiplies each structure's terms by its dataset's weight (default 1).
+    ``hvp_off_at_force_mae`` (eV/Å): once a validation's force MAE (all datasets) is at or below it, the ``hvp``
+    coefficient is 0 for the rest of the run (the switch is kept in checkpoints); None = never.
     """
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: float = 0.01
     coefficients: dict[str, float] = field(default_factory=lambda: {keys.ENERGY: 1.0, keys.FORCES: 10.0})
     dataset_weights: Union[list[float], None] = None
     schedule: list[LossStage] = field(default_factory=list)
+    hvp_off_at_force_mae: Union[float, None] = None
 
 
 @dataclass
@@ -154,6 +158,8 @@ class TrainConfig:
                 _check(k in LOSS_PROPERTIES, f"{where}.{k}", f"is not a loss property; use one of {LOSS_PROPERTIES}"
                        + _suggest(k, LOSS_PROPERTIES))
                 _check(v >= 0, f"{where}.{k}", "must be >= 0")
+        _check(self.loss.hvp_off_at_force_mae is None or self.loss.hvp_off_at_force_mae >= 0,
+               "loss.hvp_off_at_force_mae", "must be >= 0 eV/Å (or null: never switch the hvp term off)")
         for i, s in enumerate(self.loss.schedule):
             _check(0.0 <= s.start <= 1.0, f"loss.schedule[{i}].start", "is a fraction of max_steps in [0, 1]")
         return self

@@ -97,6 +97,9 @@ class Trainer:
         for b in micro:
             b = b.to(engine.device)
             pred = engine.forward(b, compute_forces=True, compute_stress=loss.needs_stress(b), training=True)
+            if loss.needs_hvp(coeffs, b):   # distillation: H v of the stored unit vectors, graph kept
+                with engine.autocast():
+                    pred[keys.HESSIAN_PRODUCTS] = loss.predict_hvp(engine.module, b, create_graph=True)
             s = loss.sums(pred, b)
             engine.backward(Loss.combine(s, counts, coeffs) * self.world)
             engine.step()
@@ -126,6 +129,8 @@ class Trainer:
                 b = b.to(self.engine.device)
                 with self.engine.autocast():
                     pred = module(b, compute_forces=True, compute_stress=has_labels(b, keys.STRESS), training=False)
+                    if self.loss.needs_hvp(self.loss.coefficients(self.step), b):
+                        pred[keys.HESSIAN_PRODUCTS] = self.loss.predict_hvp(module, b, create_graph=False)
                 pred = {k: v.detach() for k, v in pred.items()}
                 acc.update(pred, b)
                 sums += self.loss.sums(pred, b).cpu()
@@ -154,7 +159,7 @@ class Trainer:
         if self.rank == 0:
             meta = {"world_size": self.world, "zero_stage": self.config.engine.zero_stage,
                     "config": config_to_dict(self.config), "schedule": self.schedule.state_dict(),
-                    "loader": loader_state, "metrics": self.metrics}
+                    "loader": loader_state, "metrics": self.metrics, "loss": self.loss.state_dict()}
             ckpt.commit(root, self.step, meta, self.config.keep_checkpoints)
         self.engine.barrier()
 
@@ -177,6 +182,7 @@ class Trainer:
         self.loader.load_state_dict(meta["loader"])
         ckpt.set_rng_state(rank_state["rng"])
         self.step, self.metrics = int(meta["step"]), meta.get("metrics") or {}
+        self.loss.load_state_dict(meta.get("loss") or {})
         return True
 
     def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
@@ -210,6 +216,10 @@ class Trainer:
                 self.metrics = metrics
                 self.schedule.report(valid_loss)
                 self.logger.valid(self.step, {"valid/loss": valid_loss, **flatten(metrics)})
+                for prop in self.loss.update_switches(metrics, self.step):
+                    if self.rank == 0:
+                        print(f"step {self.step}: validation force MAE {metrics['all/forces']['mae']:.4g} eV/Å <= "
+                              f"{self.config.loss.hvp_off_at_force_mae:g}: loss term {prop!r} switched off")
             if self.step % c.checkpoint_every == 0 or last:
                 self.save()
         if not metrics and self.valid_loader is not None:   # resumed a finished run: measure before exporting

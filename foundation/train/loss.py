@@ -11,6 +11,10 @@ Terms (``w`` = weight of the structure's dataset):
 - forces: sum_i,a w rho(F_pred - F_ref), eV/Å per component; count = 3 x labelled atoms
 - stress: per component, eV/Å³; count = 9 x labelled structures
 - charges (e, per atom), dipole (e·Å, per component).
+- hvp: sum_i,c w rho(H_pred v - H_ref v), eV/Å² per component of the k stored unit vectors (distillation);
+  count = 3k x labelled atoms. ``predict_hvp`` adds the model's H v to the predictions (double backward,
+  graph kept). ``update_switches`` turns the term off for good once the validation force MAE reaches
+  ``hvp_off_at_force_mae`` (``state_dict`` carries the switch across a resume).
 """
 from __future__ import annotations
 
@@ -20,7 +24,7 @@ from torch import Tensor
 from .. import keys
 from .config import LOSS_PROPERTIES, LossConfig
 
-PER_ATOM = (keys.FORCES, keys.CHARGES)
+PER_ATOM = (keys.FORCES, keys.CHARGES, keys.HESSIAN_PRODUCTS)
 
 
 def _label_mask(ref: Tensor) -> Tensor:
@@ -54,6 +58,7 @@ class Loss:
         self.properties = tuple(p for p in LOSS_PROPERTIES if p in used)
         if not self.properties:
             raise ValueError("loss.coefficients: every coefficient is zero; give e.g. {energy: 1, forces: 10}")
+        self.switched_off: dict[str, int] = {}   # property -> optimizer step at which it was switched off
 
     def coefficients(self, step: int) -> Tensor:
         """(P,) coefficients at optimizer step ``step`` (0-based): base values, then each schedule stage whose
@@ -62,6 +67,8 @@ class Loss:
         for stage in sorted(self.config.schedule, key=lambda s: s.start):
             if step >= stage.start * self.max_steps:
                 coeffs.update(stage.coefficients)
+        for p in self.switched_off:
+            coeffs[p] = 0.0
         return torch.tensor([float(coeffs.get(p, 0.0)) for p in self.properties], dtype=torch.float64)
 
     def needs_stress(self, batch=None) -> bool:
@@ -69,6 +76,41 @@ class Loss:
         if keys.STRESS not in self.properties:
             return False
         return batch is None or has_labels(batch, keys.STRESS)
+
+    def needs_hvp(self, coefficients: Tensor, batch=None) -> bool:
+        """Whether H v must be predicted: the ``hvp`` coefficient is non-zero now (and ``batch`` has hvp labels)."""
+        if keys.HESSIAN_PRODUCTS not in self.properties:
+            return False
+        if float(coefficients[self.properties.index(keys.HESSIAN_PRODUCTS)]) == 0.0:
+            return False
+        return batch is None or has_labels(batch, keys.HESSIAN_PRODUCTS)
+
+    @staticmethod
+    def predict_hvp(model, batch, create_graph: bool = True) -> Tensor:
+        """(n, 3k) H v of the model (eV/Å²) for the batch's stored unit vectors (``keys.HESSIAN_VECTORS``, packed
+        as in ``teacher.pack_vectors``); rows without vectors (NaN) use v = 0 and are masked by the loss."""
+        v = batch[keys.HESSIAN_VECTORS]
+        v = torch.where(torch.isfinite(v), v, torch.zeros_like(v))
+        n, m = v.shape
+        hv = model.hessian_vector_product(batch, v.reshape(n, m // 3, 3).transpose(1, 2), create_graph=create_graph)
+        return hv.transpose(1, 2).reshape(n, m)
+
+    def update_switches(self, metrics: dict, step: int) -> list[str]:
+        """Switch the hvp term off (for the rest of the run) once ``metrics["all/forces"]["mae"]`` (eV/Å, a
+        validation result) is at or below ``hvp_off_at_force_mae``; returns the properties switched off now."""
+        limit = self.config.hvp_off_at_force_mae
+        mae = (metrics.get("all/forces") or {}).get("mae")
+        if limit is None or mae is None or keys.HESSIAN_PRODUCTS not in self.properties \
+                or keys.HESSIAN_PRODUCTS in self.switched_off or mae > limit:
+            return []
+        self.switched_off[keys.HESSIAN_PRODUCTS] = int(step)
+        return [keys.HESSIAN_PRODUCTS]
+
+    def state_dict(self) -> dict:
+        return {"switched_off": dict(self.switched_off)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.switched_off = {str(k): int(v) for k, v in (state or {}).get("switched_off", {}).items()}
 
     def _weights(self, batch) -> Tensor:
         """(B,) per-structure weight from its dataset index (1 when no dataset weights are configured)."""
@@ -103,7 +145,8 @@ class Loss:
         terms = []
         for p in self.properties:
             if p not in batch or p not in pred:
-                if p in batch and _label_mask(batch[p]).any():
+                # H v is predicted only while its coefficient is non-zero (``needs_hvp``): absent = no term
+                if p != keys.HESSIAN_PRODUCTS and p in batch and _label_mask(batch[p]).any():
                     raise ValueError(f"the batch has {p!r} labels but the model did not predict {p!r}; "
                                      f"set loss.coefficients.{p}: 0 or use a model with that output")
                 terms.append(torch.zeros((), dtype=torch.float64, device=w_struct.device))
