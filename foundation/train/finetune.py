@@ -156,13 +156,20 @@ def refit_e0(config, head: str, numbers: list, labels: np.ndarray, preds: np.nda
     """New per-element reference energies (eV, every model element) of ``head`` by least squares.
 
     residual: E0 + argmin sum_s (E_s - P_s - sum_z n_sz dE0_z)^2 (keeps the model's interaction energies);
-    total: argmin sum_s (E_s - sum_z n_sz E0_z)^2; keep: unchanged. Elements absent from the data keep their E0.
+    total: argmin sum_s (E_s - sum_z n_sz E0_z)^2; keep: unchanged; a dict {symbol: eV}: those values.
+    Elements absent from the data keep their E0.
     With fewer distinct compositions than elements the minimum-norm solution is used.
     """
     from ase.data import chemical_symbols
 
     from ..data.stats import fit_reference_energies
     old = dict(zip(config.elements, config.atomic_energies[head]))
+    if isinstance(how, dict):
+        unknown = [s for s in how if s not in old]
+        if unknown:
+            raise ValueError(f"finetune.e0 gives values for {unknown}, which are neither in the base model nor in "
+                             f"the new data (model elements {config.elements})")
+        return {s: float(how.get(s, v)) for s, v in old.items()}
     if how == "keep" or not len(labels):
         return old
     target = labels - preds if how == "residual" else labels
@@ -340,7 +347,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     for m in (reference, model):
         m.set_statistics(atomic_energies=new, head=target)
     after = predict(reference, new_valid, order, t.data.max_atoms)["metrics"] if new_valid else {}
-    log(f"per-element reference energies of head {target!r} refitted by least squares ({c.finetune.e0}):\n"
+    how = "set from the recipe" if isinstance(c.finetune.e0, dict) else f"refitted by least squares ({c.finetune.e0})"
+    log(f"per-element reference energies of head {target!r} {how}:\n"
         + e0_table(old, new, missing))
     if new_valid:
         log("zero-shot errors of the base model on the new validation data:\n"

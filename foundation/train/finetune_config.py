@@ -37,7 +37,8 @@ class FinetuneSection:
     replay (new head on the new data + the base head on a replay sample of the pretraining data).
     head: name of a new head for the new data (required for replay; default: fine-tune the base head in place).
     head_init: copy (new head starts as the base head: step 0 = base model) or random (a fresh head).
-    e0: residual (E0 += least-squares fit of label - base prediction), total (fit of total energies), keep.
+    e0: residual (E0 += least-squares fit of label - base prediction), total (fit of total energies), keep,
+        or explicit values {symbol: eV} (e.g. isolated-atom energies at the new level of theory; others kept).
     add_elements: allow elements of the new data the base model never saw (embedding rows added).
     cache_dir: where ASE-readable input files are converted to shards (default ``out_dir/data``).
     monitor: pretraining validation data evaluated on the base head before and after (forgetting).
@@ -45,7 +46,7 @@ class FinetuneSection:
     strategy: Literal["full", "frozen", "lora", "replay"] = "full"
     head: Union[str, None] = None
     head_init: Literal["copy", "random"] = "copy"
-    e0: Literal["residual", "total", "keep"] = "residual"
+    e0: Union[Literal["residual", "total", "keep"], dict[str, float]] = "residual"
     add_elements: bool = True
     cache_dir: Union[str, None] = None
     monitor: list[str] = field(default_factory=list)
@@ -124,6 +125,11 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
     if not is_dir and _REPO_ID.fullmatch(b.model) and not b.revision and not Path(b.model).exists():
         raise ValueError(f"base.model {b.model!r} is a Hub id: pin base.revision to a commit sha or tag so the "
                          "fine-tune is reproducible (or point base.model to a local directory)")
+    if isinstance(f.e0, dict):
+        from ase.data import atomic_numbers
+        bad = [k for k in f.e0 if k not in atomic_numbers]
+        if bad:
+            raise ValueError(f"recipe key 'finetune.e0' lists unknown chemical symbols {bad}")
     if f.strategy == "lora" and config.lora is None:
         config.lora = LoraSection()
     if config.lora is not None and f.strategy != "lora":

@@ -132,6 +132,9 @@ def test_refit_total_and_keep():
     new = refit_e0(cfg, "default", numbers, labels, np.zeros(3), "total")
     assert new["H"] == pytest.approx(-13.6) and new["O"] == pytest.approx(-2041.0)
     assert refit_e0(cfg, "default", numbers, labels, np.zeros(3), "keep") == {"H": -1.0, "O": -2.0}
+    assert refit_e0(cfg, "default", numbers, labels, np.zeros(3), {"O": -2035.5}) == {"H": -1.0, "O": -2035.5}
+    with pytest.raises(ValueError, match="neither in the base model"):
+        refit_e0(cfg, "default", numbers, labels, np.zeros(3), {"C": -1025.0})
 
 
 @pytest.mark.parametrize("sections, message", [
