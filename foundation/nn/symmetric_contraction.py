@@ -82,10 +82,11 @@ class SymmetricContraction(nn.Module):
             return a.new_zeros(0, irreps_dim(self.l_out), a.shape[-1])
         monomials = [m.transpose(0, 1) for m in self.monomials(a.permute(1, 2, 0).contiguous())]  # (C, T_nu, n)
         coeffs = self.coefficients([e for e, _, _ in groups.slices])
-        n, pieces = a.shape[0], []
-        for k, (_, start, stop) in enumerate(groups.slices):
-            whole = (start, stop) == (0, n)
-            terms = [torch.bmm(t[k], m if whole else m[:, :, start:stop]) for t, m in zip(coeffs, monomials)]
+        sizes = [stop - start for _, start, stop in groups.slices]
+        per_group = list(zip(*[m.split(sizes, dim=2) for m in monomials]))  # no zero-filled slice gradients
+        pieces = []
+        for k, group in enumerate(per_group):
+            terms = [torch.bmm(t[k], m) for t, m in zip(coeffs, group)]
             pieces.append(sum(terms[1:], terms[0]))  # (C, M, n_e)
         out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=2)  # (C, M, n)
         return out.permute(2, 1, 0)
