@@ -256,3 +256,45 @@ def test_cli_finetune_missing_shared_data_is_a_clear_error(setup, capsys, tmp_pa
     code = main(["finetune", str(recipe_path), "--set", f"base.model={setup / 'base'}", "--set", "base.head=emt",
                  "--set", f"out_dir={tmp_path}", "--set", f"data.train=[{tmp_path / 'absent.xyz'}]"])
     assert code == 2 and "absent.xyz' not found" in capsys.readouterr().err
+
+
+_HUB_SCRIPT = """
+import json, torch
+torch.set_num_threads(1)
+from foundation.model import FoundationModel
+from foundation.train.finetune import finetune
+from foundation.train.finetune_config import finetune_config_from_dict
+base = FoundationModel.from_pretrained({base!r})
+sha = base.push_to_hub("org/base")
+base.set_statistics(scale=0.9)   # a later revision on main with other weights/statistics
+later = base.push_to_hub("org/base")
+values = json.loads({recipe!r})
+values["base"] = {{"model": "org/base", "revision": sha}}
+res = finetune(finetune_config_from_dict(values), log=lambda s: None, train=False)
+print("RESULT" + json.dumps(dict(sha=sha, later=later, scale=res["model"].config.scale["emt"],
+                                 step0=res["step0_difference"])))
+"""
+
+
+@pytest.mark.slow
+def test_base_from_hub_at_a_pinned_revision(setup, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from foundation.hubserver import serve_in_thread
+    server, url = serve_in_thread(tmp_path / "hub")
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "test-token",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "OMP_NUM_THREADS": "1"}
+    script = _HUB_SCRIPT.format(base=str(setup / "base"), recipe=json.dumps(recipe(setup, "hub")))
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert res["sha"] != res["later"] and res["scale"] == 0.5   # the pinned revision, not main
+    assert res["step0"] < 1e-10
