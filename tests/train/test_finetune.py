@@ -90,6 +90,12 @@ def test_step0_equals_base_with_refitted_e0_per_head(setup):
     # the pretraining head keeps the base statistics
     assert model.config.atomic_energies["emt"][:2] == base.config.atomic_energies["emt"]
     assert res["step0_difference"] < 1e-10
+    from foundation.data import ShardedDataset   # the replay sample: 8 of the 16 old structures, exact labels
+    (sample,) = (setup / "s0" / "data").glob("*-replay8-s0")
+    (converted,) = [d for d in (setup / "s0" / "data").glob("old-*") if "replay" not in d.name]
+    old = {round(float(ShardedDataset(converted).record(i)[keys.ENERGY]), 12) for i in range(16)}
+    got = [float(ShardedDataset(sample).record(i)[keys.ENERGY]) for i in range(len(ShardedDataset(sample)))]
+    assert len(got) == 8 and {round(e, 12) for e in got} <= old
 
 
 def test_zero_shot_table_and_least_squares_e0(setup):
