@@ -57,12 +57,12 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/bench_distill")
     p.add_argument("--steps", type=int, default=200, help="optimizer steps of each variant (equal)")
     p.add_argument("--hvp", type=float, default=5.0, help="hvp loss coefficient of the 'with H v' variant")
-    p.add_argument("--max-structures", type=int, default=12, help="mlearn Si seeds (evenly spaced)")
+    p.add_argument("--max-structures", type=int, default=10, help="mlearn Si seeds (evenly spaced)")
     p.add_argument("--md-seeds", type=int, default=2)
-    p.add_argument("--md-steps", type=int, default=40)
+    p.add_argument("--md-steps", type=int, default=20)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--nve-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    X
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     import torch

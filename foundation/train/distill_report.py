@@ -175,24 +175,31 @@ def build_report(config, teacher, student, seeds, source, valid_sets, metrics, d
             "nve": nve, "checks": checks}
 
 
+_CARD_UNITS = {"energy_per_atom_mae": "eV_per_atom", "forces_mae": "eV_per_A", "stress_mae": "eV_per_A3",
+               "hvp_mae": "eV_per_A2"}
+
+
+def _with_units(d: dict) -> dict:
+    return {f"{k}_{_CARD_UNITS[k]}": v for k, v in d.items() if k in _CARD_UNITS}
+
+
 def card_metrics(report: dict) -> dict:
-    """The report's numbers in the card's {group: {metric: float}} form."""
+    """The report's numbers in the card's {group: {metric_unit: float}} form."""
     sp = report["speed"]
-    out = {"distillation speed (same run, same structure)": {
+    out = {f"distillation speed ({sp['structure']}, same run)": {
         "student_atom_steps_per_s": sp["student_atom_steps_per_s"],
         "teacher_atom_steps_per_s": sp["teacher_atom_steps_per_s"], "speedup": sp["speedup"]}}
     if report["vs_teacher"]:
-        out["student vs teacher (held-out teacher labels)"] = {
-            k: v for k, v in report["vs_teacher"].items() if k.endswith("_mae")}
+        out["student vs teacher (held-out teacher labels)"] = _with_units(report["vs_teacher"])
     ref = report["vs_reference"]
     if ref:
-        out["student vs reference labels"] = dict(ref["student"])
-        out["teacher vs reference labels"] = dict(ref["teacher"])
+        out["student vs reference labels"] = _with_units(ref["student"])
+        out["teacher vs reference labels"] = _with_units(ref["teacher"])
         if "force_mae_ratio" in ref:
             out["student vs reference labels"]["force_mae_ratio_to_teacher"] = ref["force_mae_ratio"]
     if report["nve"]:
         n = report["nve"]
-        out["student NVE stability"] = {"energy_drift_ev_per_atom": n["energy_drift_ev_per_atom"],
+        out["student NVE stability"] = {"energy_drift_eV_per_atom": n["energy_drift_ev_per_atom"],
                                         "steps": float(n["steps"]), "stable": float(n["stable"])}
     return out
 

@@ -169,6 +169,7 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
     assert len(report["training_datasets"]) == 3             # teacher labels, ground truth, on-policy round
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "**EMT**" in card and f"`{report['teacher']['revision']}`" in card and "speedup" in card
+    assert "forces_mae_eV_per_A" in card
     student = FoundationModel.from_pretrained(tmp_path / "out" / "model")
     assert student.config.num_channels == TINY["num_channels"]
     # a second run reuses the cached teacher labels: no teacher call for them (only the report's reference set)
@@ -180,3 +181,23 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
     assert cli(["distill", str(path)]) == 0
     assert "reusing cache" in capsys.readouterr().out
     assert calls[first:] == [3]            # the 3 reference structures only
+
+
+def test_distill_from_our_own_model_with_builtin_seeds(tmp_path):
+    from foundation.train.distill import distill
+    teacher_dir = tiny_model(seed=5).save_pretrained(tmp_path / "teacher")
+    config = distill_config_from_dict({
+        "out_dir": str(tmp_path / "out"), "teacher": {"model": str(teacher_dir), "name": "tiny teacher"},
+        "student": {"preset": "student", "overrides": {k: v for k, v in TINY.items() if k != "max_L"}},
+        "seeds": {"builtin": "copper", "max_structures": 3},
+        "configurations": {"md_steps": 0, "rattle_copies": 2, "strain_copies": 0},
+        "labels": {"hvp_vectors": 1, "cache_dir": str(tmp_path / "cache")}, "ground_truth": {"weight": 0.0},
+        "train": {"max_steps": 2, "progress": False, "engine": {"zero_stage": 0}, "data": {"valid_fraction": 0.3},
+                  "loss": {"coefficients": {"energy": 1, "forces": 10, "hvp": 1}}},
+        "report": {"speed_steps": 2, "speed_repeats": 1, "nve_steps": 0}})
+    report = distill(config, log=None)
+    assert report["teacher"]["kind"] == "foundation" and report["teacher"]["revision"].startswith("local@weights:")
+    assert report["vs_reference"] is None and report["nve"] is None and "hvp_mae" in report["vs_teacher"]
+    assert report["hvp"]["switched_off_at_step"] is None
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "**tiny teacher**" in card and report["teacher"]["revision"] in card
