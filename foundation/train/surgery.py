@@ -122,18 +122,12 @@ def add_head(model: FoundationModel, name: str, source: str | None = None, init:
 
 
 def reinit_head(model: FoundationModel, head: str, seed: int = 0) -> FoundationModel:
-    """``model`` with the readout weights of ``head`` freshly initialised (statistics kept)."""
+    """``model`` with the readout weights of ``head`` freshly initialised (its statistics kept)."""
     cfg = model.config
     name = cfg.heads[cfg.head_index(head)]
-    return remap_heads(model, cfg.heads, [None if h == name else h for h in cfg.heads], seed) if len(cfg.heads) > 1 \
-        else _reinit_single(model, seed)
-
-
-def _reinit_single(model: FoundationModel, seed: int) -> FoundationModel:
-    cfg = model.config
-    out = remap_heads(model, cfg.heads, [None], seed)
-    out.set_statistics(atomic_energies=cfg.atomic_energies[cfg.heads[0]], scale=cfg.scale[cfg.heads[0]],
-                       shift=cfg.shift[cfg.heads[0]])
+    out = remap_heads(model, cfg.heads, [None if h == name else h for h in cfg.heads], seed)
+    out.set_statistics(atomic_energies=cfg.atomic_energies[name], scale=cfg.scale[name], shift=cfg.shift[name],
+                       head=name)
     return out
 
 

@@ -304,3 +304,15 @@ def test_base_from_hub_at_a_pinned_revision(setup, tmp_path):
     res = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert res["sha"] != res["later"] and res["scale"] == 0.5   # the pinned revision, not main
     assert res["step0"] < 1e-10
+
+
+def test_random_head_init_only_when_asked(setup):
+    logs = []
+    res = finetune(finetune_config_from_dict(recipe(setup, "rnd", finetune={"head": "new", "head_init": "random"})),
+                   log=logs.append, train=False)
+    assert res["model"].config.heads == ["new", "emt"] and res["step0_difference"] > 1e-3
+    assert "re-initialised as asked" in "\n".join(logs)
+    frames = emt_frames(2, seed=5, elements=(29, 28))   # the kept pretraining head is untouched
+    base = FoundationModel.from_pretrained(setup / "base")
+    torch.testing.assert_close(res["model"](graphs(frames, 1))[keys.FORCES], base(graphs(frames, 0))[keys.FORCES],
+                               rtol=0, atol=1e-12)

@@ -65,6 +65,10 @@ def test_random_head_and_reorder(base):
     rnd = surgery.add_head(base, "c", source="a", init="random")
     assert not torch.allclose(predict(rnd, frames, 2)[keys.ENERGY], predict(base, frames, 0)[keys.ENERGY])
     assert_same(predict(rnd, frames, 0), predict(base, frames, 0))
+    fresh = surgery.reinit_head(base, "b", seed=3)
+    assert fresh.config.atomic_energies["b"] == [-3.0, -4.0] and fresh.config.scale["b"] == 1.3
+    assert_same(predict(fresh, frames, 0), predict(base, frames, 0))
+    assert not torch.allclose(predict(fresh, frames, 1)[keys.ENERGY], predict(base, frames, 1)[keys.ENERGY])
     swapped = surgery.remap_heads(base, ["b", "a"], ["b", "a"])
     assert_same(predict(swapped, frames, 0), predict(base, frames, 1))
     assert_same(predict(swapped, frames, 1), predict(base, frames, 0))
