@@ -5,8 +5,10 @@ Reads top to bottom (``forward``):
   2. strain (for stress) and edge vectors r_ij = pos[recv] - pos[send] + shifts
   3. radial features b(r) f_cut(r), spherical harmonics Y(r_ij / r) (e3nn, component normalisation)
   4. layers: sc = W_skip[z] h;  A = interaction(h);  h = linear(product_basis(A)) + sc;  readout per head
-  5. per-atom energies (E0 + scale * interaction + shift, see ``heads``), per-structure sums
-  6. forces, stress, virials by autograd
+  5. per-atom energies (E0 + scale * interaction + shift, see ``heads``)
+  6. optional long-range head: latent charges from the last invariant features, electrostatic energy
+     (erf-Coulomb for molecules, Ewald / PME for cells; ``nn.charges``), added per atom; per-structure sums
+  7. forces, stress, virials by autograd (through the strained cell for the k-space sum)
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from torch import nn
 
 from .. import keys
 from ..hub import HubMixin
+from ..nn.charges import LongRangeHead
+from ..nn.electrostatics import strained_cell
 from ..nn.interaction import Interaction, PaddedNeighbors
 from ..nn.linear import ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
 from ..nn.radial import BesselCutoff
@@ -42,9 +46,6 @@ class FoundationModel(HubMixin, nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         config.validate()
-        if config.long_range is not None:
-            raise NotImplementedError(f"long_range={config.long_range!r}: the long-range charge head is not "
-                                      "implemented yet (issue 6); set long_range to None")
         self.config = config
         dtype = _DTYPES[config.dtype]
         c, n_el, n_heads = config.num_channels, len(config.elements), len(config.heads)
@@ -66,6 +67,8 @@ class FoundationModel(HubMixin, nn.Module):
             self.readouts.append(NonLinearReadout(c, config.readout_mlp, n_heads, dtype) if last
                                  else LinearReadout(c, n_heads, dtype))
         self.statistics = HeadStatistics(config, dtype)
+        # latent charges from the last layer's invariant features -> erf-Coulomb / Ewald / PME energy
+        self.long_range = LongRangeHead(c, config.long_range, dtype) if config.long_range is not None else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,14 +88,13 @@ class FoundationModel(HubMixin, nn.Module):
             pos = g["pos"] if g["pos"].requires_grad or not (compute_forces or compute_stress) \
                 else g["pos"].detach().requires_grad_(True)
             displacement = None
-            pos_s, shifts = pos, g["shifts"]
+            pos_s, shifts, cell_s = pos, g["shifts"], g["cell"]
             if compute_stress:
                 displacement, pos_s, shifts = derivatives.apply_strain(pos, shifts, g["batch"], g["sender"],
                                                                        g["num_graphs"])
-            node_energy = self._node_energies(g, pos_s, shifts)
-            energy = torch.zeros(g["num_graphs"], dtype=node_energy.dtype, device=node_energy.device)
-            energy = energy.index_add(0, g["batch"], node_energy)
-            out = {keys.ENERGY: energy, keys.NODE_ENERGY: node_energy}
+                cell_s = strained_cell(g["cell"], displacement)
+            out = self._energies(g, pos_s, shifts, cell_s)
+            energy = out[keys.ENERGY]
             if compute_forces or compute_stress:
                 forces, stress, virials = derivatives.forces_and_stress(energy, pos, displacement, g["cell"],
                                                                         g["pbc"], create_graph=training)
@@ -104,8 +106,21 @@ class FoundationModel(HubMixin, nn.Module):
             out = {k: v.detach() for k, v in out.items()}
         return out
 
-    def _node_energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-        """Per-atom energies (n,) eV from (possibly strained) positions (n,3) and shifts (E,3)."""
+    def _energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor, cell: torch.Tensor) -> dict:
+        """{ENERGY (B,), NODE_ENERGY (n,)} eV (+ CHARGES (n,) e, DIPOLE (B,3) e·Å with a long-range head) from
+        (possibly strained) positions (n,3) Å, shifts (E,3) Å and cells (B,3,3) Å."""
+        node_energy, features = self._node_energies(g, pos, shifts)
+        out = {}
+        if self.long_range is not None:
+            out = self.long_range(features, pos, g["batch"], g["num_graphs"], cell, g["pbc"], g["total_charge"])
+            node_energy = node_energy + out[keys.NODE_ENERGY].to(node_energy.dtype)
+        energy = torch.zeros(g["num_graphs"], dtype=node_energy.dtype, device=node_energy.device)
+        out.update({keys.ENERGY: energy.index_add(0, g["batch"], node_energy), keys.NODE_ENERGY: node_energy})
+        return out
+
+    def _node_energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-atom short-range energies (n,) eV and last-layer invariant features (n, C), input atom order,
+        from (possibly strained) positions (n,3) and shifts (E,3)."""
         cfg = self.config
         sender, receiver = g["sender"], g["receiver"]
         vectors = pos[receiver] - pos[sender] + shifts
@@ -131,7 +146,7 @@ class FoundationModel(HubMixin, nn.Module):
         head = g["head"][g["batch"]]
         iso = self._isolated_readouts(groups)[g["z"], head]
         own = readout.gather(1, head.unsqueeze(1)).squeeze(1)
-        return self.statistics.node_energies(g["z"], head, own, iso, coordination)
+        return self.statistics.node_energies(g["z"], head, own, iso, coordination), h[:, 0, :][rank]
 
     def _isolated_readouts(self, groups: ElementGroups) -> torch.Tensor:
         """Summed readouts (N_el, H) of an atom with no neighbours, for the elements present (zeros elsewhere).
@@ -181,8 +196,10 @@ class FoundationModel(HubMixin, nn.Module):
         pbc = getattr(batch, keys.PBC, None)
         pbc = torch.zeros(num_graphs, 3, dtype=torch.bool) if pbc is None else pbc
         edge_index = batch[keys.EDGE_INDEX].to(device)
+        charge = getattr(batch, keys.TOTAL_CHARGE, None)  # e; missing (NaN) or absent = neutral
+        charge = torch.zeros(num_graphs) if charge is None else torch.nan_to_num(charge.view(-1), nan=0.0)
         return {"pos": batch[keys.POSITIONS].to(device=device, dtype=dtype), "z": z, "batch": vec,
-                "num_graphs": num_graphs, "head": head, "sender": edge_index[0], "receiver": edge_index[1],
+                "total_charge": charge.to(device=device, dtype=dtype), "num_graphs": num_graphs, "head": head, "sender": edge_index[0], "receiver": edge_index[1],
                 "shifts": batch[keys.SHIFTS].to(device=device, dtype=dtype),
                 "cell": cell.to(device=device, dtype=dtype).view(-1, 3, 3), "pbc": pbc.to(device).view(-1, 3)}
 
@@ -195,7 +212,7 @@ class FoundationModel(HubMixin, nn.Module):
         with torch.enable_grad():
             g = self._inputs(batch)
             pos = g["pos"].detach().requires_grad_(True)
-            node_energy = self._node_energies(g, pos, g["shifts"])
+            node_energy = self._energies(g, pos, g["shifts"], g["cell"])[keys.NODE_ENERGY]
             hv = derivatives.hessian_vector_product(node_energy, pos, vectors.to(pos), create_graph)
         return hv if create_graph else hv.detach()
 

@@ -18,7 +18,6 @@ from ase.data import atomic_numbers
 from .. import __version__
 
 DTYPES = ("float32", "float64")
-LONG_RANGE_KINDS = ("latent_ewald", "coulomb")
 
 
 @dataclass
@@ -29,7 +28,8 @@ class ModelConfig:
     max_L: highest order of hidden features (0, 1, 2); max_ell: order of the edge spherical harmonics.
     correlation: body order - 1 of the product basis (1..3). num_poly_cutoff: p of the polynomial envelope.
     atomic_energies: {head: [E0 per element]}; scale/shift: {head: float}; None means 0 / 1 / 0 for every head.
-    long_range: reserved for the long-range charge head (issue 6): None or {"kind": one of LONG_RANGE_KINDS, ...}.
+    long_range: None, or the long-range charge head's settings (``foundation.nn.charges.DEFAULTS``: kind
+        "latent_ewald" | "coulomb", sigma, kcut, pme_threshold, ...); validated and filled with defaults.
     """
 
     elements: list[str]
@@ -96,8 +96,9 @@ class ModelConfig:
                f"avg_num_neighbors must be positive, got {self.avg_num_neighbors!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.long_range is not None:
-            _check(isinstance(self.long_range, dict) and self.long_range.get("kind") in LONG_RANGE_KINDS,
-                   f"long_range must be None or a dict with 'kind' in {LONG_RANGE_KINDS}, got {self.long_range!r}")
+            _check(isinstance(self.long_range, dict), f"long_range must be None or a dict, got {self.long_range!r}")
+            from ..nn.charges import long_range_config
+            self.long_range = long_range_config(self.long_range)  # defaults filled: config.json is explicit
         return self
 
     # ---------------------------------------------------------------------------------------------------

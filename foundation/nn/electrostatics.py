@@ -267,14 +267,14 @@ def electrostatic_atom_energies(charges: torch.Tensor, pos: torch.Tensor, cell: 
                                 interpolation_nodes: int = 7, periodic_allowed: bool = True) -> torch.Tensor:
     """Per-atom energies (n,) eV of a mixed batch of molecules and periodic cells.
 
-    charges (n,) e, pos (n,3) Å, cell (B,3,3) Å, pbc (B,3) bool, batch (n,); kcut None -> 5 / sigma (1/Å,
-    truncation error ~exp(-12.5) relative; pi as in the LES paper is ~1e-2 eV off for water in a box).
+    charges (n,) e, pos (n,3) Å, cell (B,3,3) Å, pbc (B,3) bool, batch (n,); kcut None -> 6 / sigma (1/Å,
+    truncation weight exp(-18) ~ 1.5e-8; pi as in the LES paper is ~1e-2 eV off for water in a box).
     Structures without a periodic direction: ``coulomb_atom_energies``. Periodic structures with fewer than
     ``pme_threshold`` atoms (or all, if it is None): ``ewald_atom_energies``; larger ones:
     ``pme_atom_energies`` with ``mesh_spacing`` (default ``default_mesh_spacing``).
     ``periodic_allowed=False`` makes a periodic structure a ValueError.
     """
-    kcut = 5.0 / sigma if kcut is None else kcut
+    kcut = 6.0 / sigma if kcut is None else kcut
     periodic = pbc.reshape(num_graphs, 3).any(dim=1)
     atom_periodic = periodic[batch]
     if not periodic_allowed and bool(periodic.any()):

@@ -153,8 +153,8 @@ def test_clear_errors(ethanol):
     bare = from_atoms(ethanol, None)
     with pytest.raises(ValueError, match="edge_index"):
         model(bare)
-    with pytest.raises(NotImplementedError, match="long_range"):
-        FoundationModel(ModelConfig(elements=ELEMENTS, long_range={"kind": "latent_ewald"}))
+    with pytest.raises(ValueError, match="kind must be one of"):
+        FoundationModel(ModelConfig(elements=ELEMENTS, long_range={"kind": "ewald"}))
 
 
 def test_bf16_autocast_runs_and_stays_close(crystal):

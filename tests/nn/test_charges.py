@@ -24,9 +24,9 @@ def _one_thread():
 
 def test_config_defaults_and_validation():
     cfg = long_range_config(None)
-    assert cfg["kind"] == "latent_ewald" and cfg["sigma"] == 1.0 and cfg["kcut"] == 5.0
-    assert cfg["mesh_spacing"] == 0.5 and set(cfg) == set(DEFAULTS)
-    assert long_range_config({"sigma": 2.0})["kcut"] == 2.5
+    assert cfg["kind"] == "latent_ewald" and cfg["sigma"] == 1.0 and cfg["kcut"] == 6.0
+    assert cfg["mesh_spacing"] == pytest.approx(0.9 * math.pi / 6.0) and set(cfg) == set(DEFAULTS)
+    assert long_range_config({"sigma": 2.0})["kcut"] == 3.0
     assert long_range_config({"kcut": 8.0})["mesh_spacing"] == pytest.approx(0.9 * math.pi / 8.0)
     with pytest.raises(ValueError, match=r"unknown keys 'sigmaa' \(did you mean 'sigma'\?\)"):
         long_range_config({"sigmaa": 1.0})

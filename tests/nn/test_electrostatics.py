@@ -213,8 +213,8 @@ def test_mixed_batch_equals_single_structures():
     perm = torch.randperm(20, generator=torch.Generator().manual_seed(0))  # atoms need not be contiguous
     energy = el.electrostatic_energy(q[perm], pos[perm], cell, pbc, batch[perm], 4, sigma=1.0)
     single = [el.coulomb_energy(WATER_Q, WATER, _one(3), 1, 1.0),
-              el.ewald_energy(q1, p1, c1.unsqueeze(0), _one(5), 1, 1.0, 5.0),
-              el.ewald_energy(q2, p2, c2.unsqueeze(0), _one(9), 1, 1.0, 5.0),
+              el.ewald_energy(q1, p1, c1.unsqueeze(0), _one(5), 1, 1.0, 6.0),
+              el.ewald_energy(q2, p2, c2.unsqueeze(0), _one(9), 1, 1.0, 6.0),
               el.coulomb_energy(-WATER_Q, WATER + 1.0, _one(3), 1, 1.0)]
     assert torch.allclose(energy, torch.cat(single), rtol=1e-12, atol=1e-12)
     assert energy.shape == (4,)
@@ -222,7 +222,7 @@ def test_mixed_batch_equals_single_structures():
     assert atoms.shape == (20,)
     assert torch.allclose(el.structure_sum(atoms, batch[perm], 4), energy, rtol=1e-12)
     unperm = torch.empty_like(perm).index_put((perm,), torch.arange(20))
-    assert torch.allclose(atoms[unperm][3:8], el.ewald_atom_energies(q1, p1, c1.unsqueeze(0), _one(5), 1, 1.0, 5.0))
+    assert torch.allclose(atoms[unperm][3:8], el.ewald_atom_energies(q1, p1, c1.unsqueeze(0), _one(5), 1, 1.0, 6.0))
 
 
 @needs_torchpme
@@ -250,14 +250,14 @@ def test_pme_stress_matches_ewald_and_dispatch_uses_threshold():
     s_pme = _strain_gradient(_energy_fn("pme", q, cell, 40), pos, cell)
     assert torch.allclose(s_pme, s_ewald, atol=1e-5 * s_ewald.abs().max().item())
     pbc = torch.ones(1, 3, dtype=torch.bool)
-    via_pme = el.electrostatic_energy(q, pos, cell.unsqueeze(0), pbc, _one(40), 1, pme_threshold=40,
+    via_pme = el.electrostatic_energy(q, pos, cell.unsqueeze(0), pbc, _one(40), 1, pme_threshold=40, kcut=5.0,
                                       mesh_spacing=0.31)
     direct = el.pme_energy(q, pos, cell, 1.0, 5.0, 0.31, 7)
     assert via_pme.item() == pytest.approx(direct.item(), rel=1e-12)
     atoms_pme = el.pme_atom_energies(q, pos, cell, 1.0, 5.0, 0.31, 7)
     atoms_ewald = el.ewald_atom_energies(q, pos, cell.unsqueeze(0), _one(40), 1, 1.0, 5.0)
     assert (atoms_pme - atoms_ewald).abs().max() < 1e-5 * atoms_ewald.abs().max()
-    via_ewald = el.electrostatic_energy(q, pos, cell.unsqueeze(0), pbc, _one(40), 1, pme_threshold=41)
+    via_ewald = el.electrostatic_energy(q, pos, cell.unsqueeze(0), pbc, _one(40), 1, pme_threshold=41, kcut=5.0)
     assert via_ewald.item() != via_pme.item()
     assert via_ewald.item() == pytest.approx(via_pme.item(), rel=1e-5)
 
