@@ -62,7 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--md-steps", type=int, default=20)
     p.add_argument("--speed-repeats", type=int, default=3)
     p.add_argument("--nve-steps", type=int, default=200)
-    p.add_argument("--threads", type=int, default=1, help="torch threads of the whole run (default 1: fair on a shared machine)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads of the whole run (default 1: oversubscribed threads distort the speed-up)")
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     import torch
