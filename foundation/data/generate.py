@@ -74,7 +74,7 @@ def _metal_structure(rng: np.random.Generator, elements: tuple[str, ...], alloy:
         symbols = np.array(atoms.get_chemical_symbols())
         symbols[rng.random(len(atoms)) < frac] = partner
         atoms.set_chemical_symbols(list(symbols))
-        lattice = {e: bulk(e, "fcc").cell.cellpar()[0] for e in set(symbols)}
+        lattice = {e: bulk(e, "fcc").cell.cellpar()[0] for e in set(symbols) | {el}}
         mean_a = np.mean([lattice[s] for s in symbols])
         atoms.set_cell(atoms.cell.array * mean_a / lattice[el], scale_atoms=True)
     if kind == "vacancy" and len(atoms) > 2:

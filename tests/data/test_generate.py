@@ -70,3 +70,14 @@ def test_generation_is_deterministic_per_seed():
 def test_unknown_preset_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="unknown preset"):
         generate("huge", tmp_path)
+
+
+@pytest.mark.slow
+def test_demo_preset_metals_generate_through():
+    """Every configuration kind the demo preset draws (incl. alloys where all atoms were substituted)."""
+    from foundation.data.generate import PRESETS
+    n = 0
+    for atoms in metal_structures(PRESETS["demo"].metals, seed=0):
+        assert np.isfinite(atoms.get_potential_energy())
+        n += 1
+    assert n == PRESETS["demo"].metals
