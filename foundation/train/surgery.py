@@ -10,7 +10,7 @@ with one more head (element) and comparing shapes. So:
   (fresh random init for the new rows); old rows are copied, rescaled exactly where a layer normalises by the
   number of elements (its ``scale`` attribute changes), so old elements' predictions are unchanged up to
   rounding (one float multiply per weight).
-- ``freeze_backbone``: only the readout heads train (plus, optionally, the rows of newly added elements: a
+- ``freeze_backbone``: only the heads train (readouts and the long-range charge head) (plus, optionally, the rows of newly added elements: a
   gradient mask keeps the old rows bit-identical under Adam without weight decay).
 - ``add_lora`` / ``merge_lora``: low-rank adapters W + (alpha/r) A B on every 2-D linear map of the backbone,
   as ``torch.nn.utils.parametrize`` parametrizations (B = 0 at init: the model is unchanged). ``merge_lora``
@@ -27,6 +27,7 @@ from torch.nn.utils import parametrize
 from ..model import FoundationModel, ModelConfig
 
 PROBE_HEAD = "__probe_head__"
+HEAD_MODULES = ("long_range.",)   # output heads besides the readouts: the long-range charge head
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------
@@ -169,7 +170,7 @@ def extend_elements(model: FoundationModel, new_elements: list[str], seed: int =
 
 # --- freezing ---------------------------------------------------------------------------------------------------
 def freeze_backbone(model: FoundationModel, train_elements: list[str] | None = None) -> list[str]:
-    """Freeze everything but the readout heads. With ``train_elements``, the rows of those elements in every
+    """Freeze everything but the heads (readouts, long-range charge head). With ``train_elements``, the rows of those elements in every
     per-element weight stay trainable through a gradient mask (other rows get zero gradient: with Adam and
     no weight decay they stay bit-identical). Returns the names of the trainable parameters."""
     cfg = model.config
@@ -177,7 +178,7 @@ def freeze_backbone(model: FoundationModel, train_elements: list[str] | None = N
     rows = [cfg.elements.index(s) for s in (train_elements or [])]
     trainable = []
     for name, p in model.named_parameters():
-        if name in heads:
+        if name in heads or name.startswith(HEAD_MODULES):
             p.requires_grad_(True)
             trainable.append(name)
         elif rows and name in elems:
@@ -214,10 +215,12 @@ class LoRA(nn.Module):
 
 
 def lora_targets(model: FoundationModel) -> list[str]:
-    """Names of the backbone's linear maps: 2-D weights that are neither per head nor per element."""
+    """Names of the backbone's linear maps: 2-D weights that are neither per head nor per element (nor in the
+    long-range charge head, which trains fully like the readouts)."""
     cfg = model.config
     skip = set(head_axes(cfg)) | set(element_axes(cfg))
-    return [name for name, p in model.named_parameters() if p.dim() == 2 and name not in skip]
+    return [name for name, p in model.named_parameters()
+            if p.dim() == 2 and name not in skip and not name.startswith(HEAD_MODULES)]
 
 
 def add_lora(model: FoundationModel, rank: int, alpha: float, seed: int = 0,

@@ -152,3 +152,19 @@ def test_molecule_and_crystal_heads_copy_for_each_head(base):
     new = surgery.add_head(base, "c", source="a")
     torch.testing.assert_close(new(batch([mol], 2))[keys.NODE_ENERGY], base(batch([mol], 0))[keys.NODE_ENERGY],
                                rtol=0, atol=1e-12)
+
+
+def test_long_range_head_counts_as_a_head():
+    cfg = ModelConfig.preset("small", elements=["H", "O"], num_channels=8, max_L=1, r_max=R_MAX,
+                             long_range={"kind": "coulomb"})
+    model = FoundationModel(cfg)
+    water = molecule("H2O")
+    ref = model(batch([water]))
+    trainable = surgery.freeze_backbone(model)
+    assert any(k.startswith("long_range.") for k in trainable)
+    assert all(k.startswith(("readouts.", "long_range.")) for k in trainable)
+    assert not any(k.startswith("long_range.") for k in surgery.lora_targets(model))
+    new = surgery.add_head(model, "x")
+    got = new(batch([water], head=1))
+    for k in (keys.ENERGY, keys.CHARGES):
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-12)
