@@ -153,6 +153,8 @@ def prepare_model(base, config: FinetuneConfig, new_elements: list[str]):
     head (``reference``); ``model`` = the same with ``head_init: random`` applied to the target head."""
     source = base.config.heads[base.config.head_index(config.base.head)]
     extended = surgery.extend_elements(base, new_elements, seed=config.train.seed)
+    if config.finetune.long_range is not None:
+        extended = surgery.add_long_range(extended, config.finetune.long_range, seed=config.train.seed)
     _, order = layout_heads(base, config)
     sources = [source if h not in base.config.heads else h for h in order]
     reference = surgery.remap_heads(extended, order, sources, seed=config.train.seed)
@@ -222,7 +224,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     data_heads, order = layout_heads(base, c)
     configure_data(c, data_heads, cache, r_max)
     t.validate()
-    _check_loss_targets(base, t)
+    _check_loss_targets(base.config.long_range or c.finetune.long_range, t)
     train_sets, valid_sets = open_datasets(t, r_max)
     for ds in train_sets + valid_sets:
         getattr(ds, "dataset", ds).dtype = base.dtype   # exact float64 labels for the E0 fit and the tables
@@ -285,15 +287,16 @@ def _quiet(_: str) -> None:
     return None
 
 
-def _check_loss_targets(model, t) -> None:
+def _check_loss_targets(long_range, t) -> None:
     """Loss terms the model cannot predict (charges/dipole without a long-range head) are errors."""
-    if model.config.long_range is None:
+    if long_range is None:
         for where, coeffs in [("loss.coefficients", t.loss.coefficients)] + [
                 (f"loss.schedule[{i}].coefficients", s.coefficients) for i, s in enumerate(t.loss.schedule)]:
             bad = [k for k in (keys.CHARGES, keys.DIPOLE) if coeffs.get(k, 0) > 0]
             if bad:
                 raise ValueError(f"{where} weights {bad}, but the base model has no long-range charge head "
-                                 "(model_config.long_range is None), so it predicts no charges; set them to 0")
+                                 "(model_config.long_range is None), so it predicts no charges; set them to 0 "
+                                 "or add a head with finetune.long_range: {kind: coulomb}")
 
 
 def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: Path) -> list:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -42,6 +42,8 @@ class FinetuneSection:
     add_elements: allow elements of the new data the base model never saw (embedding rows added).
     cache_dir: where ASE-readable input files are converted to shards (default ``out_dir/data``).
     monitor: pretraining validation data evaluated on the base head before and after (forgetting).
+    long_range: add a long-range charge head (settings as ``ModelConfig.long_range``, e.g. {kind: coulomb}) to a
+        base without one; it starts with zero output (neutral structures: step 0 = the base).
     """
     strategy: Literal["full", "frozen", "lora", "replay"] = "full"
     head: Union[str, None] = None
@@ -50,6 +52,7 @@ class FinetuneSection:
     add_elements: bool = True
     cache_dir: Union[str, None] = None
     monitor: list[str] = field(default_factory=list)
+    long_range: Union[dict[str, Any], None] = None
 
 
 @dataclass

@@ -10,8 +10,9 @@ with one more head (element) and comparing shapes. So:
   (fresh random init for the new rows); old rows are copied, rescaled exactly where a layer normalises by the
   number of elements (its ``scale`` attribute changes), so old elements' predictions are unchanged up to
   rounding (one float multiply per weight).
-- ``freeze_backbone``: only the heads train (readouts and the long-range charge head) (plus, optionally, the rows of newly added elements: a
-  gradient mask keeps the old rows bit-identical under Adam without weight decay).
+- ``freeze_backbone``: only the heads train (readouts and the long-range charge head), plus, optionally, the
+  rows of newly added elements (a gradient mask keeps the old rows bit-identical under Adam without weight decay).
+- ``add_long_range``: a long-range charge head added to a model without one, starting at zero output.
 - ``add_lora`` / ``merge_lora``: low-rank adapters W + (alpha/r) A B on every 2-D linear map of the backbone,
   as ``torch.nn.utils.parametrize`` parametrizations (B = 0 at init: the model is unchanged). ``merge_lora``
   folds them into plain weights so the state dict has exactly the base model's names (loadable strictly).
@@ -168,11 +169,38 @@ def extend_elements(model: FoundationModel, new_elements: list[str], seed: int =
     return out
 
 
+# --- long-range head -----------------------------------------------------------------------------------------
+@torch.no_grad()
+def add_long_range(model: FoundationModel, settings: dict, seed: int = 0) -> FoundationModel:
+    """``model`` plus a long-range charge head (``settings`` as ``ModelConfig.long_range``), all other weights
+    copied bit for bit. The head's output layer starts at zero: raw charges 0, so q_i = Q/N and neutral structures
+    get E_lr = 0 (the model predicts exactly what ``model`` predicts); a charged structure gets the Coulomb energy
+    of a uniform Q/N charge until the head has learnt."""
+    cfg = model.config
+    if cfg.long_range is not None:
+        raise ValueError(f"the base model already has a long-range head ({cfg.long_range}); remove "
+                         "finetune.long_range (the head is fine-tuned with the others)")
+    new = cfg.to_dict()
+    new["long_range"] = dict(settings)
+    out = _build(ModelConfig.from_dict(new), model, seed)
+    state = out.state_dict()
+    for name, value in model.state_dict().items():
+        state[name].copy_(value)
+    out.load_state_dict(state)
+    last = [m for m in out.long_range.modules() if isinstance(m, nn.Linear)][-1]
+    last.weight.zero_()
+    if last.bias is not None:
+        last.bias.zero_()
+    out.hub_metadata = dict(getattr(model, "hub_metadata", None) or {})
+    return out
+
+
 # --- freezing ---------------------------------------------------------------------------------------------------
 def freeze_backbone(model: FoundationModel, train_elements: list[str] | None = None) -> list[str]:
-    """Freeze everything but the heads (readouts, long-range charge head). With ``train_elements``, the rows of those elements in every
-    per-element weight stay trainable through a gradient mask (other rows get zero gradient: with Adam and
-    no weight decay they stay bit-identical). Returns the names of the trainable parameters."""
+    """Freeze everything but the heads (readouts, long-range charge head). With ``train_elements``, the rows of
+    those elements in every per-element weight stay trainable through a gradient mask (other rows get zero
+    gradient: with Adam and no weight decay they stay bit-identical). Returns the names of the trainable
+    parameters."""
     cfg = model.config
     heads, elems = head_axes(cfg), element_axes(cfg)
     rows = [cfg.elements.index(s) for s in (train_elements or [])]

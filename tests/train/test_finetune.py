@@ -316,3 +316,33 @@ def test_random_head_init_only_when_asked(setup):
     base = FoundationModel.from_pretrained(setup / "base")
     torch.testing.assert_close(res["model"](graphs(frames, 1))[keys.FORCES], base(graphs(frames, 0))[keys.FORCES],
                                rtol=0, atol=1e-12)
+
+
+def test_added_long_range_head_trains_charges(setup, tmp_path):
+    """xTB-like molecules with charges: a charge head added to a base without one, step 0 = base for neutral
+    molecules, and the charge loss runs."""
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+    rng = np.random.default_rng(0)
+    frames = []
+    for i in range(12):
+        atoms = emt_frames(1, seed=100 + i, elements=(29, 28))[0]
+        atoms.pbc = False
+        atoms.cell = np.zeros((3, 3))
+        q = rng.normal(0, 0.1, len(atoms))
+        q -= q.mean()
+        res = dict(atoms.calc.results)
+        res.pop("stress")
+        atoms.calc = SinglePointCalculator(atoms, **res, charges=q)
+        frames.append(atoms)
+    write(tmp_path / "q.xyz", frames, format="extxyz")
+    values = recipe(setup, "lr", finetune={"long_range": {"kind": "coulomb"}}, max_steps=2)
+    values["data"] = {"train": [str(tmp_path / "q.xyz")], "valid": [], "valid_fraction": 0.25, "max_atoms": 32}
+    values["loss"] = {"coefficients": {"energy": 1.0, "forces": 10.0, "charges": 1.0}}
+    res = finetune(finetune_config_from_dict(values), log=lambda s: None)
+    assert res["step0_difference"] < 1e-10
+    tuned = FoundationModel.from_pretrained(res["model_dir"])
+    assert tuned.config.long_range["kind"] == "coulomb" and "all/charges" in res["metrics"]
+    with pytest.raises(ValueError, match="already has a long-range head"):
+        from foundation.train import surgery
+        surgery.add_long_range(tuned, {"kind": "coulomb"})

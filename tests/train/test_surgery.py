@@ -168,3 +168,16 @@ def test_long_range_head_counts_as_a_head():
     got = new(batch([water], head=1))
     for k in (keys.ENERGY, keys.CHARGES):
         torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-12)
+
+
+def test_added_long_range_head_starts_at_zero_for_neutral_structures(base):
+    frames = [crystal(9)]
+    frames[0].pbc, frames[0].cell = False, np.zeros((3, 3))
+    lr = surgery.add_long_range(base, {"kind": "coulomb"})
+    got, want = predict(lr, frames, 1), predict(base, frames, 1)
+    for k in (keys.ENERGY, keys.FORCES):
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-12)
+    assert torch.all(got[keys.CHARGES] == 0)
+    ion = batch(frames, 1)
+    ion[keys.TOTAL_CHARGE] = torch.tensor([1.0], dtype=torch.float64)   # uniform Q/N charges: Coulomb energy > 0
+    assert float(lr(ion)[keys.ENERGY][0]) > float(base(ion)[keys.ENERGY][0])
