@@ -8,7 +8,8 @@ optimizer, EMA and final error tables. Before that it counts the parameters of t
 (``_mace_worker.MaceSide`` builds ScaleShiftMACE with mace_run_train's default blocks) from HYPER.json:
 {"hyper": {r_max, num_bessel, num_poly_cutoff, max_ell, num_layers, num_channels, max_L, correlation,
 radial_mlp, readout_mlp}, "atomic_numbers": [...], "threads": int}. Writes OUT.json: {"params", "train_seconds"
-(wall time of run(), setup and final evaluation included), "versions"}. The per-epoch times and test errors
+(wall time of run(), setup and final evaluation included), "loop_seconds" / "loop_cpu_seconds" (wall / CPU
+time of mace.tools.train, the epoch loop), "versions"}. The per-epoch times and test errors
 are read from mace's log by the driver. Never imports ``foundation``; loads no checkpoint itself.
 """
 from __future__ import annotations
@@ -27,6 +28,23 @@ def count_parameters(hyper: dict, atomic_numbers: list[int]) -> int:
     from _mace_worker import MaceSide  # the colleague's builder: same blocks as mace_run_train's defaults
     model = MaceSide(hyper).model(sorted(atomic_numbers), avg_num_neighbors=1.0)
     return int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+
+
+def time_training_loop() -> dict:
+    """Wrap ``mace.tools.train`` (the epoch loop run_train calls: initial validation, then per epoch training,
+    validation and checkpoint) to measure its wall and CPU seconds (this process); returns the live totals."""
+    import mace.tools
+    original, totals = mace.tools.train, {"cpu": 0.0, "wall": 0.0}
+
+    def timed(*args, **kwargs):
+        cpu, wall = time.process_time(), time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            totals["cpu"] += time.process_time() - cpu
+            totals["wall"] += time.perf_counter() - wall
+    mace.tools.train = timed
+    return totals
 
 
 def main(argv=None) -> int:
@@ -50,11 +68,12 @@ def main(argv=None) -> int:
     from mace.cli.run_train import run
     from mace.tools import build_default_arg_parser
     mace_args = build_default_arg_parser().parse_args(argv[split + 1:])
+    loop = time_training_loop()
     start = time.perf_counter()
     run(mace_args)
     seconds = time.perf_counter() - start
     Path(args.result).write_text(json.dumps({
-        "params": params, "train_seconds": seconds,
+        "params": params, "train_seconds": seconds, "loop_cpu_seconds": loop["cpu"], "loop_seconds": loop["wall"],
         "versions": {"torch": torch.__version__, "e3nn": e3nn.__version__, "mace": mace.__version__,
                      "threads": torch.get_num_threads()}}, indent=1))
     return 0

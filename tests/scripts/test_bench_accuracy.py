@@ -92,3 +92,18 @@ def test_batches_per_epoch(bench):
     natoms = np.random.default_rng(0).integers(2, 97, 194)            # variable cells: greedy packing
     lower = int(np.ceil(natoms.sum() / 309))
     assert all(lower <= c <= 1.2 * lower for c in bench.batches_per_epoch(natoms, 309, 2))
+
+
+def test_format_table(bench):
+    rows = [{"system": "si", "code": "ours", "epochs": 3, "params": 50512, "s_per_epoch": 25.61,
+             "cpu_s_per_epoch": 12.0, "e_mae_mev_atom": 98.94, "e_mae_mev": 5698.2, "f_mae_mev_A": 113.8,
+             "s_mae_mev_A3": 14.87, "load": "10.07 9 9"},
+            {"system": "si", "code": "mace-torch", "epochs": 3, "params": 50512, "s_per_epoch": 29.4,
+             "cpu_s_per_epoch": None, "e_mae_mev_atom": 87.5, "e_mae_mev": None, "f_mae_mev_A": 132.6,
+             "s_mae_mev_A3": None, "load": "10.89 9 9"}]
+    lines = bench.format_table(rows).splitlines()
+    assert lines[0].split()[:4] == ["system", "code", "epochs", "params"]
+    assert lines[1].split() == ["si", "ours", "3", "50512", "25.6", "12.0", "98.94", "5698.2", "113.8", "14.87",
+                                "10.07"]
+    assert lines[2].split() == ["si", "mace-torch", "3", "50512", "29.4", "-", "87.50", "-", "132.6", "-", "10.89"]
+    assert len({len(line) for line in lines[1:]}) == 1   # aligned columns
