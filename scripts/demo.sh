@@ -19,7 +19,7 @@ start=$(date +%s)
 
 echo "== 1/7 data: demo corpus (EMT metals + Cu-Au held out, GFN2-xTB molecules)"
 $F data generate --preset demo --out data/demo
-$F data inspect data/demo/metals | head -12
+$F data inspect data/demo/metals
 
 echo "== 2/7 pretrain (DeepSpeed, 1 process, CPU)"
 $F pretrain recipes/pretrain_small.yaml --set max_steps=$PRETRAIN_STEPS --set progress=false
