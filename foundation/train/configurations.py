@@ -154,6 +154,10 @@ def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, inte
     frames = []
     for step in range(interval, steps + 1, interval):
         dyn.run(interval)
+        if not np.all(np.isfinite(work.positions)):
+            raise ValueError(f"{label}: positions became non-finite by step {step} of MD at {temperature} K (the "
+                             f"potential blew the structure apart); lower the temperature or the time step, or "
+                             f"use a better-trained teacher")
         forces = work.get_forces()
         if not np.all(np.isfinite(forces)):
             raise ValueError(f"{label}: non-finite forces at step {step} of MD at {temperature} K; "

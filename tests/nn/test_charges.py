@@ -33,7 +33,7 @@ def test_config_defaults_and_validation():
     bad = [({"kind": "ewald"}, "kind must be one of"), ({"sigma": 0}, "sigma must be a positive length"),
            ({"sigma": float("nan")}, "sigma"), ({"kcut": -1.0}, "kcut must be a positive"),
            ({"pme_threshold": 0}, "pme_threshold"), ({"pme_threshold": True}, "pme_threshold"),
-           ({"mesh_spacing": 0.7}, r"mesh_spacing must be a positive length below pi / kcut = 0.6283"),
+           ({"mesh_spacing": 0.7}, r"mesh_spacing must be a positive length below pi / kcut = 0.5236"),
            ({"interpolation_nodes": 8}, "interpolation_nodes"), ({"hidden": 0}, "hidden must be a positive")]
     for config, message in bad:
         with pytest.raises(ValueError, match=message):
