@@ -149,3 +149,21 @@ def test_select_disagreeing_picks_the_worst_frames_in_order():
         select_disagreeing(frames, student[:2] + [np.zeros((3, 3))] + student[3:], teacher, 2)
     with pytest.raises(ValueError, match="unknown disagreement metric"):
         select_disagreeing(frames, student, teacher, 2, metric="mean")
+
+
+def test_md_that_blows_up_is_reported_not_passed_on():
+    """Finite but huge forces: positions overflow to inf/NaN within the interval: a clear error, not a NaN frame."""
+    from ase.calculators.calculator import Calculator, all_changes
+
+    class Exploding(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+            super().calculate(atoms, properties, system_changes)
+            forces = np.zeros((len(atoms), 3))
+            forces[0] = 1e308
+            self.results = {"energy": 0.0, "forces": forces}
+
+    with pytest.raises(ValueError, match="positions became non-finite"):
+        run_md_frames(cu((1, 1, 1)), Exploding(), 300.0, steps=40, interval=40, timestep=1.0, friction=0.01,
+                      rng=np.random.default_rng(0), min_dist=0.5)
