@@ -131,6 +131,23 @@ def strained(atoms: Atoms, max_strain: float, noise: float, rng: np.random.Gener
     return out
 
 
+MIN_MD_ATOMS = 8
+
+
+def md_cell(atoms: Atoms, min_atoms: int = MIN_MD_ATOMS) -> Atoms:
+    """The cell MD starts from: a periodic seed with fewer than ``min_atoms`` atoms is repeated along its periodic
+    directions until it has at least that many (a 1-atom primitive cell has no motion once the centre of mass is
+    fixed, and thermalising it divides by a zero temperature); other seeds are used as they are."""
+    reps = [1, 1, 1]
+    axis = 0
+    while len(atoms) * int(np.prod(reps)) < min_atoms and atoms.pbc.any():
+        while not atoms.pbc[axis % 3]:
+            axis += 1
+        reps[axis % 3] += 1
+        axis += 1
+    return atoms.repeat(reps) if reps != [1, 1, 1] else atoms
+
+
 def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, interval: int, timestep: float,
                   friction: float, rng: np.random.Generator, min_dist: float = 0.0,
                   label: str = "MD") -> list[tuple[int, Atoms]]:
@@ -143,6 +160,9 @@ def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, inte
     from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md import velocitydistribution as vd
+    if len(atoms) < 2:
+        raise ValueError(f"{label}: MD needs at least 2 atoms (the centre of mass is fixed), got {len(atoms)}; "
+                         f"use a supercell (md_cell) or leave this structure out of MD")
     work = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
     work.calc = calculator
     thermalize = getattr(vd, "thermalize_momenta", None) or vd.MaxwellBoltzmannDistribution  # ase >= 3.29 / older
@@ -210,7 +230,7 @@ def generate_configurations(seeds: Sequence[Atoms], calculator, settings: Config
                 if progress:
                     progress(f"teacher MD: seed {i}, {temperature:g} K, {settings.md_steps} steps")
                 rng = _rng(settings, seed, "md", int(round(temperature * 1000)))
-                frames = run_md_frames(seed, calculator, temperature, settings.md_steps, settings.md_interval,
+                frames = run_md_frames(md_cell(seed), calculator, temperature, settings.md_steps, settings.md_interval,
                                        settings.md_timestep, settings.md_friction, rng, settings.min_distance,
                                        label=f"teacher MD from seed {i}")
                 out.extend(_tagged(a, "md", i, temperature, step) for step, a in frames)

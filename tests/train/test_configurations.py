@@ -167,3 +167,15 @@ def test_md_that_blows_up_is_reported_not_passed_on():
     with pytest.raises(ValueError, match="positions became non-finite"):
         run_md_frames(cu((1, 1, 1)), Exploding(), 300.0, steps=40, interval=40, timestep=1.0, friction=0.01,
                       rng=np.random.default_rng(0), min_dist=0.5)
+
+
+def test_md_of_a_one_atom_cell_runs_on_a_supercell():
+    from foundation.train.configurations import md_cell
+    prim = bulk("Cu", "fcc", a=3.5)
+    assert len(md_cell(prim)) >= 8 and len(md_cell(cu())) == len(cu())
+    with pytest.raises(ValueError, match="at least 2 atoms"):
+        run_md_frames(prim, EMT(), 250.0, steps=10, interval=10, timestep=1.0, friction=0.02,
+                      rng=np.random.default_rng(0))
+    s = ConfigurationSettings(temperatures=[250.0], md_steps=10, md_interval=10, rattle_copies=0, strain_copies=0)
+    frames = [a for a in generate_configurations([prim], EMT(), s) if a.info["config_type"] == "md"]
+    assert frames and all(len(a) >= 8 and np.all(np.isfinite(a.positions)) for a in frames)
