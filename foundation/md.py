@@ -87,6 +87,9 @@ def run_md(atoms: Atoms, steps: int, temperature_k: float, ensemble: str = "nve"
         raise ValueError(f"need steps >= 0 and interval >= 1 (got steps={steps}, interval={interval})")
     if ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {ensemble!r}; choose one of {', '.join(ENSEMBLES)}")
+    for path in (log, trajectory):  # outputs may go into directories that do not exist yet
+        if path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     if init_velocities:
         initialize_velocities(atoms, temperature_k, seed)
     dyn = make_dynamics(atoms, ensemble, timestep_fs, temperature_k, friction_per_fs=friction_per_fs,

@@ -62,13 +62,13 @@ def test_run_md_nvt_npt_write_trajectory_and_log(tmp_path):
         atoms = cu_au_32()
         atoms.calc = FoundationCalculator(pair_model())
         v0 = atoms.get_volume()
-        s = run_md(atoms, 20, 600.0, ensemble, 2.0, trajectory=tmp_path / f"{ensemble}.traj",
-                   log=tmp_path / f"{ensemble}.log", interval=5, pressure_gpa=1.0)
+        s = run_md(atoms, 20, 600.0, ensemble, 2.0, trajectory=tmp_path / "new" / f"{ensemble}.traj",
+                   log=tmp_path / "new" / f"{ensemble}.log", interval=5, pressure_gpa=1.0)  # dir made on demand
         assert s.steps == 20 and s.atoms == 32 and s.ns_per_day > 0 and s.atom_steps_per_s > 0
         assert abs(s.ns_per_day - 20 * 2e-6 / s.wall_s * 86400) < 1e-9 * s.ns_per_day
-        frames = read(tmp_path / f"{ensemble}.traj", ":")
+        frames = read(tmp_path / "new" / f"{ensemble}.traj", ":")
         assert len(frames) == 5 and frames[-1].get_potential_energy() != frames[0].get_potential_energy()
-        lines = (tmp_path / f"{ensemble}.log").read_text().splitlines()
+        lines = (tmp_path / "new" / f"{ensemble}.log").read_text().splitlines()
         assert lines[0].split()[:2] == ["Time[ps]", "Etot/N[eV]"] and len(lines) == 1 + 5
         if ensemble == "npt":
             assert atoms.get_volume() != v0  # the barostat moved the cell

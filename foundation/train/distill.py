@@ -182,14 +182,14 @@ def onpolicy_frames(config: DistillConfig, student, teacher, seeds: list[Atoms],
                     log: Log | None) -> list[Atoms]:
     """Frames of the student's own Langevin MD where its forces disagree most with the teacher's."""
     from ..calculator import FoundationCalculator
-    from .configurations import run_md_frames, select_disagreeing
+    from .configurations import md_cell, run_md_frames, select_disagreeing
     o = config.onpolicy
     calc = FoundationCalculator(student, dtype=config.report.dtype)
     frames = []
     for i, seed in enumerate(evenly(seeds, o.seeds)):
         rng = np.random.default_rng([config.seed, 101, round_index, i])
         try:
-            frames += [a for _, a in run_md_frames(seed, calc, o.temperature, o.md_steps, o.interval, o.timestep,
+            frames += [a for _, a in run_md_frames(md_cell(seed), calc, o.temperature, o.md_steps, o.interval, o.timestep,
                                                    o.friction, rng, min_dist=0.5, label=f"student MD {i}")]
         except ValueError as exc:   # the student broke down: its frames so far are not kept; say so
             if log:
