@@ -13,12 +13,25 @@ def _metrics(model_dir: Path) -> dict:
 
 
 def _rows(name: str, metrics: dict) -> list[tuple[str, str, str, str]]:
-    rows = []
-    for group, values in sorted(metrics.items()):
+    """Rows from a card's metrics ({group: {"energy_per_atom_mae_meV_per_atom": ..., ...}}) or from the JSON
+    of ``foundation evaluate`` ({"group/property": {"mae": ...}} in eV units); groups without E/F are skipped."""
+    groups: dict[str, dict] = {}
+    for key, values in metrics.items():
         if not isinstance(values, dict):
             continue
+        if "mae" in values and "/" in key:  # evaluate JSON, SI-ish units (eV, eV/Å)
+            group, prop = key.rsplit("/", 1)
+            unit = {"energy_per_atom": "energy_per_atom_mae_meV_per_atom", "forces": "forces_mae_meV_per_A"}.get(prop)
+            if unit and group != "all":
+                groups.setdefault(group, {})[unit] = 1000.0 * values["mae"]
+        else:
+            groups[key] = values
+    rows = []
+    for group, values in sorted(groups.items()):
         e = values.get("energy_per_atom_mae_meV_per_atom")
         f = values.get("forces_mae_meV_per_A")
+        if e is None and f is None:
+            continue
         rows.append((name, group, "-" if e is None else f"{e:.2f}", "-" if f is None else f"{f:.1f}"))
     return rows
 
@@ -32,9 +45,13 @@ def main() -> None:
     rows = _rows("pretrained (validation)", _metrics(runs / "pretrain_small" / "model"))
     zero_shot = runs / "pretrain_small" / "heldout_zero_shot.json"
     if zero_shot.is_file():
-        rows += _rows("pretrained, zero-shot on Cu-Au", json.loads(zero_shot.read_text()).get("metrics", {}))
+        rows += _rows("pretrained, zero-shot on Cu-Au", json.loads(zero_shot.read_text()))
     rows += _rows("fine-tuned on Cu-Au (validation)", _metrics(runs / "finetune_demo_cuau" / "model"))
-    rows += _rows("distilled student (validation)", _metrics(runs / "distill_own_model" / "model"))
+    student = _metrics(runs / "distill_own_model" / "model").get("student vs teacher (held-out teacher labels)", {})
+    if student:
+        rows.append(("distilled student", "vs teacher, held-out frames",
+                     f"{1000 * student['energy_per_atom_mae_eV_per_atom']:.2f}",
+                     f"{1000 * student['forces_mae_eV_per_A']:.1f}"))
     print(f"{'model':34s} {'data / head':34s} {'E MAE meV/atom':>15s} {'F MAE meV/Å':>12s}")
     for row in rows:
         print(f"{row[0]:34s} {row[1]:34s} {row[2]:>15s} {row[3]:>12s}")
