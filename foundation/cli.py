@@ -118,12 +118,17 @@ def _run_md(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recipe_arguments(p: argparse.ArgumentParser, example: str, set_example: str) -> None:
+    """The RECIPE.yaml positional and the repeatable ``--set KEY=VALUE`` shared by pretrain/finetune/distill."""
+    p.add_argument("recipe", metavar="RECIPE.yaml", help=f"e.g. {example}")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a recipe value, e.g. {set_example} (repeatable)")
+
+
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a model from a recipe with DeepSpeed (1 process, or N under "
                                         "torchrun/deepspeed); checkpoints, logs and the exported model go to out_dir")
-    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/pretrain_small.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set optim.lr=3e-4 --set data.train=[DIR] (repeatable)")
+    _add_recipe_arguments(p, "recipes/pretrain_small.yaml", "--set optim.lr=3e-4 --set data.train=[DIR]")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     p.set_defaults(func=_run_pretrain)
 
@@ -158,9 +163,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pretrained model (directory or Hub id at a pinned revision) on "
                                         "new data: full, frozen backbone, LoRA or multi-head replay")
-    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/finetune_mlearn_si.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set finetune.strategy=frozen --set max_steps=200 (repeatable)")
+    _add_recipe_arguments(p, "recipes/finetune_mlearn_si.yaml", "--set finetune.strategy=frozen --set max_steps=200")
     p.set_defaults(func=_run_finetune)
 
 
@@ -174,10 +177,8 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("distill", help="distil a teacher (our model, or any ASE calculator such as SevenNet-0) into a "
                                        "fast student: teacher labels with Hessian-vector products (cached), training, "
                                        "on-policy rounds, speed/error/NVE report in the student's card")
-    p.add_argument("recipe", metavar="RECIPE.yaml", help="e.g. recipes/distill_sevenn_si.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a recipe value, e.g. --set train.max_steps=200 --set seeds.max_structures=8 "
-                        "(repeatable)")
+    _add_recipe_arguments(p, "recipes/distill_sevenn_si.yaml",
+                          "--set train.max_steps=200 --set seeds.max_structures=8")
     p.set_defaults(func=_run_distill)
 
 

@@ -14,12 +14,7 @@ from foundation.nn.charges import DEFAULTS, LongRangeHead, constrain_total_charg
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: a second thread only adds contention on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_config_defaults_and_validation():

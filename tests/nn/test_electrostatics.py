@@ -18,12 +18,7 @@ needs_torchpme = pytest.mark.skipif(importlib.util.find_spec("torchpme") is None
                                     reason="torch-pme is not installed (pip install torch-pme)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors: a second thread only adds contention on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 # O at the origin, H at 0.96 Å along x, H at (-0.24, 0.93) (O-H 0.9605 Å, H-O-H 104.47°): reproduces the
 # field notes' -5.04185 eV (molecule) and -5.04880 / -5.04269 / -5.04210 eV (cubic boxes 10 / 20 / 30 Å).
 WATER = torch.tensor([[0.0, 0.0, 0.0], [0.96, 0.0, 0.0], [-0.24, 0.93, 0.0]], dtype=F64)
