@@ -162,7 +162,11 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     os.replace(root / (LATEST + ".tmp"), root / LATEST)
     _fsync(root)
     done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep]:
+    # Checkpoints of later steps than this one are left by an earlier run in the same out_dir (a fresh start
+    # overwrites it): they are not this run's and must not push the one just written out of the ``keep`` newest.
+    stale = [p for p in done if p.name > final.name]
+    mine = [p for p in done if p.name <= final.name]
+    for old in stale + mine[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

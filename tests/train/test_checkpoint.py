@@ -96,3 +96,17 @@ def test_pruning_and_damaged_checkpoint_errors(tmp_path):
         ckpt.latest(root)
     meta = json.loads((root / "step_00000004" / "meta.json").read_text())
     assert meta["step"] == 4 and "rank_00000.json" in meta["files"]
+
+
+def test_fresh_run_over_an_older_runs_checkpoints_keeps_its_own(tmp_path):
+    """A fresh run in an out_dir with later-step checkpoints of an earlier run (e.g. the demo's 800-step run, then
+    the 2000-step recipe) must keep what it writes: 'latest' used to name a just-deleted directory."""
+    root = tmp_path / "checkpoints"
+    for step in (600, 800):
+        write(root, step, float(step), keep=2)
+    write(root, 200, 2.0, keep=2)
+    assert ckpt.latest(root).name == "step_00000200"
+    assert ckpt.read_meta(ckpt.latest(root))["note"] == 2.0
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000200"]
+    write(root, 400, 4.0, keep=2)
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000200", "step_00000400"]
