@@ -52,12 +52,15 @@ class ModelSection:
 
 @dataclass
 class OptimConfig:
-    """Optimizer (torch AdamW/Adam handed to DeepSpeed) and gradient clipping (global L2 norm, 0 = off)."""
+    """Optimizer (torch AdamW/Adam handed to DeepSpeed) and gradient clipping (global L2 norm, 0 = off).
+    ``amsgrad``: the AMSGrad variant (denominator from the running maximum of the second moment), which
+    mace-torch uses by default."""
     name: Literal["adamw", "adam"] = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
+    amsgrad: bool = False
     grad_clip: float = 10.0
 
 

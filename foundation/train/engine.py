@@ -61,7 +61,7 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
     o = config.optim
     cls = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}[o.name]
     return cls([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-               weight_decay=o.weight_decay)
+               weight_decay=o.weight_decay, amsgrad=o.amsgrad)
 
 
 def _trainable_precision(model: torch.nn.Module, rank: int) -> torch.nn.Module:

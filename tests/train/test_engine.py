@@ -69,3 +69,25 @@ def test_two_ranks_match_one_rank_with_same_global_batch(tmp_path, emt_data, one
     assert va.keys() == vb.keys() and "valid/all/forces_rmse" in va
     for key in va:
         assert float(vb[key]) == pytest.approx(float(va[key]), rel=1e-5), key
+
+
+def test_optim_amsgrad_reaches_the_torch_optimizer():
+    """optim.amsgrad (mace-torch's default) builds AMSGrad: the step size stays bounded by the largest second
+    moment seen, so after a large gradient a small one moves the weight less than plain Adam does."""
+    from foundation.train.config import config_from_dict
+    from foundation.train.engine import _optimizer
+
+    def moved(amsgrad: bool) -> float:
+        w = torch.nn.Linear(1, 1, bias=False)
+        torch.nn.init.zeros_(w.weight)
+        opt = _optimizer(w, config_from_dict({"optim": {"name": "adam", "lr": 0.1, "amsgrad": amsgrad,
+                                                        "betas": [0.0, 0.1]}}))
+        assert opt.param_groups[0]["amsgrad"] is amsgrad
+        for g in (100.0, 1.0):
+            opt.zero_grad()
+            w.weight.grad = torch.full_like(w.weight, g)
+            before = float(w.weight)
+            opt.step()
+        return abs(float(w.weight) - before)
+    plain, ams = moved(False), moved(True)
+    assert ams < 0.5 * plain
