@@ -28,7 +28,7 @@ import torch
 FORMAT_VERSION = 1
 CONFIG_NAME, WEIGHTS_NAME, CARD_NAME = "config.json", "model.safetensors", "README.md"
 MODEL_FILES = (CONFIG_NAME, WEIGHTS_NAME, CARD_NAME)
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "TEMPLATE.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"   # also model_cards/TEMPLATE.md (symlink)
 _REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
@@ -164,8 +164,9 @@ class HubMixin:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().to("cpu").clone().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt", "framework": "foundation",
-                                                            "format_version": str(FORMAT_VERSION)})
+        # One metadata key: safetensors serialises the metadata map in a per-process random order, so several
+        # keys would make the bytes (and a re-push) differ for identical weights. Provenance is in config.json.
+        save_file(state, str(out / WEIGHTS_NAME), metadata={"format": "pt"})
         meta = self._card_inputs(metrics, datasets, license, description)
         n_params = sum(p.numel() for p in self.parameters())
         cfg = {"model_config": self.config.to_dict(), "framework": _framework(),
@@ -327,11 +328,11 @@ print("total energy after 20 fs (eV):", atoms.get_total_energy())'''
 
 
 def render_card(cfg: dict, source: str, template: str | Path | None = None) -> str:
-    """README.md text: ``model_cards/TEMPLATE.md`` filled from a config.json dict; ``source`` = repo id or dir."""
+    """README.md text: the packaged card template filled from a config.json dict; ``source`` = repo id or dir."""
     template = Path(template or TEMPLATE)
     if not template.is_file():
-        raise FileNotFoundError(f"model card template {template} not found; it ships in the repository's "
-                                "model_cards/ folder")
+        raise FileNotFoundError(f"model card template {template} not found; it ships inside the foundation "
+                                "package (reinstall foundation, or pass template=PATH)")
     mc, fw = cfg["model_config"], cfg["framework"]
     elements, heads = list(mc.get("elements", [])), list(mc.get("heads") or ["default"])
     r_max, layers = float(mc.get("r_max", float("nan"))), int(mc.get("num_layers", 1))

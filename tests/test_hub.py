@@ -60,6 +60,18 @@ def test_save_load_roundtrip_gives_identical_predictions(tmp_path):
     assert json.loads((tmp_path / "again" / "config.json").read_text())["metrics"] == METRICS
 
 
+def test_saving_the_same_weights_twice_gives_identical_files(tmp_path):
+    """Byte-identical saves: a re-push of an unchanged model must not create a new Hub commit."""
+    model = pair_model(seed=5)
+    dirs = [model.save_pretrained(tmp_path / f"s{i}", metrics=METRICS, datasets=DATASETS) for i in range(6)]
+    for name in ("model.safetensors", "config.json"):
+        assert len({(d / name).read_bytes() for d in dirs}) == 1, name
+    code = ("import sys; sys.path.insert(0, sys.argv[2]); from test_calculator import pair_model; "
+            "pair_model(seed=5).save_pretrained(sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "other"), str(TESTS)], check=True)
+    assert (tmp_path / "other" / WEIGHTS_NAME).read_bytes() == (dirs[0] / WEIGHTS_NAME).read_bytes()
+
+
 def test_card_has_real_content_and_never_invents_metrics(tmp_path):
     model = pair_model()
     card = (model.save_pretrained(tmp_path / "a", metrics=METRICS, datasets=DATASETS, repo_id="org/cu-au")
@@ -112,7 +124,7 @@ def test_weights_are_safetensors_and_loading_never_unpickles(tmp_path, monkeypat
     out = pair_model().save_pretrained(tmp_path / "m")
     raw = (out / WEIGHTS_NAME).read_bytes()
     header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
-    assert header["__metadata__"]["format_version"] == "1" and "w" in header
+    assert header["__metadata__"] == {"format": "pt"} and "w" in header
 
     def refuse(*a, **k):
         raise AssertionError("unpickling attempted")
@@ -300,3 +312,17 @@ def test_card_example_runs_exactly_as_written(tmp_path):
     lines = run.stdout.strip().splitlines()
     assert lines[0].startswith("potential energy (eV):") and lines[-1].startswith("total energy after 20 fs (eV):")
     assert np.isfinite(float(lines[-1].split(":")[1]))
+
+
+@pytest.mark.slow
+def test_wheel_ships_the_card_template(tmp_path):
+    """A non-editable install must still render cards: the template is package data, not a repo-only file."""
+    import zipfile
+    root = TESTS.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path), str(root)], check=True, env=dict(os.environ, PIP_NO_INPUT="1"))
+    wheel, = tmp_path.glob("foundation-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "foundation/model_card_template.md" in names
+    template = zipfile.ZipFile(wheel).read("foundation/model_card_template.md").decode()
+    assert template == (root / "model_cards" / "TEMPLATE.md").read_text()
