@@ -158,20 +158,13 @@ def train_config(config: DistillConfig, datasets: list[str], weights: list[float
     return t.validate()
 
 
-class KeepStatisticsTrainer(Trainer):
-    """The ``Trainer`` for later stages: the student's statistics (E0, scale, shift) are kept as trained."""
-
-    def _set_statistics(self, model, heads, r_max) -> None:
-        return None
-
-
 def train_stage(config: DistillConfig, model, datasets, weights, out_dir: Path, max_steps: int, first: bool,
                 switched_off: dict | None = None):
     """Train ``model`` on ``datasets``; returns (the exported EMA student, validation metrics, trainer).
     ``switched_off``: loss terms already switched off in an earlier stage stay off."""
     from ..model import FoundationModel
     t = train_config(config, datasets, weights, out_dir, max_steps)
-    trainer = (Trainer if first else KeepStatisticsTrainer)(t, model=model)
+    trainer = Trainer(t, model=model, fit_statistics=first)   # later stages keep the student's E0/scale/shift
     trainer.loss.load_state_dict({"switched_off": switched_off or {}})
     metrics = trainer.fit()
     return FoundationModel.from_pretrained(out_dir / "model"), metrics, trainer

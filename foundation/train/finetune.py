@@ -29,7 +29,7 @@ from . import surgery
 from .finetune_config import FinetuneConfig, load_finetune_config
 from .finetune_data import configure_data, prepare_paths
 from .loop import Trainer
-from .metrics import MetricAccumulator, card_metrics
+from .metrics import MetricAccumulator
 
 STEP0_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}   # eV (energies), eV/Å (forces): relative to 1 + |value|
 
@@ -182,33 +182,6 @@ def apply_strategy(model, config: FinetuneConfig, new_elements: list[str]) -> li
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-class FinetuneTrainer(Trainer):
-    """The pretraining ``Trainer`` with the model's statistics left as prepared (base + E0 refit: recomputing
-    scale/shift/neighbour count from the new data would change the model at step 0) and LoRA merged on export."""
-
-    def _set_statistics(self, model, heads, r_max) -> None:
-        return None
-
-    def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
-        module = self.engine.module
-        if not surgery.has_lora(module):
-            return super().export(metrics, target)
-        target = self.out / "model" if target is None else target
-        if self.rank == 0:
-            with (self.ema.applied(module) if self.ema is not None else _Null()):
-                merged = surgery.merged_copy(module)
-            merged.save_pretrained(target, metrics=card_metrics(metrics or {}))
-        return target
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # --- orchestration ----------------------------------------------------------------------------------------------
 def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: bool = True) -> dict:
     """Run the fine-tuning described by ``config``; returns {"zero_shot", "e0_old", "e0_new", "added_elements",
@@ -271,7 +244,10 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
               "added_elements": missing, "step0_difference": step0, "model": model, "heads": order}
     if not train:
         return result
-    metrics = FinetuneTrainer(t, model=model).fit()
+    # statistics stay as prepared (base + E0 refit: refitting scale/shift on the new data would change the model
+    # at step 0); LoRA adapters are merged into the exported weights
+    lora = surgery.merged_copy if surgery.has_lora(model) else None
+    metrics = Trainer(t, model=model, fit_statistics=False, export_transform=lora).fit()
     result.update(metrics=metrics, model_dir=Path(t.out_dir) / "model")
     if monitor:
         from ..model import FoundationModel

@@ -13,9 +13,11 @@ import random
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
+from torch import nn
 
 from .. import keys
 from . import checkpoint as ckpt
@@ -46,8 +48,13 @@ def build_model(config: TrainConfig, elements: list[str], heads: list[str]):
 class Trainer:
     """State of one run on one rank; ``fit()`` trains to ``config.max_steps``."""
 
-    def __init__(self, config: TrainConfig, model=None, resume: bool = False):
+    def __init__(self, config: TrainConfig, model=None, resume: bool = False, fit_statistics: bool = True,
+                 export_transform: Callable[[nn.Module], nn.Module] | None = None):
+        """``fit_statistics``: set E0s/scale/shift/neighbour count from the training data (False keeps a given
+        model's, as fine-tuning and later distillation stages need); ``export_transform``: module -> module to
+        save (e.g. LoRA merged), applied to the EMA weights at export."""
         self.config, self.out = config, Path(config.out_dir)
+        self.export_transform = export_transform
         self.rank, self.world = init_distributed(config.engine.backend)
         seed_everything(config.seed)
         self.head_names, heads = tdata.head_names(config)
@@ -56,7 +63,8 @@ class Trainer:
         self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
         if model is None:
             model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
-        self._set_statistics(model, heads, r_max)
+        if fit_statistics:
+            self.set_statistics(model, heads, r_max)
         self.engine = Engine(model, config)
         self.loss = Loss(config.loss, config.max_steps)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.max_steps)
@@ -70,7 +78,7 @@ class Trainer:
         self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
                                 progress=config.progress)
 
-    def _set_statistics(self, model, heads: list[int], r_max: float) -> None:
+    def set_statistics(self, model, heads: list[int], r_max: float) -> None:
         """E0s (least squares), scale (force RMS), shift and mean neighbor count of each head's training data."""
         elements, seen = _symbols(model.config.elements), set()
         for h, name in enumerate(self.head_names):
@@ -196,7 +204,8 @@ class Trainer:
                               f"export to {target} is skipped; the weights are in {self.out / 'checkpoints'}")
                 return target
             with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
-                module.save_pretrained(target, metrics=card_metrics(metrics or {}))
+                exported = self.export_transform(module) if self.export_transform is not None else module
+                exported.save_pretrained(target, metrics=card_metrics(metrics or {}))
         return target
 
     # --- the loop ---------------------------------------------------------------------------------------------
