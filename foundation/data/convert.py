@@ -35,8 +35,8 @@ from .. import __version__, keys
 from .encoding import RECORD_VERSION
 from .graph import neighbor_list
 from .labels import DEFAULT_SOURCES, read_labels
-from .manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, read_manifest,
-                       sha256_file, write_json_synced)
+from .manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest,
+                       read_manifest, sha256_file, shard_entry, write_json_synced)
 from .readers import iter_structures
 from .shards import SHARD_SCHEMA_VERSION, ShardWriter
 from .stats import MAX_Z, StatsAccumulator
@@ -185,8 +185,7 @@ class _State:
         path = self.writer.path
         self.writer = None
         self.elements.update(meta["elements"])
-        self.shards.append({"file": path.name, "count": meta["count"], "num_atoms": meta["num_atoms"],
-                            "bytes": path.stat().st_size, "sha256": sha256_file(path)})
+        self.shards.append(shard_entry(path, meta))
 
 
 def _write_dataset(paths: list[Path], directory: Path, arguments: dict, progress: bool) -> dict:
@@ -278,14 +277,7 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
 
 
 def _manifest(state: _State, arguments: dict) -> dict:
-    from ase.data import chemical_symbols
-    stats = state.stats.result()
-    props = {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in state.properties()}
-    return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "name": arguments["dataset_name"],
-            "level_of_theory": arguments["level_of_theory"], "num_structures": stats["num_structures"],
-            "num_atoms": stats["num_atoms"],
-            "natoms": {"min": state.natoms_min, "max": state.natoms_max,
-                       "mean": stats["num_atoms"] / stats["num_structures"]},
-            "elements": [chemical_symbols[z] for z in sorted(state.elements)], "properties": props,
-            "units": {"positions": "Å", "cell": "Å"}, "shards": state.shards, "statistics": stats,
-            "skipped": len(state.skipped)}
+    return make_manifest(name=arguments["dataset_name"], level_of_theory=arguments["level_of_theory"],
+                         statistics=state.stats.result(), shards=state.shards,
+                         natoms=(state.natoms_min, state.natoms_max), elements=state.elements,
+                         properties=state.properties(), skipped=len(state.skipped))

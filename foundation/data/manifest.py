@@ -39,6 +39,32 @@ def write_json_synced(path: str | os.PathLike, obj) -> None:
         os.fsync(fh.fileno())
 
 
+def shard_entry(path: str | os.PathLike, meta: dict, **extra) -> dict:
+    """The manifest's ``shards`` entry of a closed shard file (``meta`` = its ``ShardWriter.close`` metadata)."""
+    path = Path(path)
+    return {"file": path.name, "count": meta["count"], "num_atoms": meta["num_atoms"],
+            "bytes": path.stat().st_size, "sha256": sha256_file(path), **extra}
+
+
+def make_manifest(*, name: str | None, level_of_theory: str | None, statistics: dict, shards: list[dict],
+                  natoms: tuple[int, int], elements, properties, skipped: int = 0, **extra) -> dict:
+    """A manifest dict (schema above) from its parts: ``statistics`` = ``StatsAccumulator.result()``, ``natoms`` =
+    (min, max) atoms per structure, ``elements`` atomic numbers, ``properties`` label names; ``extra`` (e.g.
+    ``provenance``) is appended."""
+    from ase.data import chemical_symbols
+
+    from .. import keys
+    n = statistics["num_structures"]
+    return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION, "name": name,
+            "level_of_theory": level_of_theory, "num_structures": n, "num_atoms": statistics["num_atoms"],
+            "natoms": {"min": natoms[0], "max": natoms[1], "mean": statistics["num_atoms"] / n},
+            "elements": [chemical_symbols[z] for z in sorted(elements)],
+            "properties": {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS}
+                           for k in sorted(properties)},
+            "units": {"positions": "Å", "cell": "Å"}, "shards": shards, "statistics": statistics,
+            "skipped": skipped, **extra}
+
+
 def read_manifest(directory: str | os.PathLike) -> dict:
     """The validated manifest of a dataset directory (``FileNotFoundError``/``ValueError`` say what is wrong)."""
     path = Path(directory) / MANIFEST_NAME

@@ -32,8 +32,8 @@ from ase import Atoms
 
 from .. import __version__, keys
 from ..data.encoding import RECORD_VERSION
-from ..data.manifest import (MANIFEST_FORMAT, MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, read_manifest,
-                             sha256_file, write_json_synced)
+from ..data.manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest, read_manifest,
+                             sha256_file, shard_entry, write_json_synced)
 from ..data.shards import SHARD_SCHEMA_VERSION, ShardReader, ShardWriter
 from ..data.stats import StatsAccumulator
 from .configurations import CONFIG_TYPES, ConfigurationSettings, generate_configurations
@@ -236,7 +236,6 @@ def _write_shard(path: Path, frames: Sequence[Atoms], labels: Sequence[dict], ex
 
 def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, arguments: dict) -> dict:
     """A manifest (``foundation.data.manifest`` schema) for the labelled shards, statistics recomputed."""
-    from ase.data import chemical_symbols
     stats, entries, natoms, elements, props = StatsAccumulator(r_max), [], [], set(), set()
     for path in shards:
         reader = ShardReader(path)
@@ -249,18 +248,11 @@ def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, argu
         natoms.extend(reader.natoms.tolist())
         elements.update(meta["elements"])
         props.update(meta["properties"])
-        entries.append({"file": path.name, "count": meta["count"], "num_atoms": meta["num_atoms"],
-                        "bytes": path.stat().st_size, "sha256": sha256_file(path),
-                        "labelling_seconds": meta.get("labelling_seconds")})
-    result = stats.result()
+        entries.append(shard_entry(path, meta, labelling_seconds=meta.get("labelling_seconds")))
     desc = teacher.describe()
-    return {"format": MANIFEST_FORMAT, "schema_version": MANIFEST_SCHEMA_VERSION,
-            "name": f"distill-{key[:12]}", "level_of_theory": f"teacher {desc['name']} ({desc['revision']})",
-            "num_structures": result["num_structures"], "num_atoms": result["num_atoms"],
-            "natoms": {"min": min(natoms), "max": max(natoms), "mean": result["num_atoms"] / len(natoms)},
-            "elements": [chemical_symbols[z] for z in sorted(elements)],
-            "properties": {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS} for k in sorted(props)},
-            "units": {"positions": "Å", "cell": "Å"}, "shards": entries, "statistics": result, "skipped": 0,
-            "provenance": {"tool": f"foundation {__version__}", "created": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                          time.gmtime()),
-                           "teacher": desc, "cache_key": key, "arguments": arguments}}
+    created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    return make_manifest(name=f"distill-{key[:12]}", level_of_theory=f"teacher {desc['name']} ({desc['revision']})",
+                         statistics=stats.result(), shards=entries, natoms=(min(natoms), max(natoms)),
+                         elements=elements, properties=props,
+                         provenance={"tool": f"foundation {__version__}", "created": created, "teacher": desc,
+                                     "cache_key": key, "arguments": arguments})
