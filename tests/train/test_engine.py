@@ -91,3 +91,33 @@ def test_optim_amsgrad_reaches_the_torch_optimizer():
         return abs(float(w.weight) - before)
     plain, ams = moved(False), moved(True)
     assert ams < 0.5 * plain
+
+
+@pytest.mark.slow
+def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, emt_data):
+    """engine.precision=bf16 (the GPU setting), exercised on the CPU: every training forward runs under bf16
+    autocast, evaluation too, the loss stays finite and falls, and weights/optimizer state/checkpoints stay fp32."""
+    from pair_model import PairPotential
+    from test_loop import small_config
+
+    from foundation.train.checkpoint import latest
+    from foundation.train.loop import run
+
+    seen = []
+
+    class Recording(PairPotential):
+        def forward(self, batch, **kwargs):
+            seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+            return super().forward(batch, **kwargs)
+
+    torch.manual_seed(0)
+    config = small_config(tmp_path / "bf16", emt_data, engine={"precision": "bf16"}, max_steps=12, valid_every=12,
+                          checkpoint_every=12)
+    metrics = run(config, model=Recording([28, 29], r_max=4.0))
+    assert seen and all(on and dtype == torch.bfloat16 for on, dtype in seen)
+    rows = train_rows(tmp_path / "bf16")
+    losses = [float(r["loss"]) for r in rows]
+    assert all(torch.isfinite(torch.tensor(losses))) and min(losses[-3:]) < losses[0]
+    assert torch.isfinite(torch.tensor(metrics["all/forces"]["mae"]))
+    weights = load_file(str(latest(tmp_path / "bf16" / "checkpoints") / "model.safetensors"))
+    assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
