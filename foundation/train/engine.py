@@ -17,7 +17,8 @@ logs) must be on storage every node sees at the same path: all ranks write their
 the same directory and rank 0 commits it.
 
 Precision: weights, gradients and optimizer state are float32 (a float64 model is cast for training; its
-export keeps the float64 config); ``precision: auto`` adds bf16 autocast on GPUs that support it.
+export keeps the float64 config); ``precision: auto`` adds bf16 autocast on GPUs that support it; ``bf16`` forces
+it (also on CPU, where it is slow but runs the same code path; tested there).
 
 Gradient normalisation: the loop computes each micro-batch's loss as (sum of errors) / (count of labelled
 entries over all micro-batches of the step and all ranks) x world size; DeepSpeed averages gradients over
