@@ -20,6 +20,7 @@ From nothing (or from a given corpus / base model):
 
     python scripts/study_finetune.py --data data/demo --out runs/study_finetune      # ~35 CPU-minutes, 1 thread
     python scripts/study_finetune.py --quick --out /tmp/study_ft                      # smoke test (tiny preset)
+    python scripts/study_finetune.py ... --reuse     # tables/figure again from finished runs; train only the rest
 """
 from __future__ import annotations
 
@@ -295,6 +296,8 @@ def parse(argv=None):
     p.add_argument("--curve-points", type=int, default=12, help="validations per run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true",
+                   help="reuse the base and the variants already finished under --out (their JSON), train the rest")
     p.add_argument("--figure", default=None, help="also write the learning-curve PNG here")
     p.add_argument("--quick", action="store_true", help="smoke test: tiny preset, 8-channel model, a few steps")
     args = p.parse_args(argv)
@@ -319,13 +322,22 @@ def main(argv=None) -> int:
     base_info = {"given": args.base}
     if args.base:
         base = Path(args.base)
+    elif args.reuse and (out / "base" / "base.json").is_file():
+        base_info = json.loads((out / "base" / "base.json").read_text())
+        base = Path(base_info["model_dir"])
     else:
         c0 = time.process_time()
         base, metrics = pretrain(args, splits)
-        base_info.update(steps=args.pretrain_steps, cpu_s=time.process_time() - c0,
+        base_info.update(steps=args.pretrain_steps, cpu_s=time.process_time() - c0, model_dir=str(base),
                          valid={k: _mae(metrics, k) for k in PROPS})
+        (out / "base" / "base.json").write_text(json.dumps(base_info, indent=1) + "\n")
     rows = []
     for name in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        saved = out / "runs" / f"{name}.json"
+        if args.reuse and saved.is_file():
+            rows.append(json.loads(saved.read_text()))
+            print(f"{name}: reused {saved}", flush=True)
+            continue
         c0, w0 = time.process_time(), time.time()
         info = run_scratch(args, name, base, splits) if name.startswith("scratch") else \
             run_finetune(args, name, base, splits)
@@ -333,6 +345,7 @@ def main(argv=None) -> int:
         info.update(variant=name, steps=args.steps, cpu_s=cpu, wall_s=wall,
                     curve=curve(out / "runs" / name), test=test_errors(info["model_dir"], splits["paths"]["cuau_test"],
                                                                        info["head"]))
+        saved.write_text(json.dumps(info, indent=1, default=str) + "\n")
         rows.append(info)
         print(f"{name}: test F MAE {_f(info['test']['forces'])} meV/Å ({cpu:.0f} CPU s)", flush=True)
     e0 = next((r["e0_new"] for r in rows if r.get("e0_new") and r["head"] == "cuau"), None)

@@ -106,3 +106,11 @@ def test_quick_study_end_to_end(tmp_path):
     for name in names + ["base (zero-shot)"]:
         assert f"\n{name} " in out
     assert "forgetting: pretraining metals validation (10 structures, head emt)" in out
+    again = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path), "--reuse",
+                            "--variants", "replay,scratch"], env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "replay: reused" in again.stdout and "scratch: reused" in again.stdout
+    reused = json.loads((tmp_path / "study_finetune.json").read_text())
+    assert [v["test"] for v in reused["variants"]] == [v["test"] for v in result["variants"][3:6:2]]
+    assert reused["zero_shot"] == result["zero_shot"]
