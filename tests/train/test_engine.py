@@ -121,3 +121,23 @@ def test_bf16_precision_trains_under_autocast_with_fp32_weights(tmp_path, emt_da
     assert torch.isfinite(torch.tensor(metrics["all/forces"]["mae"]))
     weights = load_file(str(latest(tmp_path / "bf16" / "checkpoints") / "model.safetensors"))
     assert {w.dtype for w in weights.values() if w.is_floating_point()} == {torch.float32}
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_deepspeed_launcher_runs_the_cli_on_two_ranks(tmp_path, emt_data):
+    """`deepspeed --num_gpus 2 --module foundation.cli pretrain ...` as the README shows: the launcher inserts
+    --local_rank=N before the subcommand, and both ranks train and finish (CPU accelerator, gloo)."""
+    recipe_path = Path(__file__).resolve().parents[2] / "recipes" / "pretrain_small.yaml"
+    out = tmp_path / "ds"
+    sets = [f"data.train=[{emt_data['train']}]", "data.heads=null", f"data.valid=[{emt_data['valid']}]",
+            f"out_dir={out}", "max_steps=2", "log_every=1", "valid_every=2", "checkpoint_every=2", "progress=false",
+            "data.max_atoms=40", "model.overrides={num_channels: 8, r_max: 4.0, num_layers: 1, max_ell: 1, "
+            "correlation: 2}"]
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
+           "--module", "foundation.cli", "pretrain", str(recipe_path)] + [a for s in sets for a in ("--set", s)]
+    res = subprocess.run(cmd, env=dict(env(), DS_ACCELERATOR="cpu"), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert "--local_rank=1" in res.stdout + res.stderr            # two ranks were started by the launcher
+    assert [int(r["step"]) for r in train_rows(out)] == [1, 2]
+    assert (out / "model" / "model.safetensors").is_file()
