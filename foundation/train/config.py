@@ -119,6 +119,15 @@ class EMAConfig:
 
 
 @dataclass
+class RefitE0Config:
+    """After the last step, add to each head's per-element reference energies the least-squares fit of the
+    EMA model's energy residuals on up to ``max_structures`` training structures (``refit.py``): energies
+    shift by per-element constants, forces and stress are unchanged."""
+    enabled: bool = False
+    max_structures: int = 2000
+
+
+@dataclass
 class TrainConfig:
     """A whole run. ``max_steps`` counts optimizer steps; ``*_every`` too. Checkpoints go to ``out_dir``."""
     out_dir: str = "runs/pretrain"
@@ -136,6 +145,7 @@ class TrainConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
+    refit_e0: RefitE0Config = field(default_factory=RefitE0Config)
 
     def validate(self) -> "TrainConfig":
         """Check value ranges and cross-field consistency; returns self. Raises ``ValueError`` naming the key."""
@@ -148,6 +158,7 @@ class TrainConfig:
         _check(0.0 <= self.data.valid_fraction < 1.0, "data.valid_fraction", "must be in [0, 1)")
         _check(0.0 <= self.ema.decay < 1.0, "ema.decay", "must be in [0, 1)")
         _check(self.optim.lr > 0, "optim.lr", "must be > 0")
+        _check(self.refit_e0.max_structures >= 1, "refit_e0.max_structures", "must be >= 1")
         _check(len(self.optim.betas) == 2, "optim.betas", "must be two numbers, e.g. [0.9, 0.999]")
         n = len(self.data.train)
         for name in ("heads", "weights"):

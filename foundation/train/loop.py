@@ -72,7 +72,7 @@ class Trainer:
         self.loader = tdata.make_train_loader(config, self.train_sets, self.rank, self.world)
         self.valid_loader = (tdata.make_eval_loader(self.valid_sets, config.data.max_atoms, self.rank, self.world)
                              if self.valid_sets else None)
-        self.step, self.metrics = 0, {}
+        self.step, self.metrics, self.refit_summary = 0, {}, None
         if resume:
             self.restore()
         self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
@@ -148,6 +148,28 @@ class Trainer:
         sums, counts = self.engine.all_reduce_sum(sums), self.engine.all_reduce_sum(counts)
         return float(Loss.combine(sums, counts, self.loss.coefficients(self.step))), acc.result()
 
+    def refit_e0(self) -> dict:
+        """Least-squares E0 correction of each head from the EMA model's training residuals (``refit.py``),
+        applied to the model (every rank computes the same); summary printed and written to refit_e0.json."""
+        import json
+
+        from .refit import refit_reference_energies
+        _, heads = tdata.head_names(self.config)
+        by_head = {n: [d for d, hd in zip(self.train_sets, heads) if hd == h] for h, n in enumerate(self.head_names)}
+        module = self.engine.module
+        with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
+            self.refit_summary = refit_reference_energies(module, by_head, self.config.refit_e0.max_structures,
+                                                          self.config.data.max_atoms, self.engine.device)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "refit_e0.json").write_text(json.dumps(self.refit_summary, indent=1))
+            for head, s in self.refit_summary.items():
+                print(f"refit_e0 {head}: mean energy residual {1000 * s['mean_residual_per_atom_before']:+.3f} -> "
+                      f"{1000 * s['mean_residual_per_atom_after']:+.3f} meV/atom on {s['structures']} training "
+                      f"structures (RMSE {1000 * s['rmse_per_atom_before']:.3f} -> "
+                      f"{1000 * s['rmse_per_atom_after']:.3f})", flush=True)
+        return self.refit_summary
+
     # --- checkpoints ------------------------------------------------------------------------------------------
     def save(self) -> None:
         root = self.out / "checkpoints"
@@ -220,6 +242,8 @@ class Trainer:
             row["atoms_per_s"] = row["atoms"] / max(time.perf_counter() - t0, 1e-9)
             self.logger.train(self.step, row, log=self.step % c.log_every == 0 or self.step == c.max_steps)
             last = self.step == c.max_steps
+            if last and c.refit_e0.enabled:
+                self.refit_e0()
             if self.valid_loader is not None and (self.step % c.valid_every == 0 or last):
                 valid_loss, metrics = self.evaluate()
                 self.metrics = metrics
@@ -231,6 +255,8 @@ class Trainer:
                               f"{self.config.loss.hvp_off_at_force_mae:g}: loss term {prop!r} switched off")
             if self.step % c.checkpoint_every == 0 or last:
                 self.save()
+        if c.refit_e0.enabled and self.refit_summary is None:   # resumed a finished run: refit before exporting
+            self.refit_e0()
         if not metrics and self.valid_loader is not None:   # resumed a finished run: measure before exporting
             metrics = self.evaluate()[1]
         self.export(metrics)
