@@ -115,15 +115,20 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the whole run (default 1: oversubscribed threads distort the speed-up)")
     p.add_argument("--quick", action="store_true", help="smoke test: 4 steps, 2 seeds, no MD, 1 speed repeat")
+    p.add_argument("--parallel", action="store_true",
+                   help="run each variant in its own process at the same time (the speed measurement then shares "
+                        "the CPU with the other variants' training; the ratio is still same-run, alternated)")
+    p.add_argument("--child-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.steps, args.max_structures, args.md_seeds, args.md_steps = 4, 2, 0, 0
         args.speed_repeats, args.nve_steps, args.onpolicy_steps, args.onpolicy_md_steps = 1, 5, 2, 10
         args.onpolicy_seeds, args.onpolicy_pick = 1, 2
         args.set = ["report.speed_steps=2", "labels.hvp_vectors=1"] + args.set
     variants = [v for v in args.variants.split(",") if v]
-    if args.onpolicy_rounds > 0 and "onpolicy" not in variants:
+    if args.onpolicy_rounds > 0 and "onpolicy" not in variants and args.child_index is None:
         variants.append("onpolicy")
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
@@ -134,8 +139,30 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def run_parallel(args) -> list[dict]:
+    """Each variant in a child process of this script (``--variants v --child-index i``, log ``out/<v>.log``);
+    returns the children's JSON dicts in variant order (the first one measured speed and NVE)."""
+    import subprocess
+    out, procs = Path(args.out), []
+    out.mkdir(parents=True, exist_ok=True)
+    base = [a for a in args.argv if a != "--parallel"]
+    for i, v in enumerate(args.variant_list):
+        part = out / f"part-{v}.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--variants", v, "--child-index", str(i),
+               "--json", str(part)]
+        procs.append((v, part, subprocess.Popen(cmd, stdout=open(out / f"{v}.log", "w"), stderr=subprocess.STDOUT)))
+    parts = []
+    for v, part, proc in procs:
+        if proc.wait() != 0:
+            raise RuntimeError(f"variant {v} failed (exit {proc.returncode}); see {out / (v + '.log')}")
+        parts.append(json.loads(part.read_text()))
+    return parts
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.parallel and len(args.variant_list) > 1:
+        return _main_parallel(args)
     import torch
 
     from foundation.train.distill import distill
@@ -146,7 +173,8 @@ def main(argv=None) -> int:
     load_start, t_start = os.getloadavg(), time.perf_counter()
     results, reports = [], {}
     for i, variant in enumerate(args.variant_list):
-        config = load_distill_config(args.recipe, overrides(args, variant, first=i == 0))
+        first = (args.child_index if args.child_index is not None else i) == 0
+        config = load_distill_config(args.recipe, overrides(args, variant, first=first))
         t0 = time.perf_counter()
         report = distill(config, log=lambda m: print(m, flush=True))
         wall = time.perf_counter() - t0
@@ -154,7 +182,24 @@ def main(argv=None) -> int:
         results.append(row(label(variant, args), report, args.steps, wall))
         reports[variant] = report
     first = reports[args.variant_list[0]]
-    sp, nve, student = first["speed"], first["nve"], first["student"]
+    summary(args, results, first["speed"], first["nve"], load_start, t_start,
+            {"parameters": first["student"]["parameters"], "r_max": first["student"]["config"]["r_max"],
+             "num_channels": first["student"]["config"]["num_channels"]},
+            {v: r["training_datasets"] for v, r in reports.items()})
+    return 0
+
+
+def _main_parallel(args) -> int:
+    load_start, t_start = os.getloadavg(), time.perf_counter()
+    parts = run_parallel(args)
+    first = parts[0]
+    summary(args, [p["rows"][0] for p in parts], first["speed"], first["nve"], load_start, t_start,
+            first["student"], {v: c for p in parts for v, c in p["configurations"].items()}, parallel=True)
+    return 0
+
+
+def summary(args, results, sp, nve, load_start, t_start, student, configurations, parallel=False) -> None:
+    """Print the speed, NVE and ablation table; write the JSON (``--json``)."""
     print(f"\nspeed ({sp['structure']}, {sp['atoms']} atoms, NVE, best of {sp['repeats']} alternated runs, "
           f"{sp['torch_threads']} torch threads): student {sp['student_atom_steps_per_s']:.4g}, teacher "
           f"{sp['teacher_atom_steps_per_s']:.4g} atom-steps/s -> {sp['speedup']:.3g}x")
@@ -169,14 +214,12 @@ def main(argv=None) -> int:
         finite = all(math.isfinite(r[k]) for r in results for k in ("F_vs_teacher", "wall_s") if r[k] is not None)
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(
-            {"args": {k: v for k, v in vars(args).items() if k != "variant_list"}, "variants": args.variant_list,
+            {"args": {k: v for k, v in vars(args).items() if k not in ("variant_list", "argv")},
+             "variants": args.variant_list,
              "rows": results, "speed": sp, "nve": nve, "finite": finite,
-             "student": {"parameters": student["parameters"], "r_max": student["config"]["r_max"],
-                         "num_channels": student["config"]["num_channels"]},
-             "configurations": {v: r["training_datasets"] for v, r in reports.items()},
+             "student": student, "configurations": configurations, "parallel": parallel,
              "load_average_1min": {"start": load_start[0], "end": load_end[0]},
              "total_wall_s": time.perf_counter() - t_start}, indent=2, default=str) + "\n")
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """scripts/bench_distill.py: equal total steps for every variant (on-policy included), and a --quick run end to end
-with an EMT teacher on built-in copper (three variants, the JSON and the printed table)."""
+with an EMT teacher on built-in copper (three variants in parallel processes, the merged JSON and table)."""
 from __future__ import annotations
 
 import importlib.util
@@ -59,10 +59,11 @@ def test_quick_run_with_an_emt_teacher(bench, tmp_path, capsys):
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--recipe", str(path), "--out", str(tmp_path / "runs"), "--onpolicy-rounds", "1",
-                       "--json", str(out)]) == 0
+                       "--parallel", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
-    assert result["variants"] == ["hvp", "ef", "onpolicy"] and result["finite"]
+    assert result["variants"] == ["hvp", "ef", "onpolicy"] and result["finite"] and result["parallel"]
+    assert sorted(p.name for p in (tmp_path / "runs").glob("*.log")) == ["ef.log", "hvp.log", "onpolicy.log"]
     rows = {r["variant"]: r for r in result["rows"]}
     assert list(rows) == ["E/F/S + H v (coef 5)", "E/F/S only", "E/F/S + H v + 1 on-policy"]
     for r in rows.values():
