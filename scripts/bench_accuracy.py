@@ -4,9 +4,12 @@ Systems: rMD17 ethanol and aspirin (950 train / 50 validation frames drawn, seed
 rmd17_<molecule>_train_01.xyz; the 1000 frames of rmd17_<molecule>_test_01.xyz for test) and mlearn Si
 with stress (194 / 20 from Si_train.xyz; the 25 frames of Si_test.xyz for test). Both codes get the same
 split files (written once as extxyz with REF_energy / REF_forces / REF_stress labels) and the same settings:
-epochs, channels, L, correlation, max_ell, r_max, radial basis, batch size, lr (constant), Adam, gradient
-clip 10, loss weights E:F(:S) = 1:100(:100) on per-atom energy and force (stress) components, EMA 0.99,
-float32, least-squares reference energies, threads.
+epochs, channels, L, correlation, max_ell, r_max, radial basis, batch size, lr (constant), Adam with AMSGrad
+(mace's default), gradient clip 10, loss weights E:F(:S) = 1:100(:100) on per-atom energy and force (stress)
+components, EMA 0.99, float32, least-squares reference energies, threads. What differs, by design of each
+code: mace reports the epoch with the lowest validation loss (its checkpoint), ours the last step, after the
+recipes' ``refit_e0`` (least-squares E0 correction to the EMA model's training-set energy residuals; forces
+unchanged; foundation/train/refit.py). ``--ours-set KEY=VALUE`` changes our recipe for studies.
 
 - ours: `foundation data convert` of the splits, then `Trainer` of recipes/bench_rmd17.yaml or
   recipes/bench_mlearn_si.yaml (+ --set overrides) in a subprocess; atom-budget batches with
@@ -114,7 +117,7 @@ def ours_overrides(a, system: str, lmdb: Path, run_dir: Path, max_atoms: int, st
     return [f"out_dir={run_dir}", f"max_steps={sum(steps)}", f"log_every={per_epoch}",
             f"valid_every={per_epoch}", f"checkpoint_every={sum(steps)}", f"data.train=[{lmdb / 'train'}]",
             f"data.valid=[{lmdb / 'valid'}]", f"data.max_atoms={max_atoms}", f"optim.lr={a.lr}",
-            "model.overrides=" + json.dumps(model)]
+            "model.overrides=" + json.dumps(model)] + list(a.ours_set)
 
 
 def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
@@ -149,6 +152,10 @@ def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
            "e_mae_mev_atom": 1000 * m["all/energy_per_atom"]["mae"], "e_mae_mev": 1000 * m["all/energy"]["mae"],
            "f_mae_mev_A": 1000 * m["all/forces"]["mae"],
            "s_mae_mev_A3": 1000 * m["all/stress"]["mae"] if "all/stress" in m else None}
+    refit = work / "ours" / "run" / "refit_e0.json"
+    if refit.is_file():   # the energy offset that refit_e0 removed (training set, meV/atom)
+        row["refit_e0_offset_mev_atom"] = [1000 * h["mean_residual_per_atom_before"]
+                                           for h in json.loads(refit.read_text()).values()]
     return row
 
 
@@ -322,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with rmd17/ and mlearn/")
     p.add_argument("--out", default="runs/bench_accuracy", help="work folder (splits, runs, logs)")
     p.add_argument("--json", default=None, help="write settings and result rows here")
+    p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra --set override of our recipe, after the script's own (repeatable; for studies)")
     p.add_argument("--quick", action="store_true", help="smoke test: ethanol, 1 epoch, 100 train frames, 8 ch")
     p.add_argument("--ours-worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

@@ -107,3 +107,35 @@ def test_format_table(bench):
                                 "10.07"]
     assert lines[2].split() == ["si", "mace-torch", "3", "50512", "29.4", "-", "87.50", "-", "132.6", "-", "10.89"]
     assert len({len(line) for line in lines[1:]}) == 1   # aligned columns
+
+
+def test_ours_overrides_apply_to_the_recipe(bench, tmp_path):
+    """The script's --set overrides (and --ours-set, after them) give a valid config of the shipped recipe with
+    the benchmark's size, length and data; --ours-set wins over the recipe."""
+    from foundation.train.config import load_config
+    a = bench.parse_args(["--epochs", "2", "--channels", "16", "--ours-set", "optim.amsgrad=false",
+                          "--ours-set", "ema.decay=0.9"])
+    sets = bench.ours_overrides(a, "ethanol", tmp_path / "lmdb", tmp_path / "run", 45, [190, 190])
+    cfg = load_config(bench.REPO / "recipes" / "bench_rmd17.yaml", sets)
+    assert cfg.max_steps == 380 and cfg.valid_every == 190 and cfg.data.max_atoms == 45
+    assert cfg.model.overrides["num_channels"] == 16 and cfg.data.train == [str(tmp_path / "lmdb" / "train")]
+    assert cfg.optim.amsgrad is False and cfg.ema.decay == 0.9
+
+
+@pytest.mark.slow
+def test_quick_run_of_ours(bench, tmp_path, capsys):
+    """--quick (ethanol, 100 frames, 1 epoch, 8 channels), our side only: finite errors in the JSON and the
+    printed table, and the energy offset removed by the recipe's refit_e0 is recorded."""
+    import json
+    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+    if not (data / "rmd17").is_dir():
+        pytest.skip(f"shared data not found at {data}")
+    out = tmp_path / "out.json"
+    assert bench.main(["--quick", "--codes", "ours", "--data", str(data), "--out", str(tmp_path / "w"),
+                       "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["system"] == "ethanol" and row["code"] == "ours" and row["epochs"] == 1
+    assert all(np.isfinite(row[k]) and row[k] > 0 for k in ("e_mae_mev_atom", "f_mae_mev_A", "cpu_s_per_epoch"))
+    assert len(row["refit_e0_offset_mev_atom"]) == 1 and np.isfinite(row["refit_e0_offset_mev_atom"][0])
+    table = capsys.readouterr().out
+    assert any(line.split()[:2] == ["ethanol", "ours"] for line in table.splitlines())
