@@ -89,7 +89,7 @@ def write_subset(src: Path, indices: np.ndarray, out: Path, name: str) -> str:
 def split_corpus(data: Path, out: Path, args) -> dict:
     """Seeded splits: metals_train / metals_valid, cuau_train (N) / cuau_valid / cuau_test. Paths and sizes."""
     from foundation.data import ShardedDataset
-    rng = np.random.default_rng([args.seed, 6])
+    rng = np.random.default_rng([args.split_seed, 6])
     n_metals, n_cuau = len(ShardedDataset(data / "metals")), len(ShardedDataset(data / "heldout"))
     need = args.frames + args.valid_frames + args.test_frames
     if need > n_cuau or args.metals_valid >= n_metals:
@@ -101,10 +101,16 @@ def split_corpus(data: Path, out: Path, args) -> dict:
              "metals_train": (data / "metals", metals[args.metals_valid:]),
              "cuau_train": (data / "heldout", cuau[:a]), "cuau_valid": (data / "heldout", cuau[a:b]),
              "cuau_test": (data / "heldout", cuau[b:need])}
+    record = {"data": str(Path(data).resolve()), "split_seed": args.split_seed,
+              "sizes": {k: int(len(idx)) for k, (_, idx) in parts.items()}}
+    if (out / "splits.json").is_file() and json.loads((out / "splits.json").read_text()) != record:
+        raise ValueError(f"{out} holds splits made with other settings ({out / 'splits.json'}); use a new --out "
+                         "(or the same --data, --split-seed and sizes)")
     paths = {k: write_subset(src, idx, out / k, k) for k, (src, idx) in parts.items()}
+    (out / "splits.json").write_text(json.dumps(record, indent=1) + "\n")
     if args.with_molecules and (data / "molecules" / "manifest.json").is_file():
         paths["molecules"] = str(data / "molecules")
-    return {"paths": paths, "sizes": {k: int(len(idx)) for k, (_, idx) in parts.items()}}
+    return {"paths": paths, "sizes": record["sizes"]}
 
 
 # --- the base model ------------------------------------------------------------------------------------------
@@ -294,7 +300,9 @@ def parse(argv=None):
     p.add_argument("--metals-valid", type=int, default=80, help="pretraining metals validation structures")
     p.add_argument("--variants", default=VARIANTS, help=f"comma list (default {VARIANTS}; also scratch@LR)")
     p.add_argument("--curve-points", type=int, default=12, help="validations per run")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of pretraining and of every variant")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the data splits (keep it when reusing a base: its metals validation must stay unseen)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--reuse", action="store_true",
                    help="reuse the base and the variants already finished under --out (their JSON), train the rest")
@@ -312,6 +320,10 @@ def parse(argv=None):
 def main(argv=None) -> int:
     args = parse(argv)
     import torch
+
+    import foundation.train.evaluate  # noqa: F401  (imported up front: one consistent library for the whole run)
+    import foundation.train.finetune  # noqa: F401
+    import foundation.train.loop  # noqa: F401
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

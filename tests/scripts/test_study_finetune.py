@@ -64,12 +64,16 @@ def test_split_sizes_are_checked(study, tmp_path):
                 atoms.get_potential_energy()
                 db.write(atoms)
         convert([tmp_path / f"{part}.db"], tmp_path / "corpus" / part, r_max=5.0, progress=False)
-    args = Namespace(seed=0, frames=2, valid_frames=1, test_frames=2, metals_valid=2, with_molecules=False)
+    args = Namespace(split_seed=0, frames=2, valid_frames=1, test_frames=2, metals_valid=2, with_molecules=False)
     splits = study.split_corpus(tmp_path / "corpus", tmp_path / "splits", args)
     assert splits["sizes"] == {"metals_valid": 2, "metals_train": 4, "cuau_train": 2, "cuau_valid": 1,
                                "cuau_test": 2}
     from foundation.data import ShardedDataset
     assert len(ShardedDataset(splits["paths"]["cuau_test"])) == 2
+    assert study.split_corpus(tmp_path / "corpus", tmp_path / "splits", args) == splits   # reused as they are
+    args.split_seed = 1
+    with pytest.raises(ValueError, match="other settings"):
+        study.split_corpus(tmp_path / "corpus", tmp_path / "splits", args)
     args.frames = 3
     with pytest.raises(ValueError, match="heldout has 5 structures"):
         study.split_corpus(tmp_path / "corpus", tmp_path / "splits2", args)
