@@ -5,8 +5,9 @@ From nothing (or from a given corpus / base model):
      metals -> pretraining train / pretraining validation (``--metals-valid`` structures, never trained on);
      held-out Cu-Au -> N training frames (``--frames``), validation (learning curves), test (final table);
   2. a base model pretrained by ``foundation pretrain``'s path: recipes/pretrain_small.yaml with --set
-     overrides (metals only by default, ``--pretrain-steps``), or ``--base DIR`` (its metals validation must
-     then be given with ``--data`` splits it never saw: the script cannot know, so it says so in the JSON);
+     overrides (metals only by default, ``--pretrain-steps``), or ``--base DIR`` (a base pretrained by this
+     script with the same ``--data`` and ``--split-seed``, so that it never saw the metals validation split:
+     the script cannot check that);
   3. every variant trains the same N frames for the same steps with the same optimizer, schedule, loss and EMA
      (those of recipes/finetune_demo_cuau.yaml):
        full / frozen / lora / replay: ``foundation.train.finetune.finetune`` (a new head ``cuau`` copied from
@@ -18,7 +19,7 @@ From nothing (or from a given corpus / base model):
      MAE on the pretraining metals validation split with head ``emt`` before and after each fine-tuning;
      learning curves (validation MAE vs step, EMA weights) from each run's valid.csv -> PNG; everything -> JSON.
 
-    python scripts/study_finetune.py --data data/demo --out runs/study_finetune      # ~35 CPU-minutes, 1 thread
+    python scripts/study_finetune.py --data data/demo --out runs/study_finetune      # 2000 + 6 x 300 steps, 1 thread
     python scripts/study_finetune.py --quick --out /tmp/study_ft                      # smoke test (tiny preset)
     python scripts/study_finetune.py ... --reuse     # tables/figure again from finished runs; train only the rest
 """
