@@ -10,7 +10,8 @@ the molecules). Train and test go ASE db -> ``foundation.data.convert`` -> LMDB 
 Training: ``foundation.train.loop.run`` with the same preset/overrides, seed, data order and steps, once
 without the head and once per ``--charge-loss`` coefficient with ``long_range: {kind: coulomb, sigma: 1 Å}``
 and that coefficient on the xTB charges (0: energies and forces only). Loss E:F = 1:10 per atom, energy 20 in
-the last 20% of steps (as recipes/pretrain_small.yaml).
+the last 20% of steps (as recipes/pretrain_small.yaml). The test set is the Trainer's validation set, evaluated
+once, after the last step (cosine schedule: nothing is selected or stopped on it).
 
 Report: test energy (meV per structure and per atom) and force MAE split at d_min = r_max (and per pair
 kind); binding curves E_int(R) = E(dimer) - E(A) - E(B) at a fixed orientation (dipoles head-to-tail on the
