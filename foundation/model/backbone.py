@@ -3,7 +3,8 @@
 Reads top to bottom (``forward``):
   1. inputs in the model dtype; element index per atom; nodes sorted by element (per-element weight gathers)
   2. strain (for stress) and edge vectors r_ij = pos[recv] - pos[send] + shifts
-  3. radial features b(r) f_cut(r), spherical harmonics Y(r_ij / r) (e3nn, component normalisation)
+  3. radial features b(r) f_cut(r), spherical harmonics Y(r_ij / r) (e3nn, component normalisation);
+     initial features W[z] (+ an embedding of the structure's total charge when ``max_total_charge`` > 0)
   4. layers: sc = W_skip[z] h;  A = interaction(h);  h = linear(product_basis(A)) + sc;  readout per head
   5. per-atom energies (E0 + scale * interaction + shift, see ``heads``)
   6. optional long-range head: latent charges from the last invariant features, electrostatic energy
@@ -24,7 +25,7 @@ from ..hub import HubMixin
 from ..nn.charges import LongRangeHead
 from ..nn.electrostatics import strained_cell
 from ..nn.interaction import Interaction, PaddedNeighbors
-from ..nn.linear import ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
+from ..nn.linear import ChargeEmbedding, ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
 from ..nn.radial import BesselCutoff
 from ..nn.readout import LinearReadout, NonLinearReadout
 from ..nn.symmetric_contraction import SymmetricContraction
@@ -53,6 +54,7 @@ class FoundationModel(HubMixin, nn.Module):
         table[torch.tensor(config.atomic_numbers)] = torch.arange(n_el)
         self.register_buffer("element_index", table, persistent=False)
         self.embedding = ElementEmbedding(n_el, c, dtype)
+        self.charge_embedding = ChargeEmbedding(config.max_total_charge, c, dtype) if config.max_total_charge else None
         self.radial_basis = BesselCutoff(config.r_max, config.num_bessel, config.num_poly_cutoff)
         self.interactions, self.skips = nn.ModuleList(), nn.ModuleList()
         self.products, self.product_linears, self.readouts = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
@@ -135,6 +137,8 @@ class FoundationModel(HubMixin, nn.Module):
         groups = ElementGroups.from_sorted(g["z"][order], len(cfg.elements))
         nbrs = PaddedNeighbors.build(rank[sender], rank[receiver], order.numel())
         h = self.embedding(g["z"][order])
+        if self.charge_embedding is not None:  # the structure's total charge, on every atom (zero when neutral)
+            h = h + self.charge_embedding(g["total_charge"])[g["batch"][order]].unsqueeze(1)
         readout = 0.0
         for interaction, skip, product, linear, read in zip(self.interactions, self.skips, self.products,
                                                             self.product_linears, self.readouts):

@@ -28,6 +28,8 @@ class ModelConfig:
     max_L: highest order of hidden features (0, 1, 2); max_ell: order of the edge spherical harmonics.
     correlation: body order - 1 of the product basis (1..3). num_poly_cutoff: p of the polynomial envelope.
     atomic_energies: {head: [E0 per element]}; scale/shift: {head: float}; None means 0 / 1 / 0 for every head.
+    max_total_charge: 0 = no charge embedding; k > 0 embeds each structure's integer total charge in [-k, k] (e)
+        into every atom's initial features, so that charged and neutral states of one geometry differ.
     long_range: None, or the long-range charge head's settings (``foundation.nn.charges.DEFAULTS``: kind
         "latent_ewald" | "coulomb", sigma, kcut, pme_threshold, ...); validated and filled with defaults.
     """
@@ -50,6 +52,7 @@ class ModelConfig:
     avg_num_neighbors: float = 1.0
     dtype: str = "float64"
     long_range: dict | None = None
+    max_total_charge: int = 0
     foundation_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -95,6 +98,8 @@ class ModelConfig:
         _check(_finite(self.avg_num_neighbors) and self.avg_num_neighbors > 0,
                f"avg_num_neighbors must be positive, got {self.avg_num_neighbors!r}")
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(isinstance(self.max_total_charge, int) and 0 <= self.max_total_charge <= 16,
+               f"max_total_charge must be an integer 0..16 (0 = no charge embedding), got {self.max_total_charge!r}")
         if self.long_range is not None:
             _check(isinstance(self.long_range, dict), f"long_range must be None or a dict, got {self.long_range!r}")
             from ..nn.charges import long_range_config

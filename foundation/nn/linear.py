@@ -86,3 +86,23 @@ class ElementEmbedding(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return (self.weight * self.scale)[z].unsqueeze(1)
+
+
+class ChargeEmbedding(nn.Module):
+    """Total charge Q (B,) e, integer in [-max_charge, max_charge] -> (B, C) features added to every atom's
+    initial scalar features (as UMA's charge embedding): E(Q) - E(0), so a neutral structure is unchanged and an
+    isolated neutral atom keeps exactly its reference energy. Non-integer or out-of-range Q is a ValueError."""
+
+    def __init__(self, max_charge: int, channels: int, dtype: torch.dtype):
+        super().__init__()
+        self.max_charge = int(max_charge)
+        self.weight = nn.Parameter(torch.randn(2 * self.max_charge + 1, channels, dtype=dtype))
+
+    def forward(self, charge: torch.Tensor) -> torch.Tensor:
+        index = torch.round(charge)
+        if bool(((index - charge).abs() > 1e-6).any() or (index.abs() > self.max_charge).any()):
+            bad = charge[((index - charge).abs() > 1e-6) | (index.abs() > self.max_charge)].tolist()
+            raise ValueError(f"total charge(s) {bad} e: this model embeds integer total charges between "
+                             f"-{self.max_charge} and {self.max_charge} (ModelConfig.max_total_charge)")
+        index = index.long() + self.max_charge
+        return self.weight[index] - self.weight[self.max_charge]
