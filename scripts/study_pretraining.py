@@ -16,7 +16,9 @@ Arms, same architecture, steps, batch size, optimizer, learning-rate schedule, l
   base head of the same level of theory (paracetamol <- pbe_def2svp, Li <- pbe_vasp), E0 refitted by least
   squares on the residuals of the base;
 - scratch: ``foundation.train.loop.Trainer`` with the same ``ModelConfig`` hyperparameters, statistics (E0,
-  scale, shift, neighbour count) from the target's training frames.
+  scale, shift, neighbour count) from the target's training frames;
+- rescaled (a diagnostic, only with ``--arms``): fine-tuned, but the new head's scale and shift are fitted on
+  the target's training frames (E0 refitted after), as scratch does.
 Every run: validation every steps/20 (EMA weights; the learning curves), then ``foundation.train.evaluate`` of the
 exported model on the test file. CPU seconds are the process's CPU time of each run (1 thread). Each stage writes
 ``result.json`` in its run directory and is skipped when re-run with the same settings.
@@ -41,7 +43,7 @@ MOLECULES = ("aspirin", "benzene", "ethanol", "malonaldehyde", "naphthalene", "s
 SOLIDS = ("Si", "Ge", "Mo")
 HEADS = {"mlearn": "pbe_vasp", "rmd17": "pbe_def2svp"}
 TARGETS = {"paracetamol": "pbe_def2svp", "li": "pbe_vasp"}      # target: base head it is fine-tuned from
-ARMS = ("finetuned", "scratch")
+ARMS = ("finetuned", "scratch", "rescaled")   # rescaled: fine-tuned, new head's scale/shift fitted on the target
 
 
 # --- data -------------------------------------------------------------------------------------------------------
@@ -211,7 +213,8 @@ def run_target(a, target: str, n: int, arm: str, data: dict, work: Path) -> dict
         else:
             from foundation.train.finetune import finetune
             from foundation.train.finetune_config import finetune_config_from_dict
-            out = finetune(finetune_config_from_dict(json.loads(json.dumps(values))))
+            config = finetune_config_from_dict(json.loads(json.dumps(values)))
+            out = finetune(config) if arm == "finetuned" else finetune_rescaled(config, target)
             params, step0 = sum(p.numel() for p in out["model"].parameters()), out["zero_shot"]["refit_e0"]
         train_cpu = time.process_time() - cpu
         test = evaluate(out_dir / "model", data[target]["test"], max_atoms=values["data"]["max_atoms"])
@@ -227,6 +230,30 @@ def run_target(a, target: str, n: int, arm: str, data: dict, work: Path) -> dict
            "curve": res["curve"], "zero_shot_valid": res["zero_shot_valid"], "load": res["load"]}
     print(format_rows([row]).splitlines()[1], flush=True)
     return row
+
+
+def finetune_rescaled(config, target: str) -> dict:
+    """The ``finetuned`` arm with one change (a diagnostic): before training, the new head's scale (force RMS,
+    eV/Å) and shift (eV/atom) are those of the target's training frames instead of the base head's, and E0 is
+    refitted on the residuals of that rescaled model. The library's step-0 guarantee does not hold for this arm."""
+    from foundation.train import finetune as ft
+    from foundation.train.data import open_datasets, statistics
+    prepared = ft.finetune(config, train=False)    # rewrites config.train.data (converted paths, heads) in place
+    model, t = prepared["model"], config.train
+    r_max = float(model.config.r_max)
+    train_sets, _ = open_datasets(t, r_max)
+    for ds in train_sets:
+        getattr(ds, "dataset", ds).dtype = model.dtype
+    stats = statistics(train_sets, r_max)
+    model.set_statistics(scale=stats["scale"], shift=stats["shift"], head=target)
+    fit = ft.predict(model, train_sets, prepared["heads"], t.data.max_atoms)
+    e0 = ft.refit_e0(model.config, target, fit["numbers"], fit["labels"], fit["preds"], "residual")
+    model.set_statistics(atomic_energies=e0, head=target)
+    print(f"rescaled head {target!r}: scale {stats['scale']:.4g} eV/Å, shift {stats['shift']:.4g} eV/atom, "
+          f"E0 {e0}", flush=True)
+    from foundation.train.loop import Trainer
+    Trainer(t, model=model, fit_statistics=False).fit()   # full strategy: no LoRA to merge on export
+    return prepared
 
 
 def curve(valid_csv: Path) -> dict[str, list[float]]:
@@ -294,11 +321,11 @@ def plot(rows: list[dict], out_png: Path) -> Path:
     for ax_row, target in zip(axes, targets):
         mine = [r for r in rows if r["target"] == target]
         for r in mine:
-            style = "-" if r["arm"] == "finetuned" else "--"
+            style = {"finetuned": "-", "scratch": "--"}.get(r["arm"], ":")
             c, label = r["curve"], f"{r['arm']}, {r['frames']} frames"
             ax_row[0].plot(c["step"], 1000 * np.array(c["forces_mae"]), style, color=colors[r["frames"]], label=label)
             ax_row[1].plot(c["step"], 1000 * np.array(c["energy_per_atom_mae"]), style, color=colors[r["frames"]])
-        for arm, style in (("finetuned", "o-"), ("scratch", "s--")):
+        for arm, style in (("finetuned", "o-"), ("scratch", "s--"), ("rescaled", "^:")):
             pts = sorted((r["frames"], r["f_mae_mev_A"], r["e_mae_mev_atom"]) for r in mine if r["arm"] == arm)
             if pts:
                 n, f, e = map(np.array, zip(*pts))
@@ -310,7 +337,8 @@ def plot(rows: list[dict], out_png: Path) -> Path:
         ax_row[2].set(title=f"{target}: test MAE", xlabel="training frames", xscale="log", yscale="log")
         ax_row[0].legend(fontsize=6)
         ax_row[2].legend(fontsize=6)
-    fig.suptitle("solid: fine-tuned from the pretrained model; dashed: from scratch (same steps and schedule)",
+    fig.suptitle("solid: fine-tuned from the pretrained model; dashed: from scratch (same steps and schedule); "
+                 "dotted: fine-tuned with the head rescaled to the target",
                  fontsize=9)
     fig.tight_layout()
     out_png.parent.mkdir(parents=True, exist_ok=True)
@@ -375,7 +403,7 @@ def main(argv=None) -> int:
     t0 = time.process_time()
     paths = prepare_data(a, data, work / "data")
     data_cpu = time.process_time() - t0
-    pre = run_pretrain(a, paths["pretrain"], work) if "finetuned" in a.arms else None
+    pre = run_pretrain(a, paths["pretrain"], work) if set(a.arms) - {"scratch"} else None
     rows = [run_target(a, target, n, arm, paths, work) for n in a.sizes for target in a.targets for arm in a.arms]
     comp = comparison(rows)
     figure = plot(rows, work / "pretraining_study.png")

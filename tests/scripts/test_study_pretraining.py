@@ -74,6 +74,14 @@ def test_pretrain_recipe_has_a_head_per_level_of_theory(study):
     assert ft["base"]["head"] == "pbe_vasp" and ft["finetune"]["add_elements"] and "stress" in ft["loss"]["coefficients"]
 
 
+def test_arguments(study):
+    a = study.parse_args(["--sizes", "50,10", "--arms", "scratch,rescaled", "--targets", "li"])
+    assert a.sizes == [10, 50] and a.arms == ["scratch", "rescaled"] and a.targets == ["li"]
+    for bad in (["--arms", "finetune"], ["--targets", "aspirin"]):
+        with pytest.raises(ValueError, match="unknown --targets/--arms"):
+            study.parse_args(bad)
+
+
 @pytest.mark.slow
 def test_quick_study_end_to_end(study, tmp_path, capsys):
     """The whole study at smoke-test size on the real DFT data: every run of the table, finite errors,
