@@ -79,13 +79,18 @@ class Trainer:
                                 progress=config.progress)
 
     def set_statistics(self, model, heads: list[int], r_max: float) -> None:
-        """E0s (least squares), scale (force RMS), shift and mean neighbor count of each head's training data."""
-        elements, seen = _symbols(model.config.elements), set()
+        """E0s (least squares), scale (force RMS) and shift of each head's training data; the mean neighbour count,
+        one number shared by every head (it normalises the backbone's messages), over all the training data."""
+        elements, seen, per_head = _symbols(model.config.elements), set(), []
         for h, name in enumerate(self.head_names):
-            stats = tdata.statistics([d for d, hd in zip(self.train_sets, heads) if hd == h], r_max)
+            sets = [d for d, hd in zip(self.train_sets, heads) if hd == h]
+            stats = tdata.statistics(sets, r_max)
             seen |= set(stats["atomic_energies"])
             stats["atomic_energies"] = tdata.fill_elements(stats["atomic_energies"], elements)
+            per_head.append((stats.pop("avg_num_neighbors"), sum(int(d.natoms.sum()) for d in sets)))
             model.set_statistics(**stats, head=name if len(self.head_names) > 1 else None)
+        atoms = sum(w for _, w in per_head)
+        model.set_statistics(avg_num_neighbors=sum(a * w for a, w in per_head) / max(atoms, 1))  # atom-weighted
         if set(elements) - seen and self.rank == 0:
             warnings.warn(f"no training structure contains {sorted(set(elements) - seen)}: their reference "
                           "energies are 0 eV and their embeddings untrained", stacklevel=3)

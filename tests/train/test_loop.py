@@ -196,3 +196,37 @@ def test_loader_workers_do_not_change_the_losses(tmp_path, emt_data):
         run(cfg, model=PairPotential([28, 29], r_max=4.0))
         losses.append([r["loss"] for r in train_rows(out)])
     assert losses[0] == losses[1] and len(losses[0]) == 5
+
+
+@pytest.mark.slow
+def test_heads_share_one_atom_weighted_neighbour_count(tmp_path, emt_data):
+    """Per-head E0/scale/shift, but one mean neighbour count over all training data (it normalises the shared
+    backbone): with a dense and a sparse head it is their atom-weighted mean, not the last head's value."""
+    from ase import Atoms
+    from ase.calculators.emt import EMT
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+
+    from foundation.data.convert import convert
+    from foundation.train import data as tdata
+    from foundation.train.loop import Trainer
+    frames = []
+    for k in range(12):   # isolated Cu dimers: about one neighbour per atom
+        atoms = Atoms("Cu2", positions=[[0, 0, 0], [0, 0, 2.3 + 0.05 * k]])
+        atoms.calc = EMT()
+        atoms.calc = SinglePointCalculator(atoms, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        frames.append(atoms)
+    write(tmp_path / "dimers.xyz", frames)
+    dimers = convert([tmp_path / "dimers.xyz"], tmp_path / "dimers", r_max=4.0, progress=False)
+    config = small_config(tmp_path / "heads", emt_data, max_steps=1, valid_every=1, checkpoint_every=1)
+    config.data.train, config.data.heads, config.data.valid = [str(emt_data["train"]), str(dimers)], ["bulk", "gas"], []
+    config.model.overrides = {"num_channels": 8, "r_max": 4.0, "num_layers": 1, "max_ell": 1, "correlation": 2}
+    trainer = Trainer(config.validate())
+    model = trainer.engine.module
+    dense = tdata.statistics([trainer.train_sets[0]], 4.0)["avg_num_neighbors"]
+    sparse = tdata.statistics([trainer.train_sets[1]], 4.0)["avg_num_neighbors"]
+    atoms = [int(d.natoms.sum()) for d in trainer.train_sets]
+    assert sparse < 2 < 10 < dense
+    expected = (dense * atoms[0] + sparse * atoms[1]) / sum(atoms)
+    assert model.config.avg_num_neighbors == pytest.approx(expected, rel=1e-12)
+    assert model.config.scale["bulk"] != model.config.scale["gas"]        # the per-head statistics stay per head
