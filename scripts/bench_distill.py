@@ -108,7 +108,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--onpolicy-pick", type=int, default=8, help="frames picked per round")
     p.add_argument("--onpolicy-seeds", type=int, default=4, help="student MD runs per round")
     p.add_argument("--onpolicy-md-steps", type=int, default=100, help="student MD steps per run")
-    p.add_argument("--speed-repeats", type=int, default=3)
+    p.add_argument("--speed-repeats", type=int, default=None, help="alternated speed runs (default 3; --quick 1)")
     p.add_argument("--nve-steps", type=int, default=200)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra recipe override applied to every variant (repeatable)")
@@ -118,15 +118,20 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", action="store_true",
                    help="run each variant in its own process at the same time (the speed measurement then shares "
                         "the CPU with the other variants' training; the ratio is still same-run, alternated)")
+    p.add_argument("--speed-of", default=None, metavar="MODEL_DIR",
+                   help="only re-measure the speed of this trained student vs the recipe's teacher on the bench's "
+                        "speed structure (--speed-repeats alternated runs, e.g. when the machine is less loaded)")
     p.add_argument("--child-index", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write the results here")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.quick:
         args.steps, args.max_structures, args.md_seeds, args.md_steps = 4, 2, 0, 0
-        args.speed_repeats, args.nve_steps, args.onpolicy_steps, args.onpolicy_md_steps = 1, 5, 2, 10
+        args.nve_steps, args.onpolicy_steps, args.onpolicy_md_steps = 5, 2, 10
         args.onpolicy_seeds, args.onpolicy_pick = 1, 2
         args.set = ["report.speed_steps=2", "labels.hvp_vectors=1"] + args.set
+    if args.speed_repeats is None:
+        args.speed_repeats = 1 if args.quick else 3
     variants = [v for v in args.variants.split(",") if v]
     if args.onpolicy_rounds > 0 and "onpolicy" not in variants and args.child_index is None:
         variants.append("onpolicy")
@@ -159,8 +164,40 @@ def run_parallel(args) -> list[dict]:
     return parts
 
 
+def speed_only(args) -> dict:
+    """Speed of the student in ``args.speed_of`` vs the recipe's teacher, on the structure the bench uses."""
+    from foundation import FoundationModel
+    from foundation.calculator import FoundationCalculator
+    from foundation.train.distill import load_seeds, plain
+    from foundation.train.distill_config import load_distill_config
+    from foundation.train.distill_report import measure_speed, speed_structure
+    from foundation.train.teacher import load_teacher
+    config = load_distill_config(args.recipe, overrides(args, args.variant_list[0], first=True))
+    rc = config.report
+    seeds, _ = load_seeds(config, None)
+    atoms = speed_structure([plain(a) for a in seeds], rc.speed_supercell)
+    student = FoundationCalculator(FoundationModel.from_pretrained(args.speed_of), dtype=rc.dtype)
+    load_start = os.getloadavg()[0]
+    sp = measure_speed(load_teacher(config.teacher).calculator, student, atoms, rc.speed_steps, args.speed_repeats,
+                       rc.nve_temperature)
+    sp.update(model=str(args.speed_of), load_average_1min={"start": load_start, "end": os.getloadavg()[0]})
+    print(f"speed ({sp['structure']}, {sp['atoms']} atoms, NVE, best of {sp['repeats']} alternated runs, "
+          f"{sp['torch_threads']} torch threads, load {load_start:.2f} -> {os.getloadavg()[0]:.2f}): student "
+          f"{sp['student_atom_steps_per_s']:.4g}, teacher {sp['teacher_atom_steps_per_s']:.4g} atom-steps/s -> "
+          f"{sp['speedup']:.3g}x")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(sp, indent=2, default=str) + "\n")
+    return sp
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.speed_of:
+        import torch
+        torch.set_num_threads(args.threads or torch.get_num_threads())
+        speed_only(args)
+        return 0
     if args.parallel and len(args.variant_list) > 1:
         return _main_parallel(args)
     import torch

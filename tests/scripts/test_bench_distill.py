@@ -76,3 +76,10 @@ def test_quick_run_with_an_emt_teacher(bench, tmp_path, capsys):
     for r in rows:
         assert any(line.startswith(r) for line in printed.splitlines()), r
     assert "load average" in printed
+    # --speed-of: the speed of the trained student alone, re-measured on the same structure
+    speed = tmp_path / "speed.json"
+    assert bench.main(["--quick", "--recipe", str(path), "--out", str(tmp_path / "runs"), "--speed-repeats", "2",
+                       "--speed-of", str(tmp_path / "runs" / "hvp" / "model"), "--json", str(speed)]) == 0
+    sp = json.loads(speed.read_text())
+    assert sp["repeats"] == 2 and sp["structure"] == result["speed"]["structure"] and sp["speedup"] > 0
+    assert len(sp["all_runs_atom_steps_per_s"]["student"]) == 2
