@@ -2,7 +2,6 @@
 mace_run_train logs are read correctly (epoch timing, test table)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +17,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_accuracy.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_accuracy", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script(SCRIPT)
 
 
 LOG = """2026-11-25 13:27:40.456 INFO: Number of gradient updates: 20

@@ -4,7 +4,6 @@ invariants that must hold whatever the sizes: every fine-tune starts from the sa
 strategy with a new head leaves the pretraining head's predictions unchanged (no forgetting by construction)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,11 +19,8 @@ PROPS = ("energy_per_atom", "forces", "stress")
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study_finetune", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_script):
+    return load_script(SCRIPT)
 
 
 def _row(name, e, f, s, before=None, after=None):

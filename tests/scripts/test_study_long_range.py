@@ -2,7 +2,6 @@
 (xTB labels -> LMDB -> two Trainer runs -> split errors, binding curves with the no-head physics check)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -15,11 +14,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "study_long_range.py"
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study_long_range", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_script):
+    return load_script(SCRIPT)
 
 
 def test_ions_and_geometry_helpers(study):

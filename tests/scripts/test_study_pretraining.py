@@ -2,7 +2,6 @@
 end to end on the shared DFT data (skipped without it)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -16,11 +15,8 @@ DATA = REPO / ".." / "shared" / "data"
 
 
 @pytest.fixture(scope="module")
-def study():
-    spec = importlib.util.spec_from_file_location("study_pretraining", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def study(load_script):
+    return load_script(SCRIPT)
 
 
 def test_paracetamol_split_nested_disjoint_spread(study):
