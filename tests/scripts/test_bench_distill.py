@@ -2,7 +2,6 @@
 with an EMT teacher on built-in copper (three variants in parallel processes, the merged JSON and table)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -14,11 +13,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_distill.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_distill", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_script):
+    return load_script(SCRIPT)
 
 
 def _value(sets: list[str], key: str) -> str:
