@@ -117,7 +117,7 @@ def ours_overrides(a, system: str, lmdb: Path, run_dir: Path, max_atoms: int, st
     return [f"out_dir={run_dir}", f"max_steps={sum(steps)}", f"log_every={per_epoch}",
             f"valid_every={per_epoch}", f"checkpoint_every={sum(steps)}", f"data.train=[{lmdb / 'train'}]",
             f"data.valid=[{lmdb / 'valid'}]", f"data.max_atoms={max_atoms}", f"optim.lr={a.lr}",
-            "model.overrides=" + json.dumps(model)] + list(a.ours_set)
+            f"seed={a.seed}", "model.overrides=" + json.dumps(model)] + list(a.ours_set)
 
 
 def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
@@ -130,7 +130,7 @@ def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
         convert([split[name]], lmdb / name, r_max=a.r_max, progress=False)
     natoms = np.array([len(x) for x in read(str(split["train"]), ":")])
     max_atoms = int(max(natoms.max(), round(a.batch_size * natoms.mean())))
-    steps = batches_per_epoch(natoms, max_atoms, a.epochs)
+    steps = batches_per_epoch(natoms, max_atoms, a.epochs, seed=a.seed)
     spec = {"recipe": str(REPO / "recipes" / f"{SYSTEMS[system][3]}.yaml"), "threads": a.threads,
             "overrides": ours_overrides(a, system, lmdb, work / "ours" / "run", max_atoms, steps),
             "test": str(split["test"]), "result": str(work / "ours" / "result.json")}
@@ -207,7 +207,7 @@ def ours_worker(spec_path: str) -> int:
 def mace_arguments(a, system: str, split: dict[str, Path], work: Path) -> list[str]:
     """mace_run_train arguments with the same settings as ours."""
     stress = SYSTEMS[system][4]
-    args = {"name": system, "work_dir": work, "seed": 0, "device": "cpu", "default_dtype": "float32",
+    args = {"name": system, "work_dir": work, "seed": a.seed, "device": "cpu", "default_dtype": "float32",
             "model": "ScaleShiftMACE", "r_max": a.r_max, "num_radial_basis": 8, "num_cutoff_basis": 5,
             "max_ell": a.max_ell, "correlation": a.correlation, "num_interactions": 2,
             "num_channels": a.channels, "max_L": a.L, "MLP_irreps": "16x0e", "radial_MLP": "[64, 64, 64]",
@@ -329,6 +329,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with rmd17/ and mlearn/")
     p.add_argument("--out", default="runs/bench_accuracy", help="work folder (splits, runs, logs)")
     p.add_argument("--json", default=None, help="write settings and result rows here")
+    p.add_argument("--seed", type=int, default=0,
+                   help="training seed of both codes (initial weights, batch order); the data splits stay fixed")
     p.add_argument("--ours-set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra --set override of our recipe, after the script's own (repeatable; for studies)")
     p.add_argument("--quick", action="store_true", help="smoke test: ethanol, 1 epoch, 100 train frames, 8 ch")
