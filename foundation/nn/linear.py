@@ -100,9 +100,9 @@ class ChargeEmbedding(nn.Module):
 
     def forward(self, charge: torch.Tensor) -> torch.Tensor:
         index = torch.round(charge)
-        if bool(((index - charge).abs() > 1e-6).any() or (index.abs() > self.max_charge).any()):
-            bad = charge[((index - charge).abs() > 1e-6) | (index.abs() > self.max_charge)].tolist()
-            raise ValueError(f"total charge(s) {bad} e: this model embeds integer total charges between "
-                             f"-{self.max_charge} and {self.max_charge} (ModelConfig.max_total_charge)")
+        bad = ((index - charge).abs() > 1e-6) | (index.abs() > self.max_charge)
+        if bool(bad.any()):
+            raise ValueError(f"total charge(s) {charge[bad].tolist()} e: this model embeds integer total charges "
+                             f"between -{self.max_charge} and {self.max_charge} (ModelConfig.max_total_charge)")
         index = index.long() + self.max_charge
         return self.weight[index] - self.weight[self.max_charge]

@@ -57,14 +57,14 @@ class Trainer:
         self.export_transform = export_transform
         self.rank, self.world = init_distributed(config.engine.backend)
         seed_everything(config.seed)
-        self.head_names, heads = tdata.head_names(config)
+        self.head_names, self.dataset_heads = tdata.head_names(config)   # head index of each training set
         r_max = float(model.config.r_max) if model is not None else float(
             config.model.overrides.get("r_max") or _preset_r_max(config))
         self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
         if model is None:
             model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
         if fit_statistics:
-            self.set_statistics(model, heads, r_max)
+            self.set_statistics(model, r_max)
         self.engine = Engine(model, config)
         self.loss = Loss(config.loss, config.max_steps)
         self.schedule = LRSchedule(config.schedule, config.optim.lr, config.max_steps)
@@ -78,12 +78,16 @@ class Trainer:
         self.logger = RunLogger(self.out, self.rank == 0, start_step=self.step, total=config.max_steps,
                                 progress=config.progress)
 
-    def set_statistics(self, model, heads: list[int], r_max: float) -> None:
+    def sets_by_head(self) -> dict[str, list]:
+        """{head name: its training datasets}."""
+        return {name: [d for d, hd in zip(self.train_sets, self.dataset_heads) if hd == h]
+                for h, name in enumerate(self.head_names)}
+
+    def set_statistics(self, model, r_max: float) -> None:
         """E0s (least squares), scale (force RMS) and shift of each head's training data; the mean neighbour count,
         one number shared by every head (it normalises the backbone's messages), over all the training data."""
         elements, seen, per_head = _symbols(model.config.elements), set(), []
-        for h, name in enumerate(self.head_names):
-            sets = [d for d, hd in zip(self.train_sets, heads) if hd == h]
+        for name, sets in self.sets_by_head().items():
             stats = tdata.statistics(sets, r_max)
             seen |= set(stats["atomic_energies"])
             stats["atomic_energies"] = tdata.fill_elements(stats["atomic_energies"], elements)
@@ -159,11 +163,9 @@ class Trainer:
         import json
 
         from .refit import refit_reference_energies
-        _, heads = tdata.head_names(self.config)
-        by_head = {n: [d for d, hd in zip(self.train_sets, heads) if hd == h] for h, n in enumerate(self.head_names)}
         module = self.engine.module
         with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
-            self.refit_summary = refit_reference_energies(module, by_head, self.config.refit_e0.max_structures,
+            self.refit_summary = refit_reference_energies(module, self.sets_by_head(), self.config.refit_e0.max_structures,
                                                           self.config.data.max_atoms, self.engine.device)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
