@@ -36,6 +36,8 @@ HESSIAN_PRODUCTS = "hvp"             # (n, 3 * k) float, eV/Å², H @ v for each
 # --- model outputs only ----------------------------------------------------------------------------------
 NODE_ENERGY = "energies"             # (n,) float, eV, per-atom energies (references included)
 VIRIALS = "virials"                  # (B, 3, 3) float, eV, = -stress * volume
+CHARGE_EXCESS = "charge_excess"      # (B,) float, e, sum of the raw latent charges - total charge (long-range
+                                     # head): what the total-charge constraint removed; a loss property, target 0
 
 LABEL_KEYS = (ENERGY, FORCES, STRESS, CHARGES, DIPOLE, HESSIAN_VECTORS, HESSIAN_PRODUCTS)
 PER_ATOM_KEYS = (FORCES, CHARGES, HESSIAN_VECTORS, HESSIAN_PRODUCTS)
@@ -43,7 +45,7 @@ PER_STRUCTURE_KEYS = (ENERGY, STRESS, DIPOLE)
 
 UNITS = {
     ENERGY: "eV", FORCES: "eV/Å", STRESS: "eV/Å^3", CHARGES: "e", DIPOLE: "e*Å", TOTAL_CHARGE: "e",
-    POSITIONS: "Å", CELL: "Å", HESSIAN_PRODUCTS: "eV/Å^2", HESSIAN_VECTORS: "1",
+    CHARGE_EXCESS: "e", POSITIONS: "Å", CELL: "Å", HESSIAN_PRODUCTS: "eV/Å^2", HESSIAN_VECTORS: "1",
 }
 
 MISSING = float("nan")

@@ -9,7 +9,9 @@ the molecules). Train and test go ASE db -> ``foundation.data.convert`` -> LMDB 
 
 Training: ``foundation.train.loop.run`` with the same preset/overrides, seed, data order and steps, once
 without the head and once per ``--charge-loss`` coefficient with ``long_range: {kind: coulomb, sigma: 1 Å}``
-and that coefficient on the xTB charges (0: energies and forces only). Loss E:F = 1:10 per atom, energy 20 in
+and that coefficient on the xTB charges (0: energies and forces only), and once per ``--excess-loss``
+coefficient on the label-free ``charge_excess`` term (the raw charges' excess over each structure's total
+charge, ``foundation.train.loss``; no charge labels). Loss E:F = 1:10 per atom, energy 20 in
 the last 20% of steps (as recipes/pretrain_small.yaml). The test set is the Trainer's validation set, evaluated
 once, after the last step (cosine schedule: nothing is selected or stopped on it).
 
@@ -32,162 +34,31 @@ from pathlib import Path
 
 import numpy as np
 
-TEST_BANDS = ((5.5, 6.5), (9.0, 10.5), (12.0, 13.0))   # COM separations (Å) held out for testing
-RATTLE = 0.03          # Å, standard deviation of the per-atom rattle of dimers and monomers
-MIN_CONTACT = 1.5      # Å, closest allowed intermolecular atom distance (proton transfer / overlap below)
-PAIRS = {  # name: (molecule A, molecule B, kind)
-    "H2O-H2O": ("water", "water", "polar"),
-    "H2CO-H2O": ("formaldehyde", "water", "polar"),
-    "NH3-H2O": ("ammonia", "water", "polar"),
-    "HCOO(-)-NH4(+)": ("formate", "ammonium", "ion pair"),
-    "CH3COO(-)-CH3NH3(+)": ("acetate", "methylammonium", "ion pair"),
-    "NH4(+)-H2O": ("ammonium", "water", "net charge +1"),
-}
-CURVES = ("HCOO(-)-NH4(+)", "NH4(+)-H2O", "H2CO-H2O")   # binding curves: ion pair, ion-dipole, polar
-
-
-# --- molecules and xTB labels ------------------------------------------------------------------------------
-def _xtb(atoms, charge: float):
-    from tblite.ase import TBLite  # pip install tblite
-    atoms.calc = TBLite(method="GFN2-xTB", charge=float(charge), verbosity=0)
-    return atoms
-
-
-def _deprotonate(atoms):
-    """The carboxylate: ``atoms`` without its O-H hydrogen."""
-    d = atoms.get_all_distances()
-    acid_h = [i for i, a in enumerate(atoms) if a.symbol == "H" and any(
-        atoms[j].symbol == "O" and d[i, j] < 1.2 for j in range(len(atoms)))]
-    del atoms[acid_h[0]]
-    return atoms
-
-
-def _protonate(atoms):
-    """The ammonium: an H added on N opposite to its bonds (the lone pair), 1.02 Å away."""
-    from ase import Atoms
-    n = next(i for i, a in enumerate(atoms) if a.symbol == "N")
-    d = atoms.get_all_distances()[n]
-    bonds = sum((atoms.positions[j] - atoms.positions[n]) / d[j] for j in range(len(atoms)) if j != n and d[j] < 1.6)
-    atoms += Atoms("H", [atoms.positions[n] - 1.02 * bonds / np.linalg.norm(bonds)])
-    return atoms
-
-
-def monomers() -> dict:
-    """{name: (Atoms relaxed with GFN2-xTB at its charge, COM at the origin, total charge e)}."""
-    from ase.build import molecule
-    from ase.optimize import BFGS
-    raw = {"water": (molecule("H2O"), 0), "formaldehyde": (molecule("H2CO"), 0), "ammonia": (molecule("NH3"), 0),
-           "formate": (_deprotonate(molecule("HCOOH")), -1), "ammonium": (_protonate(molecule("NH3")), 1),
-           "acetate": (_deprotonate(molecule("CH3COOH")), -1),
-           "methylammonium": (_protonate(molecule("H3CNH2")), 1)}
-    for atoms, charge in raw.values():
-        BFGS(_xtb(atoms, charge), logfile=None).run(fmax=0.01, steps=200)
-        atoms.calc = None
-        atoms.positions -= atoms.get_center_of_mass()
-    return raw
-
-
-def label(atoms, charge: int):
-    """``atoms`` with GFN2-xTB energy (eV), forces (eV/Å), charges (e), dipole (e·Å) as a stored calculator."""
-    from ase.calculators.singlepoint import SinglePointCalculator
-    _xtb(atoms, charge)
-    results = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-               "charges": atoms.calc.get_charges(), "dipole": atoms.calc.get_dipole_moment()}
-    atoms.calc = SinglePointCalculator(atoms, **results)
-    atoms.info["charge"] = int(charge)
-    return atoms
-
-
-def _rotation(rng) -> np.ndarray:
-    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
-    q *= np.sign(np.diag(r))
-    return q if np.linalg.det(q) > 0 else -q
-
-
-def d_min(atoms, n_first: int) -> float:
-    """Closest distance (Å) between an atom of the first ``n_first`` atoms and one of the others."""
-    p = atoms.positions
-    return float(np.linalg.norm(p[:n_first, None] - p[None, n_first:], axis=-1).min())
-
-
-def dimer(a, b, rot_a: np.ndarray, rot_b: np.ndarray, separation: float):
-    """A (rotated, COM at 0) + B (rotated, COM at (R, 0, 0)); both inputs have their COM at the origin."""
-    first, second = a.copy(), b.copy()
-    first.positions = first.positions @ rot_a.T
-    second.positions = second.positions @ rot_b.T + [separation, 0.0, 0.0]
-    return first + second
-
-
-def make_dimers(mols: dict, per_pair: int, r_near: float, r_far: float, rng) -> list:
-    """(rattled dimers at COM separations uniform in [r_near, r_far] Å, number of SCF failures redrawn);
-    info: pair, kind, R, d_min, n_first."""
-    from ase.calculators.calculator import CalculationFailed
-    out, failed = [], 0
-    for pair, (name_a, name_b, kind) in PAIRS.items():
-        (a, qa), (b, qb) = mols[name_a], mols[name_b]
-        made = 0
-        while made < per_pair:
-            separation = float(rng.uniform(r_near, r_far))
-            atoms = dimer(a, b, _rotation(rng), _rotation(rng), separation)
-            atoms.rattle(stdev=RATTLE, seed=int(rng.integers(2**31)))
-            if d_min(atoms, len(a)) < MIN_CONTACT:
-                continue
-            try:
-                label(atoms, qa + qb)
-            except CalculationFailed:   # SCF did not converge: draw another geometry
-                failed += 1
-                continue
-            atoms.info.update(pair=pair, kind=kind, R=separation, d_min=d_min(atoms, len(a)), n_first=len(a))
-            out.append(atoms)
-            made += 1
-    return out, failed
-
-
-def make_monomers(mols: dict, copies: int, rng) -> list:
-    """``copies`` rattled, labelled copies of each monomer (training data)."""
-    out = [atoms.copy() for atoms, _ in mols.values() for _ in range(copies)]
-    for m, (name, (_, charge)) in zip(out, [item for item in mols.items() for _ in range(copies)]):
-        m.rattle(stdev=RATTLE, seed=int(rng.integers(2**31)))
-        label(m, charge).info.update(pair=name, kind="monomer", R=float("nan"), d_min=float("inf"), n_first=len(m))
-    return out
-
-
-def in_test_band(separation: float) -> bool:
-    return any(lo <= separation < hi for lo, hi in TEST_BANDS)
-
-
-def write_dataset(frames: list, directory: Path, name: str) -> tuple[Path, list[dict]]:
-    """ASE db -> ``foundation.data.convert`` -> LMDB dataset at ``directory``; returns (path, per-record info)."""
-    from ase.db import connect
-
-    from foundation.data.convert import convert
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    source = directory.parent / f"{name}.db"
-    source.unlink(missing_ok=True)
-    with connect(source, use_lock_file=False) as db:
-        for atoms in frames:
-            db.write(atoms, total_charge=int(atoms.info["charge"]))
-    convert([str(source)], str(directory), dataset_name=f"long-range-{name}", level_of_theory="GFN2-xTB (tblite)",
-            progress=False)
-    info = [{k: atoms.info[k] for k in ("pair", "kind", "R", "d_min", "n_first", "charge")} for atoms in frames]
-    return directory, info
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # the data helpers beside this file
+from _long_range_data import (CURVES, PAIRS, TEST_BANDS, _deprotonate, _protonate, curve_geometries,  # noqa: E402,F401
+                              d_min, dimer, in_test_band, make_dimers, make_monomers, monomers, write_dataset)
 
 
 # --- training ----------------------------------------------------------------------------------------------
-def variant_name(charge_loss: float | None) -> str:
-    return "without_lr" if charge_loss is None else f"with_lr_q{charge_loss:g}"
+def variants(args) -> dict:
+    """{name: None (no head) or (charges coefficient, charge_excess coefficient)} in training order."""
+    out = {"without_lr": None}
+    out.update({f"with_lr_q{q:g}": (q, 0.0) for q in args.charge_loss})
+    out.update({f"with_lr_x{x:g}": (0.0, x) for x in args.excess_loss})
+    return out
 
 
-def train_config(args, train_dir: Path, valid_dir: Path, charge_loss: float | None) -> dict:
-    """The recipe (as a dict) of one variant: no head (None) or the head with this charges coefficient."""
+def train_config(args, train_dir: Path, valid_dir: Path, name: str, loss: tuple | None) -> dict:
+    """The recipe (as a dict) of one variant: no head (None) or the head with these (charges, charge_excess)
+    coefficients."""
     overrides = {"r_max": args.r_max, "num_channels": args.channels, "max_ell": 2, "correlation": 2,
                  "num_bessel": 8, "radial_mlp": [32, 32], "readout_mlp": 16}
     coefficients = {"energy": 1.0, "forces": 10.0}
-    if charge_loss is not None:
+    if loss is not None:
         overrides["long_range"] = {"kind": "coulomb", "sigma": 1.0}
-        coefficients["charges"] = charge_loss
+        coefficients.update(charges=loss[0], charge_excess=loss[1])
     steps = args.steps
-    return {"out_dir": str(Path(args.out) / variant_name(charge_loss)), "seed": args.seed, "max_steps": steps,
+    return {"out_dir": str(Path(args.out) / name), "seed": args.seed, "max_steps": steps,
             "log_every": max(1, steps // 20), "valid_every": steps, "checkpoint_every": steps,
             "keep_checkpoints": 1, "progress": False,
             "data": {"train": [str(train_dir)], "valid": [str(valid_dir)], "max_atoms": args.max_atoms},
@@ -240,19 +111,25 @@ def errors_on_test_set(model, test_dir: Path, info: list[dict], frames: list, r_
             np.allclose(g[keys.POSITIONS].numpy(), f.positions, atol=1e-6) for g, f in zip(graphs, frames)):
         raise ValueError(f"{test_dir} does not hold the {len(frames)} test structures in written order; re-run")
     rows = []
-    for g, meta, (e, f, _) in zip(graphs, info, predict(model, graphs)):
-        ref_f = g[keys.FORCES].numpy()
+    for g, meta, (e, f, q) in zip(graphs, info, predict(model, graphs)):
+        ref_f, n = g[keys.FORCES].numpy(), meta["n_first"]
+        dq = None if q is None else abs(float(q[:n].sum()) - float(g[keys.CHARGES][:n].sum()))
         rows.append({"de": abs(e - float(g[keys.ENERGY])), "natoms": len(ref_f), "df_count": ref_f.size,
-                     "df_sum": float(np.abs(f - ref_f).sum()), "d_min": meta["d_min"], "kind": meta["kind"]})
+                     "df_sum": float(np.abs(f - ref_f).sum()), "d_min": meta["d_min"], "kind": meta["kind"],
+                     "dq_a": dq})
     return rows
 
 
 def _maes(rows: list[dict]) -> dict:
+    """Energy (meV, meV/atom), force (meV/Å) MAEs and the MAE of molecule A's total charge (me, vs xTB's)."""
     if not rows:
-        return {"count": 0, "energy_mev": None, "energy_mev_per_atom": None, "forces_mev_per_a": None}
+        return {"count": 0, "energy_mev": None, "energy_mev_per_atom": None, "forces_mev_per_a": None,
+                "fragment_charge_me": None}
+    dq = [r["dq_a"] for r in rows if r.get("dq_a") is not None]
     return {"count": len(rows), "energy_mev": 1000 * float(np.mean([r["de"] for r in rows])),
             "energy_mev_per_atom": 1000 * float(np.mean([r["de"] / r["natoms"] for r in rows])),
-            "forces_mev_per_a": 1000 * sum(r["df_sum"] for r in rows) / sum(r["df_count"] for r in rows)}
+            "forces_mev_per_a": 1000 * sum(r["df_sum"] for r in rows) / sum(r["df_count"] for r in rows),
+            "fragment_charge_me": 1000 * float(np.mean(dq)) if dq else None}
 
 
 def summarise(rows: list[dict], r_max: float) -> dict:
@@ -262,36 +139,6 @@ def summarise(rows: list[dict], r_max: float) -> dict:
     out = {"near": _maes([r for r in rows if r["d_min"] < r_max]), "far": _maes(far), "all": _maes(rows)}
     out.update({f"far:{k}": _maes([r for r in far if r["kind"] == k]) for k in sorted({r["kind"] for r in far})})
     return out
-
-
-def curve_geometries(mols: dict, separations: np.ndarray) -> dict:
-    """{pair: (monomer A, monomer B, [dimers])}: dipoles (about the COM, xTB) of A and B aligned with +x."""
-    from ase.calculators.calculator import CalculationFailed
-
-    def aligned(atoms, charge):
-        mu = label(atoms.copy(), charge).calc.results["dipole"]
-        mu = mu / np.linalg.norm(mu)
-        v, c = np.cross(mu, [1.0, 0.0, 0.0]), float(mu[0])   # Rodrigues: rotation taking mu to +x
-        k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-        out = atoms.copy()
-        out.positions = out.positions @ (np.eye(3) + k + k @ k / (1 + c) if c > -1 + 1e-9 else np.diag([-1, -1, 1.0])).T
-        return out
-    curves = {}
-    for pair in CURVES:
-        (a, qa), (b, qb) = mols[PAIRS[pair][0]], mols[PAIRS[pair][1]]
-        a, b = aligned(a, qa), aligned(b, qb)
-        dimers = []
-        for r in separations:
-            d = dimer(a, b, np.eye(3), np.eye(3), float(r))
-            d.info["R"] = float(r)
-            if d_min(d, len(a)) < MIN_CONTACT:
-                continue
-            try:
-                dimers.append(label(d, qa + qb))
-            except CalculationFailed:   # SCF not converged (far ion pairs, now and then): no xTB point there
-                continue
-        curves[pair] = (label(a, qa), label(b, qb), dimers)
-    return curves
 
 
 def binding_curves(models: dict, curves: dict, r_max: float) -> dict:
@@ -327,7 +174,10 @@ def binding_curves(models: dict, curves: dict, r_max: float) -> dict:
 
 # --- report ------------------------------------------------------------------------------------------------
 def label_of(name: str) -> str:
-    return "without head" if name == "without_lr" else f"with head, charges x{name.split('_q')[1]}"
+    if name == "without_lr":
+        return "without head"
+    kind, coefficient = name[len("with_lr_")], name[len("with_lr_") + 1:]
+    return f"with head, {'charges' if kind == 'q' else 'charge excess'} x{coefficient}"
 
 
 def plot_curves(curves: dict, r_max: float, path: Path) -> Path:
@@ -341,7 +191,7 @@ def plot_curves(curves: dict, r_max: float, path: Path) -> Path:
         if far:
             ax.axvspan(min(far), max(row["R"]), color="0.92", label=f"d_min > r_max = {r_max:g} Å")
         ax.plot(row["R"], row["xtb"], "k-", lw=2.5, label="GFN2-xTB")
-        names = [k for k in row if k == "without_lr" or (k.startswith("with_lr_q") and not k.endswith("_mev"))]
+        names = [k for k in row if k == "without_lr" or (k.startswith("with_lr_") and not k.endswith("_mev"))]
         for i, name in enumerate(names):
             color = "C3" if name == "without_lr" else ["C0", "C1", "C2", "C4", "C5"][(i - 1) % 5]
             ax.plot(row["R"], row[name], "--" if name == "without_lr" else "-", lw=1.2, marker="so^v"[i % 4],
@@ -370,11 +220,12 @@ def table(results: dict, r_max: float) -> str:
             lines.append(f"| {label_of(model)} | {text} | {e['count']} | {_fmt(e['energy_mev'])} | "
                          f"{_fmt(e['energy_mev_per_atom'])} | {_fmt(e['forces_mev_per_a'])} |")
     kinds = [k for k in next(iter(results["test"].values())) if k.startswith("far:")]
-    lines += ["", "| model | " + " | ".join(f"E MAE {k[4:]}, d_min > r_max (meV)" for k in kinds) + " |",
-              "|---|" + "---:|" * len(kinds)]
+    lines += ["", "| model | " + " | ".join(f"{k[4:]}, d_min > r_max: E MAE meV (n); charge of A, MAE me"
+                                             for k in kinds) + " |", "|---|" + "---:|" * len(kinds)]
     for model, errors in results["test"].items():
-        lines.append(f"| {label_of(model)} | " + " | ".join(f"{_fmt(errors[k]['energy_mev'])} ({errors[k]['count']})"
-                                                             for k in kinds) + " |")
+        lines.append(f"| {label_of(model)} | " + " | ".join(
+            f"{_fmt(errors[k]['energy_mev'])} ({errors[k]['count']}); {_fmt(errors[k]['fragment_charge_me'], 0)}"
+            for k in kinds) + " |")
     names = list(results["test"])
     lines += ["", "| binding curve: RMSE of E_int beyond r_max, meV (charge of A at the largest R, e) | xTB | "
               + " | ".join(map(label_of, names)) + " |", "|---|" + "---:|" * (len(names) + 1)]
@@ -399,15 +250,18 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps of each model (equal)")
     p.add_argument("--max-atoms", type=int, default=96, help="atom budget of a batch")
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--charge-loss", type=float, nargs="+", default=[0.0, 1.0, 100.0],
-                   help="one model with the head per charges coefficient (0: energies and forces only)")
+    p.add_argument("--charge-loss", type=float, nargs="*", default=[0.0, 1.0, 100.0],
+                   help="one model with the head per coefficient on the xTB charges (0: energies and forces only)")
+    p.add_argument("--excess-loss", type=float, nargs="*", default=[1.0],
+                   help="one model with the head per charge_excess coefficient (no charge labels: the raw charges "
+                        "of every structure, isolated molecules included, learn to sum to its total charge)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny data and model, few steps (smoke test)")
     args = p.parse_args(argv)
     if args.quick:
         args.per_pair, args.monomer_copies, args.steps, args.channels, args.max_atoms = 6, 1, 4, 8, 48
-        args.charge_loss = args.charge_loss[-1:]
+        args.charge_loss, args.excess_loss = args.charge_loss[-1:], args.excess_loss[-1:]
     import torch
     torch.set_num_threads(args.threads)
     out, rng, t0 = Path(args.out), np.random.default_rng(args.seed), time.perf_counter()
@@ -426,9 +280,8 @@ def main(argv=None) -> int:
           f"{len(train_frames)} train, {len(test_frames)} test (COM bands {TEST_BANDS} Å); {scf_failed} "
           "geometries redrawn after SCF failures", flush=True)
     models, timing = {}, {}
-    for charge_loss in [None, *args.charge_loss]:
-        name = variant_name(charge_loss)
-        models[name], wall, cpu = train(train_config(args, train_dir, test_dir, charge_loss))
+    for name, loss in variants(args).items():
+        models[name], wall, cpu = train(train_config(args, train_dir, test_dir, name, loss))
         timing[name] = {"wall_s": wall, "cpu_s": cpu}
         print(f"trained {name}: {args.steps} steps in {wall:.0f} s wall, {cpu:.0f} s CPU", flush=True)
     results = {"test": {name: summarise(errors_on_test_set(m, test_dir, test_info, test_frames, args.r_max),

@@ -2,6 +2,11 @@
 
 q_i = MLP(h_i) (C -> hidden -> 1, SiLU), then corrected to the total charge Q_s of each structure:
 q_i <- q_i + (Q_s - sum_{j in s} q_j) / N_s, so sum_{i in s} q_i = Q_s exactly (to rounding).
+The excess sum_{j in s} q_j - Q_s that the correction removes is an output (``keys.CHARGE_EXCESS``): the
+uniform correction cannot tell which molecule of a structure should carry a charge, so two neutral molecules
+whose raw charges sum to +d and -d stay a fake ion pair beyond the cutoff. A loss on the excess (no labels
+needed beyond the total charge) teaches the raw charges of each training structure, isolated molecules
+included, to sum to its charge by themselves; fragments then carry their own charge in a larger structure.
 Energy from ``foundation.nn.electrostatics`` (erf-damped Coulomb for molecules, latent Ewald for periodic
 cells, PME for periodic cells with at least ``pme_threshold`` atoms). Trains from energies and forces alone;
 the charges and dipole it returns can carry light auxiliary losses.
@@ -75,8 +80,9 @@ def _require(ok: bool, message: str) -> None:
 
 
 def constrain_total_charge(raw: torch.Tensor, batch: torch.Tensor, num_graphs: int,
-                           total_charge: torch.Tensor | None) -> torch.Tensor:
-    """raw (n,) e -> charges (n,) e with sum over each structure equal to total_charge (B,) e (None -> 0)."""
+                           total_charge: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """raw (n,) e -> (charges (n,) e with sum over each structure equal to total_charge (B,) e (None -> 0),
+    excess (B,) e = sum of the raw charges - total_charge, the amount the correction removed)."""
     counts = torch.bincount(batch, minlength=num_graphs).to(raw.dtype)
     sums = torch.zeros(num_graphs, dtype=raw.dtype, device=raw.device).index_add(0, batch, raw)
     target = torch.zeros_like(sums) if total_charge is None else total_charge.reshape(num_graphs).to(raw.dtype)
@@ -84,7 +90,7 @@ def constrain_total_charge(raw: torch.Tensor, batch: torch.Tensor, num_graphs: i
         raise ValueError("total_charge contains NaN (a structure without a total-charge label); give every "
                          "structure its total charge in e (0 for neutral) before the long-range head")
     correction = (target - sums) / counts.clamp(min=1)
-    return raw + correction[batch]
+    return raw + correction[batch], sums - target
 
 
 class LongRangeHead(nn.Module):
@@ -105,8 +111,9 @@ class LongRangeHead(nn.Module):
                                         nn.Linear(hidden, 1, dtype=dtype))
 
     def charges(self, node_features: torch.Tensor, batch: torch.Tensor, num_graphs: int,
-                total_charge: torch.Tensor | None = None) -> torch.Tensor:
-        """node_features (n,C) invariant -> latent charges (n,) e summing to total_charge (B,) per structure."""
+                total_charge: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """node_features (n,C) invariant -> (latent charges (n,) e summing to total_charge (B,) per structure,
+        excess (B,) e of the raw charges over total_charge; see ``constrain_total_charge``)."""
         if node_features.dim() != 2 or node_features.shape[1] != self.charge_mlp[0].in_features:
             raise ValueError(f"node_features must have shape (n, {self.charge_mlp[0].in_features}) (invariant "
                              f"features), got {tuple(node_features.shape)}")
@@ -122,12 +129,12 @@ class LongRangeHead(nn.Module):
         node_features (n,C); pos (n,3) Å and cell (B,3,3) Å, strained (``electrostatics.strained_cell``) when
         stress is wanted; batch (n,); pbc (B,3) bool; total_charge (B,) e or None (neutral).
         Returns {ENERGY: (B,) eV, NODE_ENERGY: (n,) eV (per-atom shares, summing to ENERGY), CHARGES: (n,) e,
-        DIPOLE: (B,3) e·Å = sum_i q_i r_i about the origin}. For
+        DIPOLE: (B,3) e·Å = sum_i q_i r_i about the origin, CHARGE_EXCESS: (B,) e}. For
         periodic structures the dipole is that of the atoms at the positions given (it depends on how they
         are wrapped, it is not a polarisation): put dipole losses on molecules only.
         """
         cfg = self.config
-        q = self.charges(node_features, batch, num_graphs, total_charge)
+        q, excess = self.charges(node_features, batch, num_graphs, total_charge)
         atom_energy = electrostatics.electrostatic_atom_energies(
             q, pos, cell, pbc, batch, num_graphs, sigma=cfg["sigma"], kcut=cfg["kcut"],
             pme_threshold=cfg["pme_threshold"], mesh_spacing=cfg["mesh_spacing"],
@@ -135,4 +142,5 @@ class LongRangeHead(nn.Module):
         dipole = torch.zeros(num_graphs, 3, dtype=q.dtype, device=q.device).index_add(
             0, batch, q.unsqueeze(1) * pos.to(q.dtype))
         energy = electrostatics.structure_sum(atom_energy, batch, num_graphs)
-        return {keys.ENERGY: energy, keys.NODE_ENERGY: atom_energy, keys.CHARGES: q, keys.DIPOLE: dipole}
+        return {keys.ENERGY: energy, keys.NODE_ENERGY: atom_energy, keys.CHARGES: q, keys.DIPOLE: dipole,
+                keys.CHARGE_EXCESS: excess}

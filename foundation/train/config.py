@@ -19,7 +19,8 @@ import yaml
 
 from .. import keys
 
-LOSS_PROPERTIES = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.CHARGES, keys.DIPOLE, keys.HESSIAN_PRODUCTS)
+LOSS_PROPERTIES = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.CHARGES, keys.DIPOLE, keys.CHARGE_EXCESS,
+                   keys.HESSIAN_PRODUCTS)
 
 
 @dataclass

@@ -264,11 +264,11 @@ def _quiet(_: str) -> None:
 
 
 def _check_loss_targets(long_range, t) -> None:
-    """Loss terms the model cannot predict (charges/dipole without a long-range head) are errors."""
+    """Loss terms the model cannot predict (charges/dipole/charge excess without a long-range head) are errors."""
     if long_range is None:
         for where, coeffs in [("loss.coefficients", t.loss.coefficients)] + [
                 (f"loss.schedule[{i}].coefficients", s.coefficients) for i, s in enumerate(t.loss.schedule)]:
-            bad = [k for k in (keys.CHARGES, keys.DIPOLE) if coeffs.get(k, 0) > 0]
+            bad = [k for k in (keys.CHARGES, keys.DIPOLE, keys.CHARGE_EXCESS) if coeffs.get(k, 0) > 0]
             if bad:
                 raise ValueError(f"{where} weights {bad}, but the base model has no long-range charge head "
                                  "(model_config.long_range is None), so it predicts no charges; set them to 0 "

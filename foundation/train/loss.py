@@ -11,6 +11,9 @@ Terms (``w`` = weight of the structure's dataset):
 - forces: sum_i,a w rho(F_pred - F_ref), eV/Å per component; count = 3 x labelled atoms
 - stress: per component, eV/Å³; count = 9 x labelled structures
 - charges (e, per atom), dipole (e·Å, per component).
+- charge_excess: sum_s w_s rho(sum_i q_raw,i - Q_s), e, a label-free term on the long-range head's raw charges
+  (``keys.CHARGE_EXCESS``; target 0); count = structures. It teaches isolated molecules' raw charges to sum to
+  their own charge, so that in a larger structure each fragment keeps its charge (``foundation.nn.charges``).
 - hvp: sum_i,c w rho(H_pred v - H_ref v), eV/Å² per component of the k stored unit vectors (distillation);
   count = 3k x labelled atoms. ``predict_hvp`` adds the model's H v to the predictions (double backward,
   graph kept). ``update_switches`` turns the term off for good once the validation force MAE reaches
@@ -25,6 +28,7 @@ from .. import keys
 from .config import LOSS_PROPERTIES, LossConfig
 
 PER_ATOM = (keys.FORCES, keys.CHARGES, keys.HESSIAN_PRODUCTS)
+LABEL_FREE = (keys.CHARGE_EXCESS,)   # model outputs pushed to 0: every structure counts, no label needed
 
 
 def _label_mask(ref: Tensor) -> Tensor:
@@ -124,6 +128,9 @@ class Loss:
         """(P,) float64 number of labelled scalar entries per property in ``batch`` (no model needed)."""
         out = []
         for p in self.properties:
+            if p in LABEL_FREE:
+                out.append(float(batch[keys.NATOMS].reshape(-1).shape[0]))
+                continue
             ref = batch[p] if p in batch else None
             if ref is None:
                 out.append(0.0)
@@ -144,6 +151,9 @@ class Loss:
         w_struct = self._weights(batch)
         terms = []
         for p in self.properties:
+            if p in LABEL_FREE:
+                terms.append(self._label_free_term(p, pred, w_struct))
+                continue
             if p not in batch or p not in pred:
                 # H v is predicted only while its coefficient is non-zero (``needs_hvp``): absent = no term
                 if p != keys.HESSIAN_PRODUCTS and p in batch and _label_mask(batch[p]).any():
@@ -164,6 +174,15 @@ class Loss:
             err = self._rho(diff).reshape(diff.shape[0], -1).sum(dim=1)
             terms.append((w * err).sum())
         return torch.stack(terms)
+
+    def _label_free_term(self, p: str, pred: dict, w_struct: Tensor) -> Tensor:
+        """sum_s w_s rho(pred[p]_s): a per-structure model output pushed towards 0."""
+        if p not in pred:
+            raise ValueError(f"loss.coefficients.{p} is set but the model does not output {p!r} (it comes from a "
+                             "long-range charge head: model overrides long_range: {kind: coulomb} or "
+                             "finetune.long_range); set it to 0 or add the head")
+        err = self._rho(pred[p].reshape(w_struct.shape[0], -1).to(torch.float64)).sum(dim=1)
+        return (w_struct * err).sum()
 
     @staticmethod
     def combine(sums: Tensor, counts: Tensor, coefficients: Tensor) -> Tensor:

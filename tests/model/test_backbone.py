@@ -6,7 +6,7 @@ from ase import Atoms
 from ase.build import molecule
 from torch_geometric.data import Batch
 
-from conftest import ELEMENTS, tiny_model
+from model_factory import ELEMENTS, tiny_model
 from foundation import FoundationModel, ModelConfig, keys, testing
 from foundation.data.graph import from_atoms
 

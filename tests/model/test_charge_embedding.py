@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_geometric.data import Batch
 
-from conftest import tiny_model
+from model_factory import tiny_model
 from foundation import FoundationModel, ModelConfig, keys, testing
 from foundation.data import from_atoms
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from ase import Atoms
 
-from conftest import tiny_model
+from model_factory import tiny_model
 from foundation import testing
 
 

@@ -1,11 +1,11 @@
 """FoundationModel with the long-range charge head: conformance, charges, total charge, HVP, config round trip."""
-import numpy as np
 import pytest
 import torch
+from ase import Atoms
 from ase.build import molecule
 from torch_geometric.data import Batch
 
-from conftest import tiny_model
+from model_factory import tiny_model
 from foundation import ModelConfig, keys, testing
 from foundation.data.graph import from_atoms
 
@@ -78,3 +78,33 @@ def test_coulomb_kind_refuses_periodic_cells(small_cell):
     model = tiny_model(long_range={"kind": "coulomb"})
     with pytest.raises(ValueError):
         model(Batch.from_data_list([from_atoms(small_cell, 4.0)]))
+
+
+def test_charge_excess_loss_gives_each_far_apart_molecule_its_own_charge():
+    """Trained on isolated H2O (Q=0) and OH- (Q=-1) with the label-free charge_excess term only, a pair of them
+    beyond the cutoff (total -1) carries ~0 on the water and ~-1 on the hydroxide; the uniform correction alone
+    (an untrained head) spreads the charge over both."""
+    from foundation.train.config import LossConfig
+    from foundation.train.loss import Loss
+    water, hydroxide = molecule("H2O"), Atoms("OH", positions=[[0, 0, 0], [0, 0, 0.97]])
+    hydroxide.info["charge"] = -1
+    pair = water + Atoms(hydroxide.symbols, hydroxide.positions + [9.0, 0.0, 0.0])
+    pair.info["charge"] = -1
+    model = tiny_model(seed=1, long_range={"kind": "coulomb", "hidden": 8})
+    graphs = [from_atoms(a, 4.0) for a in (water, hydroxide, pair)]   # total charge from info["charge"]
+    batch, probe = Batch.from_data_list(graphs[:2]), Batch.from_data_list(graphs[2:])
+
+    def water_charge():
+        return float(model(probe, compute_forces=False)[keys.CHARGES][:3].sum())
+    before = water_charge()
+    loss = Loss(LossConfig(coefficients={"charge_excess": 1.0}), 200)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    for _ in range(200):
+        optimizer.zero_grad()
+        pred = model(batch, compute_forces=False, training=True)
+        Loss.combine(loss.sums(pred, batch), loss.counts(batch), loss.coefficients(0)).backward()
+        optimizer.step()
+    excess = model(batch, compute_forces=False)[keys.CHARGE_EXCESS]
+    assert excess.abs().max() < 0.01
+    after = water_charge()
+    assert abs(before) > 0.1 and abs(after) < 0.02

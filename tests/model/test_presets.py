@@ -3,7 +3,7 @@ import pytest
 import torch
 from ase.data import chemical_symbols
 
-from conftest import ELEMENTS
+from model_factory import ELEMENTS
 from foundation import FoundationModel, ModelConfig, testing
 from foundation.model import PRESETS
 

@@ -44,17 +44,19 @@ def test_total_charge_constraint_is_exact_in_a_batch():
     total = torch.tensor([0.0, -1.0, 2.0, 0.5], dtype=F64)
     for dtype, tol in ((F64, 1e-13), (torch.float32, 2e-6)):
         raw = 3.0 * torch.randn(16, generator=g, dtype=F64).to(dtype)
-        q = constrain_total_charge(raw, batch, 4, total.to(dtype))
+        q, excess = constrain_total_charge(raw, batch, 4, total.to(dtype))
         sums = torch.zeros(4, dtype=dtype).index_add(0, batch, q)
         assert torch.allclose(sums, total.to(dtype), atol=tol, rtol=0)
+        raw_sums = torch.zeros(4, dtype=dtype).index_add(0, batch, raw)
+        assert torch.allclose(excess, raw_sums - total.to(dtype), atol=tol, rtol=0)
         # a uniform shift per structure: differences between charges are untouched
         assert torch.allclose(q[batch == 1] - q[batch == 1][0], raw[batch == 1] - raw[batch == 1][0], atol=tol)
     head = LongRangeHead(4, dtype=torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        q = head.charges(torch.randn(16, 4, generator=g), batch, 4, total.float())
+        q, _ = head.charges(torch.randn(16, 4, generator=g), batch, 4, total.float())
     assert q.dtype == torch.float32
     assert torch.allclose(torch.zeros(4).index_add(0, batch, q), total.float(), atol=2e-6, rtol=0)
-    neutral = constrain_total_charge(torch.randn(16, generator=g, dtype=F64), batch, 4, None)
+    neutral, _ = constrain_total_charge(torch.randn(16, generator=g, dtype=F64), batch, 4, None)
     assert torch.zeros(4, dtype=F64).index_add(0, batch, neutral).abs().max() < 1e-13
     with pytest.raises(ValueError, match="total_charge contains NaN"):
         constrain_total_charge(raw, batch, 4, torch.tensor([0.0, float("nan"), 0.0, 0.0]))

@@ -36,9 +36,10 @@ def test_ions_and_geometry_helpers(study):
 
 
 def test_summary_splits_at_the_cutoff(study):
-    rows = [{"de": 0.1, "natoms": 10, "df_sum": 3.0, "df_count": 30, "d_min": 3.0, "kind": "polar"},
-            {"de": 0.5, "natoms": 5, "df_sum": 1.5, "df_count": 15, "d_min": 6.0, "kind": "ion pair"}]
+    rows = [{"de": 0.1, "natoms": 10, "df_sum": 3.0, "df_count": 30, "d_min": 3.0, "kind": "polar", "dq_a": 0.02},
+            {"de": 0.5, "natoms": 5, "df_sum": 1.5, "df_count": 15, "d_min": 6.0, "kind": "ion pair", "dq_a": 0.1}]
     s = study.summarise(rows, r_max=4.5)
+    assert s["all"]["fragment_charge_me"] == pytest.approx(60.0) and s["far"]["fragment_charge_me"] == pytest.approx(100.0)
     assert s["near"]["count"] == 1 and s["far"]["count"] == 1
     assert s["far"]["energy_mev"] == pytest.approx(500.0) and s["far"]["energy_mev_per_atom"] == pytest.approx(100.0)
     assert s["all"]["forces_mev_per_a"] == pytest.approx(1000 * 4.5 / 45)
@@ -46,9 +47,10 @@ def test_summary_splits_at_the_cutoff(study):
 
 @pytest.mark.slow
 def test_quick_run(study, tmp_path, capsys):
-    assert study.main(["--quick", "--out", str(tmp_path), "--charge-loss", "0", "100"]) == 0
+    assert study.main(["--quick", "--out", str(tmp_path), "--charge-loss", "0", "100", "--excess-loss", "1"]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
-    assert list(result["test"]) == ["without_lr", "with_lr_q100"]   # quick: the last charge coefficient only
+    # quick: the last coefficient of each list only
+    assert list(result["test"]) == ["without_lr", "with_lr_q100", "with_lr_x1"]
     for errors in result["test"].values():
         assert errors["far"]["count"] > 0   # the held-out bands reach beyond r_max
         assert all(math.isfinite(errors[s][k]) for s in ("far", "all")
@@ -63,4 +65,7 @@ def test_quick_run(study, tmp_path, capsys):
     out = capsys.readouterr().out
     # 3 split rows + 1 per-kind row + the binding-curve header, for each model
     assert out.count("| without head |") == 5 and out.count("| with head, charges x100 |") == 5
+    assert out.count("| with head, charge excess x1 |") == 5
+    assert result["test"]["with_lr_x1"]["far"]["fragment_charge_me"] >= 0
+    assert result["test"]["without_lr"]["far"]["fragment_charge_me"] is None
     assert result["curves"]["HCOO(-)-NH4(+)"]["charge_a"]["with_lr_q100"][-1] < 0   # formate's model charge

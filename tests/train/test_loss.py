@@ -131,3 +131,21 @@ def test_all_zero_coefficients_and_missing_prediction_are_errors(model):
     pred = model(batch, compute_stress=False)
     with pytest.raises(ValueError, match="did not predict 'stress'"):
         loss.sums(pred, batch)
+
+
+def test_charge_excess_is_a_label_free_term_over_every_structure(model):
+    batch = collate(structures())
+    loss = Loss(LossConfig(coefficients={"energy": 1.0, "charge_excess": 2.0}, dataset_weights=[1.0, 3.0]), 10)
+    excess = torch.tensor([0.5, -0.2, 0.0, 1.0], requires_grad=True)
+    pred = {**model(batch, compute_stress=False), keys.CHARGE_EXCESS: excess}
+    sums, counts = loss.sums(pred, batch), loss.counts(batch)
+    i = loss.properties.index(keys.CHARGE_EXCESS)
+    weights = torch.tensor([1.0, 3.0, 1.0, 3.0], dtype=torch.float64)   # dataset index i % 2
+    assert counts[i] == 4   # no label needed: every structure counts
+    torch.testing.assert_close(sums[i], (weights * excess.double() ** 2).sum())
+    total = Loss.combine(sums, counts, loss.coefficients(0))
+    total.backward()
+    torch.testing.assert_close(excess.grad, (2.0 * weights * 2 * excess.detach().double() / 4).float())
+    del pred[keys.CHARGE_EXCESS]
+    with pytest.raises(ValueError, match="charge_excess.*long-range"):
+        loss.sums(pred, batch)
