@@ -21,7 +21,7 @@ imports the helpers of this file, which therefore imports nothing from `foundati
   bash scripts/setup_mace_venv.sh /work/mace-venv
   python scripts/bench_model.py --mace-python /work/mace-venv/bin/python --threads 1 --json out.json
   python scripts/bench_model.py --quick --mace-python /work/mace-venv/bin/python     (smoke test, ~1 min)
-  python scripts/bench_model.py --profile prof.txt --profile-only                   (where our time goes)
+  python scripts/profile_model.py --out prof.txt                                    (where our time goes)
 """
 from __future__ import annotations
 
@@ -278,60 +278,6 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
               f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7}  {r['unit']}", file=file)
 
 
-def _label_modules(model: torch.nn.Module, depth: int) -> list:
-    """Forward hooks that wrap each submodule (up to ``depth`` dots in its name) in a profiler range '## name'."""
-    from torch.autograd.profiler import record_function
-    handles, open_ranges = [], []
-
-    def pre(name):
-        def hook(module, args):
-            rf = record_function(f"## {name}")
-            rf.__enter__()
-            open_ranges.append(rf)
-        return hook
-
-    def post(module, args, output):
-        open_ranges.pop().__exit__(None, None, None)
-
-    for name, module in model.named_modules():
-        if name and name.count(".") < depth:
-            handles += [module.register_forward_pre_hook(pre(name)), module.register_forward_hook(post)]
-    return handles
-
-
-def profile_ours(path: Path, preset: str, Ls: list[int], dtype: str, calls: int = 2) -> None:
-    """torch.profiler of our energy+forces on the 256-atom Cu cell for each L; tables written to ``path``.
-
-    Rows '## name' are forward ranges of submodules (inclusive, forward only); backward shows up as
-    'autograd::engine::evaluate_function: ...Backward' rows.
-    """
-    from torch.profiler import ProfilerActivity, profile
-    lines = [f"# our model, preset {preset}, 256-atom Cu fcc, r_max from the preset, energy+forces, {calls} calls "
-             f"after 1 warmup, threads {torch.get_num_threads()}, {dtype}; load {os.getloadavg()}"]
-    atoms = copper_cell()
-    for L in Ls:
-        side = OursSide(preset, {"max_L": L}, dtype)
-        model, batch = side.model([atoms], mean_neighbors(atoms, side.config(["Cu"]).r_max))
-        model.eval()
-        model(batch, compute_forces=True, training=False)
-        handles = _label_modules(model, depth=3)
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            start = time.perf_counter()
-            for _ in range(calls):
-                model(batch, compute_forces=True, training=False)
-            wall = (time.perf_counter() - start) / calls
-        for h in handles:
-            h.remove()
-        lines.append(f"\n## L={L}: {wall:.3f} s per call under the profiler ({len(atoms) / wall:.1f} atom-steps/s)")
-        for key in ("self_cpu_time_total", "cpu_time_total"):
-            lines.append(f"\n### L={L}: top rows by {key}\n")
-            lines.append(prof.key_averages().table(sort_by=key, row_limit=35, max_name_column_width=80))
-        lines.append(f"\n### L={L}: top ops by self CPU time, split by input shapes\n")
-        lines.append(prof.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=40, max_shapes_column_width=110))
-    Path(path).write_text("\n".join(lines) + "\n")
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -348,9 +294,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data-dir", default=str(DEFAULT_DATA), help="shared data folder (rmd17/ inside)")
     p.add_argument("--quick", action="store_true", help="smoke test: 8 channels, 1 repeat, no min time")
     p.add_argument("--json", default=None, help="write all results and metadata to this JSON file")
-    p.add_argument("--profile", default=None, help="first profile ours (Cu, energy+forces) into this file")
-    p.add_argument("--profile-only", action="store_true", help="write the profile and stop")
-    p.add_argument("--profile-L", default="0,1", help="max_L values to profile")
     p.add_argument("--mace-reduced-cg", action="store_true", help="mace use_reduced_cg=True (CLI default False)")
     return p.parse_args(argv)
 
@@ -369,12 +312,6 @@ def main(argv=None) -> int:
               "source": source_state()}
     print(f"# foundation {report['source']}; threads {args.threads}, {args.dtype}, aspirin: {asp_desc}; "
           f"neighbour lists excluded from timing; median of {timing['repeats']} repeats", flush=True)
-    if args.profile:  # first: it is short, and the model's author wants it before the long table
-        profile_ours(Path(args.profile), args.presets.split(",")[0], [int(x) for x in args.profile_L.split(",")],
-                     args.dtype)
-        print(f"profile of our model written to {args.profile}", flush=True)
-        if args.profile_only:
-            return 0
     rows = []
     for preset, extra in cases(args.presets.split(","), Ls):
         side = OursSide(preset, {**overrides, **extra}, args.dtype)
