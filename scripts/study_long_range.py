@@ -20,7 +20,7 @@ kind); binding curves E_int(R) = E(dimer) - E(A) - E(B) at a fixed orientation (
 axis) of an ion pair, an ion-dipole pair and a polar pair: xTB and every model (PNG), with molecule A's total
 charge. Physics check (raises if violated): without the head E_int is exactly 0 wherever d_min > r_max.
 
-    python scripts/study_long_range.py --out runs/study_long_range          # ~9 CPU-min at 1 thread
+    python scripts/study_long_range.py --out runs/study_long_range          # ~8 CPU-min at 1 thread (5 models)
     python scripts/study_long_range.py --quick --out /tmp/lr_quick          # smoke test
 """
 from __future__ import annotations
@@ -250,9 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=4000, help="optimizer steps of each model (equal)")
     p.add_argument("--max-atoms", type=int, default=96, help="atom budget of a batch")
     p.add_argument("--lr", type=float, default=5e-3)
-    p.add_argument("--charge-loss", type=float, nargs="*", default=[0.0, 1.0, 100.0],
+    p.add_argument("--charge-loss", type=float, nargs="*", default=[0.0, 100.0],
                    help="one model with the head per coefficient on the xTB charges (0: energies and forces only)")
-    p.add_argument("--excess-loss", type=float, nargs="*", default=[1.0],
+    p.add_argument("--excess-loss", type=float, nargs="*", default=[1.0, 10.0],
                    help="one model with the head per charge_excess coefficient (no charge labels: the raw charges "
                         "of every structure, isolated molecules included, learn to sum to its total charge)")
     p.add_argument("--seed", type=int, default=0)
