@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the data helpers beside this file
-from _pretraining_data import li_split, paracetamol_split, prepare_data  # noqa: E402,F401
+from _pretraining_data import prepare_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO / ".." / "shared" / "data"

@@ -10,29 +10,34 @@ import numpy as np
 import pytest
 
 pytest.importorskip("tblite")
-SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "study_long_range.py"
+SCRIPTS = Path(__file__).resolve().parents[2] / "scripts"
 
 
 @pytest.fixture(scope="module")
 def study(load_script):
-    return load_script(SCRIPT)
+    return load_script(SCRIPTS / "study_long_range.py")
 
 
-def test_ions_and_geometry_helpers(study):
+@pytest.fixture(scope="module")
+def data(load_script):
+    return load_script(SCRIPTS / "_long_range_data.py")
+
+
+def test_ions_and_geometry_helpers(data):
     from ase.build import molecule
-    formate = study._deprotonate(molecule("HCOOH"))
+    formate = data._deprotonate(molecule("HCOOH"))
     assert formate.get_chemical_formula() == "CHO2"
-    ammonium = study._protonate(molecule("NH3"))
+    ammonium = data._protonate(molecule("NH3"))
     d = ammonium.get_all_distances()[0, 1:]
     assert ammonium.get_chemical_formula() == "H4N" and np.allclose(d, d.mean(), atol=0.05)   # near tetrahedral
     a, b = molecule("H2O"), molecule("NH3")
     a.positions -= a.get_center_of_mass()
     b.positions -= b.get_center_of_mass()
-    pair = study.dimer(a, b, np.eye(3), np.eye(3), 7.0)
+    pair = data.dimer(a, b, np.eye(3), np.eye(3), 7.0)
     assert pair.get_center_of_mass(indices=range(3, 7))[0] == pytest.approx(7.0)
-    assert study.d_min(pair, 3) == pytest.approx(np.linalg.norm(pair.positions[:3, None] - pair.positions[None, 3:],
+    assert data.d_min(pair, 3) == pytest.approx(np.linalg.norm(pair.positions[:3, None] - pair.positions[None, 3:],
                                                                 axis=-1).min())
-    assert study.in_test_band(9.5) and not study.in_test_band(8.0)
+    assert data.in_test_band(9.5) and not data.in_test_band(8.0)
 
 
 def test_summary_splits_at_the_cutoff(study):
@@ -46,7 +51,7 @@ def test_summary_splits_at_the_cutoff(study):
 
 
 @pytest.mark.slow
-def test_quick_run(study, tmp_path, capsys):
+def test_quick_run(study, data, tmp_path, capsys):
     assert study.main(["--quick", "--out", str(tmp_path), "--charge-loss", "0", "100", "--excess-loss", "1"]) == 0
     result = json.loads((tmp_path / "result.json").read_text())
     # quick: the last coefficient of each list only
@@ -55,7 +60,7 @@ def test_quick_run(study, tmp_path, capsys):
         assert errors["far"]["count"] > 0   # the held-out bands reach beyond r_max
         assert all(math.isfinite(errors[s][k]) for s in ("far", "all")
                    for k in ("energy_mev", "energy_mev_per_atom", "forces_mev_per_a"))
-    assert set(result["curves"]) == set(study.CURVES)
+    assert set(result["curves"]) == set(data.CURVES)
     for pair, row in result["curves"].items():
         assert len(row["R"]) == len(row["xtb"]) == len(row["with_lr_q100"]) == len(row["without_lr"]) > 3
         assert row["without_lr_far_max_abs_eint"] <= 1e-9   # no shared edge: exactly additive

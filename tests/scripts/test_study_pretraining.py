@@ -19,25 +19,30 @@ def study(load_script):
     return load_script(SCRIPT)
 
 
-def test_paracetamol_split_nested_disjoint_spread(study):
-    s = study.paracetamol_split(1000, [10, 50, 200], 50)
+@pytest.fixture(scope="module")
+def data(load_script):
+    return load_script(REPO / "scripts" / "_pretraining_data.py")
+
+
+def test_paracetamol_split_nested_disjoint_spread(data):
+    s = data.paracetamol_split(1000, [10, 50, 200], 50)
     assert [len(s[f"train{n}"]) for n in (10, 50, 200)] == [10, 50, 200] and len(s["valid"]) == 50
     assert set(s["train10"]) <= set(s["train50"]) <= set(s["train200"])          # nested subsets
     assert not set(s["valid"]) & set(s["train200"])                               # validation held out
     assert np.diff(s["train10"]).tolist() == [100] * 9                            # spread over the time series
     with pytest.raises(ValueError, match="overlap"):
-        study.paracetamol_split(1000, [500], 50)                                  # spacing 2 hits index 2 mod 20
+        data.paracetamol_split(1000, [500], 50)                                  # spacing 2 hits index 2 mod 20
 
 
-def test_li_split_seeded_nested_disjoint(study):
-    s = study.li_split(241, [10, 50, 200], 20, seed=0)
+def test_li_split_seeded_nested_disjoint(data):
+    s = data.li_split(241, [10, 50, 200], 20, seed=0)
     assert len(s["valid"]) == 20 and len(s["train200"]) == 200
     assert set(s["train10"]) <= set(s["train50"]) <= set(s["train200"])
     assert not set(s["valid"]) & set(s["train200"])
-    assert np.array_equal(s["valid"], study.li_split(241, [10], 20, seed=0)["valid"])
-    assert not np.array_equal(s["valid"], study.li_split(241, [10], 20, seed=1)["valid"])
+    assert np.array_equal(s["valid"], data.li_split(241, [10], 20, seed=0)["valid"])
+    assert not np.array_equal(s["valid"], data.li_split(241, [10], 20, seed=1)["valid"])
     with pytest.raises(ValueError, match="lower --sizes"):
-        study.li_split(241, [230], 20, seed=0)
+        data.li_split(241, [230], 20, seed=0)
 
 
 def _row(target, n, arm, e, f):
