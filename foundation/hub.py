@@ -340,9 +340,12 @@ def render_card(cfg: dict, source: str, template: str | Path | None = None) -> s
             ["parameters", f"{cfg['model_info']['parameters']:,}"], ["heads", ", ".join(heads)]]
     arch += [[k, v] for k, v in mc.items() if k not in ("elements", "r_max", "heads") and not isinstance(v, (dict, list))]
     datasets = cfg.get("datasets") or []
-    data = (_table(["dataset", "structures", "level of theory", "license"],
-                   [[d["name"], f"{int(d['structures']):,}" if d.get("structures") is not None else "unknown",
-                     d.get("level_of_theory") or "not recorded", d.get("license") or "not recorded"] for d in datasets])
+    with_head = any(d.get("head") for d in datasets)
+    data = (_table(["dataset"] + ["head"] * with_head + ["structures", "level of theory", "license"],
+                   [[d["name"]] + [d.get("head") or "-"] * with_head
+                    + [f"{int(d['structures']):,}" if d.get("structures") is not None else "unknown",
+                       d.get("level_of_theory") or "not recorded", d.get("license") or "not recorded"]
+                    for d in datasets])
             if datasets else "Not recorded: this checkpoint was saved without training-data metadata.")
     metrics = cfg.get("metrics") or {}
     metric_rows = [[ds, k, f"{float(v):.4g}"] for ds, vals in metrics.items() for k, v in vals.items()]

@@ -247,7 +247,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     # statistics stay as prepared (base + E0 refit: refitting scale/shift on the new data would change the model
     # at step 0); LoRA adapters are merged into the exported weights
     lora = surgery.merged_copy if surgery.has_lora(model) else None
-    metrics = Trainer(t, model=model, fit_statistics=False, export_transform=lora).fit()
+    metrics = Trainer(t, model=model, fit_statistics=False, export_transform=lora,
+                      description=describe(c, target, source)).fit()
     result.update(metrics=metrics, model_dir=Path(t.out_dir) / "model")
     if monitor:
         from ..model import FoundationModel
@@ -257,6 +258,23 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
         log(f"pretraining validation data on head {source!r} (forgetting):\n"
             + comparison_table({"base": monitor_before, "finetuned": after_ft}))
     return result
+
+
+def describe(c: FinetuneConfig, target: str, source: str) -> str:
+    """The fine-tuned model card's summary: the base (and its pinned revision), heads and strategy."""
+    revision = f" at revision `{c.base.revision}`" if c.base.revision else ""
+    if target == source:
+        heads = f"head `{target}` fine-tuned in place"
+    elif c.finetune.head_init == "copy":
+        heads = f"new head `{target}`, a copy of `{source}` at step 0"
+    else:
+        heads = f"new head `{target}` (freshly initialised) beside `{source}`"
+    text = f"Fine-tuned with `foundation finetune` from `{c.base.model}`{revision}: {heads}; strategy " \
+           f"`{c.finetune.strategy}`"
+    if c.finetune.strategy == "replay" and c.replay is not None:
+        text += (f", `{source}` trained on a replay sample of the pretraining data ({c.replay.samples or 'all'} "
+                 f"structures, weight {c.replay.weight:g})")
+    return text + ". The training datasets and validation metrics are below."
 
 
 def _quiet(_: str) -> None:

@@ -111,6 +111,7 @@ def sample_dataset(path: str, samples: int, seed: int, cache_dir: Path, r_max: f
                 res[keys.STRESS] = full_3x3_to_voigt_6_stress(rec[keys.STRESS].reshape(3, 3))
             atoms.calc = SinglePointCalculator(atoms, **res)
             db.write(atoms, total_charge=float(rec.get(keys.TOTAL_CHARGE, 0.0)))
-    convert([source], out, r_max=r_max, dataset_name=name, progress=False)
+    convert([source], out, r_max=r_max, dataset_name=name, progress=False,
+            level_of_theory=(ds.manifest or {}).get("level_of_theory"))   # the sample keeps its provenance
     source.unlink()
     return str(out)

@@ -49,12 +49,13 @@ class Trainer:
     """State of one run on one rank; ``fit()`` trains to ``config.max_steps``."""
 
     def __init__(self, config: TrainConfig, model=None, resume: bool = False, fit_statistics: bool = True,
-                 export_transform: Callable[[nn.Module], nn.Module] | None = None):
+                 export_transform: Callable[[nn.Module], nn.Module] | None = None, description: str | None = None):
         """``fit_statistics``: set E0s/scale/shift/neighbour count from the training data (False keeps a given
         model's, as fine-tuning and later distillation stages need); ``export_transform``: module -> module to
-        save (e.g. LoRA merged), applied to the EMA weights at export."""
+        save (e.g. LoRA merged), applied to the EMA weights at export; ``description``: the model card's summary
+        (e.g. which base model was fine-tuned, and how)."""
         self.config, self.out = config, Path(config.out_dir)
-        self.export_transform = export_transform
+        self.export_transform, self.description = export_transform, description
         self.rank, self.world = init_distributed(config.engine.backend)
         seed_everything(config.seed)
         self.head_names, self.dataset_heads = tdata.head_names(config)   # head index of each training set
@@ -224,7 +225,7 @@ class Trainer:
 
     def export(self, metrics: dict | None = None, target: Path | None = None) -> Path:
         """``save_pretrained`` of the EMA weights (rank 0) to ``target`` (default ``out_dir/model``); the card
-        carries ``metrics`` (validation, EMA weights)."""
+        carries ``metrics`` (validation, EMA weights), the training datasets and ``description``."""
         target = self.out / "model" if target is None else target
         if self.rank == 0:
             module = self.engine.module
@@ -234,7 +235,9 @@ class Trainer:
                 return target
             with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
                 exported = self.export_transform(module) if self.export_transform is not None else module
-                exported.save_pretrained(target, metrics=card_metrics(metrics or {}))
+                datasets = tdata.card_datasets(self.train_sets, self.head_names, self.dataset_heads)
+                exported.save_pretrained(target, metrics=card_metrics(metrics or {}), datasets=datasets,
+                                         description=self.description)
         return target
 
     # --- the loop ---------------------------------------------------------------------------------------------

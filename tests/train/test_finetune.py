@@ -299,3 +299,14 @@ def test_added_long_range_head_trains_charges(setup, tmp_path):
     with pytest.raises(ValueError, match="already has a long-range head"):
         from foundation.train import surgery
         surgery.add_long_range(tuned, {"kind": "coulomb"})
+
+
+def test_finetuned_card_names_the_base_the_strategy_and_every_training_set(setup):
+    values = recipe(setup, "card", finetune={"strategy": "replay", "head": "target"},
+                    replay={"data": [str(setup / "old.xyz")], "samples": 8, "weight": 0.3})
+    res = finetune(finetune_config_from_dict(values), log=lambda s: None)
+    card = (res["model_dir"] / "README.md").read_text()
+    assert f"from `{setup / 'base'}`" in card and "new head `target`, a copy of `emt`" in card
+    assert "strategy `replay`" in card and "(8 structures, weight 0.3)" in card
+    rows = [line for line in card.splitlines() if line.startswith("| ") and ("| target |" in line or "| emt |" in line)]
+    assert len(rows) == 2 and "| target | 24 |" in rows[0] and "| emt | 8 |" in rows[1]   # new data, replay sample

@@ -136,13 +136,18 @@ def test_cli_pretrain_real_model_then_evaluate(tmp_path, emt_data, capsys):
     from foundation import FoundationModel
     model = FoundationModel.from_pretrained(out / "model")   # the float64 model was trained in float32
     assert model.dtype == torch.float64 and model.config.heads == ["emt", "emt2"]
+    import json
+    card_data = json.loads((out / "model" / "config.json").read_text())["datasets"]   # the card's provenance
+    assert [(d["head"], d["structures"]) for d in card_data] == [("emt", 40), ("emt2", 24)]
+    card = (out / "model" / "README.md").read_text()
+    assert "| dataset | head | structures | level of theory | license |" in card
+    assert all(f"| {d['name']} | {d['head']} | {d['structures']} |" in card for d in card_data)
     assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--head", "emt2",
                  "--plot", str(tmp_path / "parity.png"), "--json", str(tmp_path / "m.json")]) == 0
     table = capsys.readouterr().out
     assert "valid/emt2 " in table and "forces" in table and (tmp_path / "parity.png").stat().st_size > 1000
     assert main(["evaluate", str(out / "model"), str(emt_data["valid"]), "--head", "dft"]) == 2
     assert "unknown head 'dft'" in capsys.readouterr().err
-    import json
     assert json.loads((tmp_path / "m.json").read_text())["all/forces"]["count"] > 0
 
 
