@@ -24,7 +24,6 @@ Measured (2-core CPU; natoms lognormal, mean 25): 10^7 structures build an epoch
 """
 from __future__ import annotations
 
-import math
 import operator
 import warnings
 from typing import Sequence
