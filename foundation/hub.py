@@ -327,6 +327,24 @@ dyn.run(20)
 print("total energy after 20 fs (eV):", atoms.get_total_energy())'''
 
 
+def _long_range_text(long_range: dict | None, max_total_charge) -> str:
+    """The card's sentences on physics beyond the cutoff and on the total charge (``atoms.info["charge"]``)."""
+    if max_total_charge:
+        charge = f" The total charge (`atoms.info[\"charge\"]`, -{max_total_charge} to +{max_total_charge} e) is an input."
+    elif long_range:
+        charge = " The total charge (`atoms.info[\"charge\"]`) fixes the sum of the latent charges."
+    else:
+        charge = " The total charge is not an input: an ion and its neutral parent at one geometry get one energy."
+    if not long_range:
+        return ("This model has no long-range charge head: beyond the receptive field atoms do not interact "
+                "(no electrostatics or dispersion tails)." + charge)
+    kind = "erf-damped Coulomb, molecules only" if long_range.get("kind") == "coulomb" else \
+        "Coulomb for molecules, latent Ewald / PME for periodic cells"
+    return (f"A long-range charge head adds the electrostatics of latent charges at every distance ({kind}, "
+            f"smearing {long_range.get('sigma', 1.0):g} Å) and the calculator reports the charges and the dipole; "
+            "dispersion tails are absent." + charge)
+
+
 def render_card(cfg: dict, source: str, template: str | Path | None = None) -> str:
     """README.md text: the packaged card template filled from a config.json dict; ``source`` = repo id or dir."""
     template = Path(template or TEMPLATE)
@@ -360,6 +378,7 @@ def render_card(cfg: dict, source: str, template: str | Path | None = None) -> s
         "metrics": (_table(["dataset", "metric", "value"], metric_rows) + "\n\nMeasured by `foundation evaluate`."
                     if metric_rows else "Not evaluated: no metrics were recorded when this checkpoint was saved."),
         "extra_outputs": ", charges and dipoles" if mc.get("charges") or mc.get("long_range") else "",
+        "long_range": _long_range_text(mc.get("long_range"), mc.get("max_total_charge")),
         "elements": ", ".join(elements), "r_max": f"{r_max:g}", "num_layers": str(layers),
         "receptive_field": f"{r_max * layers:g}", "usage_code": usage_code(cfg, source),
         "citation": cfg.get("citation") or (

@@ -93,6 +93,16 @@ def test_card_has_real_content_and_never_invents_metrics(tmp_path):
     assert "Not recorded" in bare and "20.5" not in bare
 
 
+def test_card_says_what_acts_beyond_the_cutoff_and_whether_charge_is_an_input():
+    from foundation.hub import _long_range_text
+    plain = _long_range_text(None, None)
+    assert "no long-range charge head" in plain and "not an input" in plain
+    ewald = _long_range_text({"kind": "latent_ewald", "sigma": 1.5}, 2)
+    assert "latent Ewald / PME" in ewald and "1.5 Å" in ewald and "-2 to +2 e" in ewald
+    coulomb = _long_range_text({"kind": "coulomb", "sigma": 1.0}, None)
+    assert "molecules only" in coulomb and "fixes the sum of the latent charges" in coulomb
+
+
 @pytest.mark.parametrize("elements", [["Cu", "Au"], ["H", "C", "O"], ["Si"], ["H"], ["Tc", "Re"], ["Li", "F"]])
 def test_card_example_structure_uses_only_the_model_elements(elements):
     from foundation.hub import _example_structure
