@@ -273,11 +273,8 @@ def plot_curves(rows: list[dict], png: Path, title: str) -> Path:
         ax.grid(alpha=0.3, which="both")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(png, dpi=90)
-    plt.close(fig)
-    return png
+    from foundation.train.plots import save_figure
+    return save_figure(fig, png, dpi=90)
 
 
 # --- main ----------------------------------------------------------------------------------------------------

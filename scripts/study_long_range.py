@@ -199,11 +199,8 @@ def plot_curves(curves: dict, r_max: float, path: Path) -> Path:
         ax.axhline(0.0, color="0.5", lw=0.5)
         ax.set(title=f"{pair} ({PAIRS[pair][2]})", xlabel="COM separation R (Å)", ylabel="E_int (eV)")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
-    return path
+    from foundation.train.plots import save_figure
+    return save_figure(fig, path, dpi=80)
 
 
 def _fmt(value, digits: int = 1) -> str:

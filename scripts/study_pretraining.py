@@ -263,11 +263,8 @@ def plot(rows: list[dict], out_png: Path) -> Path:
     fig.suptitle("solid: fine-tuned from the pretrained model; dashed: from scratch (same steps and schedule); "
                  "dotted: fine-tuned with the head rescaled to the target",
                  fontsize=9)
-    fig.tight_layout()
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=80)
-    plt.close(fig)
-    return out_png
+    from foundation.train.plots import save_figure
+    return save_figure(fig, out_png, dpi=80)
 
 
 # --- driver -----------------------------------------------------------------------------------------------------

@@ -13,6 +13,16 @@ def _pyplot():
     return plt
 
 
+def save_figure(fig, path, dpi: int = 120) -> Path:
+    """Lay out ``fig``, write it to ``path`` (parent folders created) and close it; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    _pyplot().close(fig)
+    return path
+
+
 def learning_curve(train_csv, valid_csv, out_png) -> Path | None:
     """Training loss (log scale) and validation MAEs against step, from the run's CSV logs. None if no data."""
     from .metrics import read_csv
@@ -35,11 +45,7 @@ def learning_curve(train_csv, valid_csv, out_png) -> Path | None:
     ax.set(xlabel="optimizer step", ylabel="MAE (eV/atom, eV/Å, eV/Å³)", yscale="log", title="validation (EMA)")
     if maes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_png = Path(out_png)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
 
 
 def parity(pairs: dict[str, tuple[np.ndarray, np.ndarray]], out_png, units: dict[str, str] | None = None) -> Path:
@@ -59,9 +65,4 @@ def parity(pairs: dict[str, tuple[np.ndarray, np.ndarray]], out_png, units: dict
         ax.set(xlabel=f"reference {name} ({unit})", ylabel=f"predicted {name} ({unit})",
                title=f"{name}: MAE {mae:.4g} {unit}")
         ax.set_aspect("equal", adjustable="datalim")
-    fig.tight_layout()
-    out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=120)
-    plt.close(fig)
-    return out_png
+    return save_figure(fig, out_png)
