@@ -36,6 +36,12 @@ import torch
 from .config import TrainConfig
 
 
+# What a launcher (torchrun, deepspeed) sets and ``init_distributed`` sets for a group of one. A process that
+# trained in-process and then starts another one must drop them from the child's environment (or the child joins
+# a group whose port is taken): ``{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}``.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -48,7 +54,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
         os.environ["DS_ACCELERATOR"] = "cpu"
     if "RANK" not in os.environ:  # not started by a launcher: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))   # every one of LAUNCHER_VARIABLES is now set
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     if backend == "auto":

@@ -32,10 +32,9 @@ def recipe(tmp: Path, out: Path, emt_data, **engine) -> Path:
 
 
 def env(delay: float = 0.0) -> dict:
+    from foundation.train.engine import LAUNCHER_VARIABLES
     e = dict(os.environ, FOUNDATION_TEST_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE"):
-        e.pop(k, None)
-    return e
+    return {k: v for k, v in e.items() if k not in LAUNCHER_VARIABLES}
 
 
 def train_rows(out: Path) -> list[dict]:
