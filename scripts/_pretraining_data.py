@@ -69,18 +69,18 @@ def prepare_data(a, data: Path, work: Path) -> dict:
     from ase.io import read
     pre = {}
     for el in SOLIDS:
-        frames = read(str(data / "mlearn" / f"{el}_train.xyz"), ":")
+        frames = read(str(data / "mlearn" / f"{el}_train.xyz.xz"), ":")
         pre[dataset(frames[:a.quick_frames or None], work, f"pre-{el}", a.r_max)] = HEADS["mlearn"]
     for mol in MOLECULES:
-        frames = read(str(data / "rmd17" / f"rmd17_{mol}_train_01.xyz"), f"::{a.every}")
+        frames = read(str(data / "rmd17" / f"rmd17_{mol}_train_01.xyz.xz"), f"::{a.every}")
         pre[dataset(frames[:a.quick_frames or None], work, f"pre-{mol}", a.r_max)] = HEADS["rmd17"]
     out = {"pretrain": pre}
-    para = read(str(data / "rmd17" / "rmd17_paracetamol_train_01.xyz"), ":")
-    li = read(str(data / "mlearn" / "Li_train.xyz"), ":")
+    para = read(str(data / "rmd17" / "rmd17_paracetamol_train_01.xyz.xz"), ":")
+    li = read(str(data / "mlearn" / "Li_train.xyz.xz"), ":")
     splits = {"paracetamol": (para, paracetamol_split(len(para), a.sizes, a.valid_frames_molecule)),
               "li": (li, li_split(len(li), a.sizes, a.valid_frames_li, a.seed))}
-    tests = {"paracetamol": read(str(data / "rmd17" / "rmd17_paracetamol_test_01.xyz"), ":"),
-             "li": read(str(data / "mlearn" / "Li_test.xyz"), ":")}
+    tests = {"paracetamol": read(str(data / "rmd17" / "rmd17_paracetamol_test_01.xyz.xz"), ":"),
+             "li": read(str(data / "mlearn" / "Li_test.xyz.xz"), ":")}
     for target, (frames, idx) in splits.items():
         out[target] = {"train": {n: dataset([frames[i] for i in idx[f"train{n}"]], work, f"{target}-train{n}",
                                             a.r_max) for n in a.sizes},

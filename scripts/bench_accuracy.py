@@ -46,11 +46,11 @@ import numpy as np
 
 SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
-DEFAULT_DATA = REPO / ".." / "shared" / "data"
+DEFAULT_DATA = REPO / "data"
 SYSTEMS = {  # name: (train file, test file, validation frames, recipe, stress)
-    "ethanol": ("rmd17/rmd17_ethanol_train_01.xyz", "rmd17/rmd17_ethanol_test_01.xyz", 50, "bench_rmd17", False),
-    "aspirin": ("rmd17/rmd17_aspirin_train_01.xyz", "rmd17/rmd17_aspirin_test_01.xyz", 50, "bench_rmd17", False),
-    "si": ("mlearn/Si_train.xyz", "mlearn/Si_test.xyz", 20, "bench_mlearn_si", True),
+    "ethanol": ("rmd17/rmd17_ethanol_train_01.xyz.xz", "rmd17/rmd17_ethanol_test_01.xyz.xz", 50, "bench_rmd17", False),
+    "aspirin": ("rmd17/rmd17_aspirin_train_01.xyz.xz", "rmd17/rmd17_aspirin_test_01.xyz.xz", 50, "bench_rmd17", False),
+    "si": ("mlearn/Si_train.xyz.xz", "mlearn/Si_test.xyz.xz", 20, "bench_mlearn_si", True),
 }
 TRAIN_FRAMES = {"ethanol": 950, "aspirin": 950, "si": None}   # None: all frames left after validation
 

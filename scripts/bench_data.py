@@ -1,6 +1,6 @@
 """Benchmark the data layer: conversion rate, read rate with and without neighbor lists, bytes on disk.
 
-Runs on ../shared/data (mlearn Si_train, rMD17 aspirin) when present, else on generated EMT-labelled data
+Runs on data/ (mlearn Si_train, rMD17 aspirin) when present, else on generated EMT-labelled data
 (or on the files given with --files). One process, one thread; prints medians over --repeats runs of wall-clock and of process CPU time.
 
     python scripts/bench_data.py [--files A.xyz B.xyz] [--repeats 5] [--r-max 5.0] [--read-limit 1000]
@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT / ".." / "shared" / "data"
-DEFAULT_FILES = [SHARED / "mlearn" / "Si_train.xyz", SHARED / "rmd17" / "rmd17_aspirin_train_01.xyz"]
+SHARED = ROOT / "data"
+DEFAULT_FILES = [SHARED / "mlearn" / "Si_train.xyz.xz", SHARED / "rmd17" / "rmd17_aspirin_train_01.xyz.xz"]
 
 
 def generated_files(directory: Path) -> list[Path]:
@@ -109,7 +109,7 @@ def print_table(rows: list[dict]) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", nargs="*", type=Path, default=None,
-                        help="inputs to benchmark (default: ../shared/data Si_train and aspirin, else generated)")
+                        help="inputs to benchmark (default: data/ Si_train and aspirin, else generated)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median reported)")
     parser.add_argument("--r-max", type=float, default=5.0, help="neighbor-list cutoff in Å (default 5)")
     parser.add_argument("--read-limit", type=int, default=1000, help="structures read per timed pass")

@@ -44,8 +44,8 @@ from ase.neighborlist import neighbor_list
 WORKLOADS = ("cu_ef", "cu_efs", "asp_ef", "asp_train")
 UNITS = {"cu_ef": "atom-steps/s", "cu_efs": "atom-steps/s", "asp_ef": "atom-steps/s", "asp_train": "structures/s"}
 SCRIPTS = Path(__file__).resolve().parent
-DEFAULT_DATA = SCRIPTS.parents[0] / ".." / "shared" / "data"
-ASPIRIN_FILE = "rmd17/rmd17_aspirin_train_01.xyz"
+DEFAULT_DATA = SCRIPTS.parents[0] / "data"
+ASPIRIN_FILE = "rmd17/rmd17_aspirin_train_01.xyz.xz"
 
 
 # --- structures (shared with the worker through JSON, so both sides see the same atoms) -----------------------

@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # the data helpers be
 from _pretraining_data import prepare_data  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO / ".." / "shared" / "data"
+DEFAULT_DATA = REPO / "data"
 TARGETS = {"paracetamol": "pbe_def2svp", "li": "pbe_vasp"}      # target: base head it is fine-tuned from
 ARMS = ("finetuned", "scratch", "rescaled")   # rescaled: fine-tuned, new head's scale/shift fitted on the target
 

@@ -1,4 +1,4 @@
-"""Helpers for the data tests (imported as ``data_helpers``): EMT-labelled structures, the shared data path."""
+"""Helpers for the data tests (imported as ``data_helpers``): EMT-labelled structures, the shipped data path."""
 from pathlib import Path
 
 import numpy as np
@@ -7,14 +7,13 @@ from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+REPO_DATA = Path(__file__).resolve().parents[2] / "data"
 
 
-def shared_file(relative: str) -> Path:
-    """A file of ../shared/data, or skip the test when that folder is absent (a user's clone)."""
-    path = SHARED_DATA / relative
-    if not path.is_file():
-        pytest.skip(f"{path} not present")
+def data_file(relative: str) -> Path:
+    """A file of the repository's data/ folder (shipped with every checkout)."""
+    path = REPO_DATA / relative
+    assert path.is_file(), f"{path} is missing from the checkout"
     return path
 
 

@@ -16,7 +16,7 @@ from foundation.data.dataset import ShardedDataset
 from foundation.data.labels import read_labels
 from foundation.data.manifest import read_manifest, sha256_file
 
-from data_helpers import emt_frames, shared_file
+from data_helpers import data_file, emt_frames
 
 
 def assert_round_trip(out, frames):
@@ -55,16 +55,16 @@ def test_generated_data_round_trips_exactly(tmp_path, emt_xyz):
     assert not list(tmp_path.glob("ds.tmp-*"))
 
 
-def test_shared_mlearn_si_round_trips(tmp_path):
-    path = shared_file("mlearn/Si_train.xyz")
+def test_mlearn_si_round_trips(tmp_path):
+    path = data_file("mlearn/Si_train.xyz.xz")
     out = convert([path], tmp_path / "si", shard_size=100, progress=False)
     assert_round_trip(out, ase.io.read(path, ":"))
     m = read_manifest(out)
     assert m["num_structures"] == 214 and "stress" in m["properties"]
 
 
-def test_shared_rmd17_aspirin_round_trips(tmp_path):
-    path = shared_file("rmd17/rmd17_aspirin_train_01.xyz")
+def test_rmd17_aspirin_round_trips(tmp_path):
+    path = data_file("rmd17/rmd17_aspirin_train_01.xyz.xz")
     out = convert([path], tmp_path / "asp", shard_size=300, progress=False)
     assert_round_trip(out, ase.io.read(path, ":"))
     m = read_manifest(out)

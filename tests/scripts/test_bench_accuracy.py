@@ -123,9 +123,7 @@ def test_quick_run_of_ours(bench, tmp_path, capsys):
     """--quick (ethanol, 100 frames, 1 epoch, 8 channels), our side only: finite errors in the JSON and the
     printed table, and the energy offset removed by the recipe's refit_e0 is recorded."""
     import json
-    data = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
-    if not (data / "rmd17").is_dir():
-        pytest.skip(f"shared data not found at {data}")
+    data = Path(__file__).resolve().parents[2] / "data"
     out = tmp_path / "out.json"
     assert bench.main(["--quick", "--codes", "ours", "--data", str(data), "--out", str(tmp_path / "w"),
                        "--json", str(out)]) == 0

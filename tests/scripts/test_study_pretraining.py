@@ -1,5 +1,5 @@
 """scripts/study_pretraining.py: disjoint, nested frame selections; the comparison and tables; the --quick study
-end to end on the shared DFT data (skipped without it)."""
+end to end on the DFT data shipped in data/."""
 from __future__ import annotations
 
 import json
@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "scripts" / "study_pretraining.py"
-DATA = REPO / ".." / "shared" / "data"
+DATA = REPO / "data"
 
 
 @pytest.fixture(scope="module")
@@ -87,8 +87,6 @@ def test_arguments(study):
 def test_quick_study_end_to_end(study, tmp_path, capsys):
     """The whole study at smoke-test size on the real DFT data: every run of the table, finite errors,
     learning curves, the figure and the JSON."""
-    if not (DATA / "rmd17").is_dir() or not (DATA / "mlearn").is_dir():
-        pytest.skip("../shared/data (rmd17, mlearn) is not beside the repository")
     import torch
     threads = torch.get_num_threads()
     try:

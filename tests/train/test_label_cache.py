@@ -203,15 +203,13 @@ def test_concurrent_builders_label_once(tmp_path):
     assert sorted(c.calls for c in counts) == [0, 3]
 
 
-DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2] / "data"
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("sevenn") is None, reason="sevenn is not installed")
 def test_sevennet_labels_mlearn_silicon_seeds_close_to_dft(tmp_path, monkeypatch):
-    path = DATA / "mlearn" / "Si_train.xyz"
-    if not path.is_file():
-        pytest.skip(f"{path} is absent (shared data not checked out)")
+    path = DATA / "mlearn" / "Si_train.xyz.xz"
     from ase.io import read
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(1)
