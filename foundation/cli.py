@@ -38,6 +38,10 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--verify", action="store_true", help="recompute checksums and decode every record")
     p.set_defaults(func=_run_inspect)
 
+    p = dsub.add_parser("list", help="the small public datasets shipped in a source checkout's data/ folder "
+                                     "(name, split, structures, level of theory, license)")
+    p.set_defaults(func=_run_list)
+
     p = dsub.add_parser("generate", help="make a labelled multi-element corpus with EMT (metals) and GFN2-xTB (molecules)")
     p.add_argument("--preset", default="demo", help="corpus size preset: demo (default) or tiny")
     p.add_argument("--out", required=True, help="output directory; one converted dataset per part inside")
@@ -57,6 +61,12 @@ def _run_convert(args: argparse.Namespace) -> int:
 def _run_inspect(args: argparse.Namespace) -> int:
     from .data.inspect import inspect
     print(inspect(args.path, verify=args.verify))
+    return 0
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    from .data.catalog import listing
+    print(listing())
     return 0
 
 
@@ -134,7 +144,7 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
-    from .train.loop import main as pretrain
+    from .train.pretrain import main as pretrain
     report = pretrain(args.recipe, args.set, resume=args.resume)
     if report:
         print(report)
@@ -154,7 +164,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from .train.evaluate import main as evaluate
+    from .evaluate import main as evaluate
     print(evaluate(args.model, args.data, plot=args.plot, json_path=args.json, max_atoms=args.max_atoms,
                    device=args.device, head=args.head))
     return 0
@@ -168,7 +178,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_finetune(args: argparse.Namespace) -> int:
-    from .train.finetune import main as finetune
+    from .finetune.run import main as finetune
     print(finetune(args.recipe, args.set))
     return 0
 
@@ -178,12 +188,12 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
                                        "fast student: teacher labels with Hessian-vector products (cached), training, "
                                        "on-policy rounds, speed/error/NVE report in the student's card")
     _add_recipe_arguments(p, "recipes/distill_sevenn_si.yaml",
-                          "--set train.max_steps=200 --set seeds.max_structures=8")
+                          "--set max_steps=200 --set seeds.max_structures=8")
     p.set_defaults(func=_run_distill)
 
 
 def _run_distill(args: argparse.Namespace) -> int:
-    from .train.distill import main as distill
+    from .distill.run import main as distill
     print(distill(args.recipe, args.set))
     return 0
 

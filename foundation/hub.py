@@ -32,6 +32,11 @@ TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"   # also m
 _REPO_ID = re.compile(r"[\w.\-]+/[\w.\-]+")
 
 
+def is_repo_id(name: str) -> bool:
+    """Whether ``name`` has the form of a Hub repo id ``namespace/name`` (it may also be a local path)."""
+    return bool(_REPO_ID.fullmatch(str(name)))
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()

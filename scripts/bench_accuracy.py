@@ -11,10 +11,10 @@ code: mace reports the epoch with the lowest validation loss (its checkpoint), o
 recipes' ``refit_e0`` (least-squares E0 correction to the EMA model's training-set energy residuals; forces
 unchanged; foundation/train/refit.py). ``--ours-set KEY=VALUE`` changes our recipe for studies.
 
-- ours: `foundation data convert` of the splits, then `Trainer` of recipes/bench_rmd17.yaml or
-  recipes/bench_mlearn_si.yaml (+ --set overrides) in a subprocess; atom-budget batches with
+- ours: `foundation data convert` of the splits, then `Trainer` of recipes/bench/rmd17.yaml or
+  recipes/bench/mlearn_si.yaml (+ --set overrides) in a subprocess; atom-budget batches with
   max_atoms = batch size x mean atoms per structure (exactly B molecules for rMD17), max_steps = the
-  sampler's batches per epoch x epochs; validation once per epoch; then `foundation.train.evaluate` on the
+  sampler's batches per epoch x epochs; validation once per epoch; then `foundation.evaluate` on the
   test file (EMA weights, float32).
 - mace-torch: `mace.cli.run_train` (what `mace_run_train` runs) in its own venv through
   scripts/_mace_train_worker.py; its test table (PerAtomMAE, PerAtomMAEstressvirials for Si; 0.1 meV
@@ -48,9 +48,9 @@ SCRIPTS = Path(__file__).resolve().parent
 REPO = SCRIPTS.parent
 DEFAULT_DATA = REPO / "data"
 SYSTEMS = {  # name: (train file, test file, validation frames, recipe, stress)
-    "ethanol": ("rmd17/rmd17_ethanol_train_01.xyz.xz", "rmd17/rmd17_ethanol_test_01.xyz.xz", 50, "bench_rmd17", False),
-    "aspirin": ("rmd17/rmd17_aspirin_train_01.xyz.xz", "rmd17/rmd17_aspirin_test_01.xyz.xz", 50, "bench_rmd17", False),
-    "si": ("mlearn/Si_train.xyz.xz", "mlearn/Si_test.xyz.xz", 20, "bench_mlearn_si", True),
+    "ethanol": ("rmd17/rmd17_ethanol_train_01.xyz.xz", "rmd17/rmd17_ethanol_test_01.xyz.xz", 50, "rmd17", False),
+    "aspirin": ("rmd17/rmd17_aspirin_train_01.xyz.xz", "rmd17/rmd17_aspirin_test_01.xyz.xz", 50, "rmd17", False),
+    "si": ("mlearn/Si_train.xyz.xz", "mlearn/Si_test.xyz.xz", 20, "mlearn_si", True),
 }
 TRAIN_FRAMES = {"ethanol": 950, "aspirin": 950, "si": None}   # None: all frames left after validation
 
@@ -131,12 +131,13 @@ def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
     natoms = np.array([len(x) for x in read(str(split["train"]), ":")])
     max_atoms = int(max(natoms.max(), round(a.batch_size * natoms.mean())))
     steps = batches_per_epoch(natoms, max_atoms, a.epochs, seed=a.seed)
-    spec = {"recipe": str(REPO / "recipes" / f"{SYSTEMS[system][3]}.yaml"), "threads": a.threads,
+    spec = {"recipe": str(REPO / "recipes" / "bench" / f"{SYSTEMS[system][3]}.yaml"), "threads": a.threads,
             "overrides": ours_overrides(a, system, lmdb, work / "ours" / "run", max_atoms, steps),
             "test": str(split["test"]), "result": str(work / "ours" / "result.json")}
     (work / "ours" / "spec.json").write_text(json.dumps(spec, indent=1))
     log = work / "ours" / "train.log"
-    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
+    from foundation.train.engine import child_environment
+    env = child_environment(OMP_NUM_THREADS=str(a.threads), MKL_NUM_THREADS=str(a.threads))
     with open(log, "w") as fh:
         proc = subprocess.run([sys.executable, __file__, "--ours-worker", str(work / "ours" / "spec.json")],
                               stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=str(REPO))
@@ -165,7 +166,7 @@ def ours_worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
     from foundation.train.config import load_config
-    from foundation.train.evaluate import evaluate
+    from foundation.evaluate import evaluate
     from foundation.train.loop import Trainer
     config = load_config(spec["recipe"], spec["overrides"])
 

@@ -4,7 +4,7 @@ and the ablations at an equal number of optimizer steps: with vs without Hessian
 
     python scripts/bench_distill.py                      # from the repository root; needs `sevenn`
     python scripts/bench_distill.py --steps 400 --max-structures 16 --json runs/bench_distill/bench.json
-    python scripts/bench_distill.py --onpolicy-rounds 1 --set train.optim.lr=0.01    # any recipe key
+    python scripts/bench_distill.py --onpolicy-rounds 1 --set optim.lr=0.01    # any recipe key
     python scripts/bench_distill.py --quick --recipe R.yaml   # smoke test: 4 steps, 2 seeds, tiny report
 
 Every variant trains on the same cached teacher labels (built once; later variants reuse the cache) with the
@@ -51,10 +51,10 @@ def overrides(args, variant: str, first: bool) -> list[str]:
            f"configurations.rattle_copies={args.copies}", f"configurations.strain_copies={args.copies}",
            f"onpolicy.rounds={rounds}", f"onpolicy.steps={args.onpolicy_steps}",
            f"onpolicy.pick={args.onpolicy_pick}", f"onpolicy.seeds={args.onpolicy_seeds}",
-           f"onpolicy.md_steps={args.onpolicy_md_steps}", f"train.max_steps={stage1}",
-           f"train.valid_every={stage1}", f"train.checkpoint_every={stage1}", "train.log_every=25",
-           "train.progress=false", "train.data.max_atoms=128", "train.loss.hvp_off_at_force_mae=null",
-           f"train.loss.coefficients.hvp={0.0 if variant == 'ef' else args.hvp}"]
+           f"onpolicy.md_steps={args.onpolicy_md_steps}", f"max_steps={stage1}",
+           f"valid_every={stage1}", f"checkpoint_every={stage1}", "log_every=25",
+           "progress=false", "data.max_atoms=128", "labels.hvp_off_at_force_mae=null",
+           f"loss.coefficients.hvp={0.0 if variant == 'ef' else args.hvp}"]
     if first:
         out += [f"report.speed_repeats={args.speed_repeats}", f"report.nve_steps={args.nve_steps}"]
     else:   # speed and NVE come from the first variant: measured once
@@ -148,6 +148,8 @@ def run_parallel(args) -> list[dict]:
     """Each variant in a child process of this script (``--variants v --child-index i``, log ``out/<v>.log``);
     returns the children's JSON dicts in variant order (the first one measured speed and NVE)."""
     import subprocess
+
+    from foundation.train.engine import child_environment
     out, procs = Path(args.out), []
     out.mkdir(parents=True, exist_ok=True)
     base = [a for a in args.argv if a != "--parallel"]
@@ -155,7 +157,8 @@ def run_parallel(args) -> list[dict]:
         part = out / f"part-{v}.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--variants", v, "--child-index", str(i),
                "--json", str(part)]
-        procs.append((v, part, subprocess.Popen(cmd, stdout=open(out / f"{v}.log", "w"), stderr=subprocess.STDOUT)))
+        procs.append((v, part, subprocess.Popen(cmd, stdout=open(out / f"{v}.log", "w"), stderr=subprocess.STDOUT,
+                                                env=child_environment())))
     parts = []
     for v, part, proc in procs:
         if proc.wait() != 0:
@@ -168,10 +171,10 @@ def speed_only(args) -> dict:
     """Speed of the student in ``args.speed_of`` vs the recipe's teacher, on the structure the bench uses."""
     from foundation import FoundationModel
     from foundation.calculator import FoundationCalculator
-    from foundation.train.distill import load_seeds, plain
-    from foundation.train.distill_config import load_distill_config
-    from foundation.train.distill_report import measure_speed, speed_structure
-    from foundation.train.teacher import load_teacher
+    from foundation.distill.seeds import load_seeds, plain
+    from foundation.distill.config import load_distill_config
+    from foundation.distill.report import measure_speed, speed_structure
+    from foundation.distill.teacher import load_teacher
     config = load_distill_config(args.recipe, overrides(args, args.variant_list[0], first=True))
     rc = config.report
     seeds, _ = load_seeds(config, None)
@@ -202,9 +205,9 @@ def main(argv=None) -> int:
         return _main_parallel(args)
     import torch
 
-    from foundation.train.distill import distill
-    from foundation.train.distill_config import load_distill_config
-    from foundation.train.distill_report import format_report
+    from foundation.distill.run import distill
+    from foundation.distill.config import load_distill_config
+    from foundation.distill.report import format_report
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start, t_start = os.getloadavg(), time.perf_counter()

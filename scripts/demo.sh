@@ -29,7 +29,7 @@ echo "== 3/7 fine-tune on the held-out Cu-Au alloys (new head, replay)"
 $F finetune recipes/finetune_demo_cuau.yaml --set max_steps=$FINETUNE_STEPS --set progress=false
 
 echo "== 4/7 distill a student of the pretrained model"
-$F distill recipes/distill_own_model.yaml --set train.max_steps=$DISTILL_STEPS
+$F distill recipes/distill_own_model.yaml --set max_steps=$DISTILL_STEPS
 
 echo "== 5/7 push both models to a Hub server on 127.0.0.1:$PORT and pull them back"
 $PY -m foundation.hubserver --port "$PORT" --root runs/hub >runs/hubserver.log 2>&1 &

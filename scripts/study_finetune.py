@@ -10,12 +10,12 @@ From nothing (or from a given corpus / base model):
      the script cannot check that);
   3. every variant trains the same N frames for the same steps with the same optimizer, schedule, loss and EMA
      (those of recipes/finetune_demo_cuau.yaml):
-       full / frozen / lora / replay: ``foundation.train.finetune.finetune`` (a new head ``cuau`` copied from
+       full / frozen / lora / replay: ``foundation.finetune.run.finetune`` (a new head ``cuau`` copied from
          ``emt``; replay adds a 200-structure sample of the pretraining metals on ``emt``);
        full_inplace: full fine-tuning of the ``emt`` head itself (the naive user path, no new head);
        scratch: the base's architecture, random weights, ``foundation.train.loop.run`` (E0/scale from the N
          frames); scratch@LR: the same at another peak learning rate;
-  4. measures: energy/forces/stress MAE on the Cu-Au test split (``foundation.train.evaluate``); forgetting:
+  4. measures: energy/forces/stress MAE on the Cu-Au test split (``foundation.evaluate``); forgetting:
      MAE on the pretraining metals validation split with head ``emt`` before and after each fine-tuning;
      learning curves (validation MAE vs step, EMA weights) from each run's valid.csv -> PNG; everything -> JSON.
 
@@ -142,9 +142,9 @@ def common_sets(args, name: str, splits: dict) -> list[str]:
 
 
 def run_finetune(args, name: str, base: Path, splits: dict) -> dict:
-    """One fine-tuning strategy through ``foundation.train.finetune.finetune`` with the shipped recipe."""
-    from foundation.train.finetune import finetune
-    from foundation.train.finetune_config import load_finetune_config
+    """One fine-tuning strategy through ``foundation.finetune.run.finetune`` with the shipped recipe."""
+    from foundation.finetune.run import finetune
+    from foundation.finetune.config import load_finetune_config
     strategy, inplace = name.split("_")[0], name.endswith("_inplace")
     p = splits["paths"]
     sets = common_sets(args, name, splits) + [f"base.model={base}", "base.head=emt", f"finetune.strategy={strategy}",
@@ -159,7 +159,7 @@ def run_finetune(args, name: str, base: Path, splits: dict) -> dict:
     res = finetune(config, log=lambda m: print(m, flush=True))
     forget = res.get("forgetting") or {}
     trainable = sum(p.numel() for p in res["model"].parameters() if p.requires_grad)
-    return {"model_dir": str(res["model_dir"]), "head": res["heads"][0], "lr": config.train.optim.lr,
+    return {"model_dir": str(res["model_dir"]), "head": res["heads"][0], "lr": config.optim.lr,
             "step0": {k: _mae(res["zero_shot"]["refit_e0"], k) for k in PROPS}, "e0_new": res["e0_new"],
             "trainable_parameters": int(trainable),
             "forgetting": {"before": {k: _mae(forget.get("base", {}), k) for k in PROPS},
@@ -172,12 +172,13 @@ def run_scratch(args, name: str, base: Path, splits: dict) -> dict:
     import torch
 
     from foundation.model import FoundationModel, ModelConfig
-    from foundation.train.finetune_config import load_finetune_config
+    from foundation.finetune.config import load_finetune_config
+    from foundation.train.config import training_keys
     from foundation.train.loop import run
     sets = common_sets(args, name, splits) + [f"base.model={base}", "finetune.strategy=full", "replay=null"]
     if "@" in name:
         sets.append(f"optim.lr={float(name.split('@')[1])}")
-    train = load_finetune_config(args.finetune_recipe, sets).train   # the recipe's training sections
+    train = training_keys(load_finetune_config(args.finetune_recipe, sets))   # the recipe's training keys
     train.data.heads = ["cuau"]
     arch = FoundationModel.from_pretrained(base).config.to_dict()
     for key in ("atomic_energies", "scale", "shift", "avg_num_neighbors", "foundation_version", "long_range"):
@@ -196,7 +197,7 @@ def _mae(metrics: dict, prop: str) -> float | None:
 
 def curve(run_dir: Path) -> dict:
     """Validation MAE (EMA weights) vs optimizer step from the run's valid.csv."""
-    from foundation.train.metrics import read_csv
+    from foundation.train.csvlog import read_csv
     valid = read_csv(run_dir / "valid.csv")
     return {"step": [int(s) for s in valid["step"]],
             **{k: [float(v) for v in valid[f"valid/all/{k}_mae"]] for k in PROPS if f"valid/all/{k}_mae" in valid}}
@@ -204,7 +205,7 @@ def curve(run_dir: Path) -> dict:
 
 def test_errors(model, test: str, head: str) -> dict:
     """MAE of energy per atom (eV/atom), forces (eV/Å), stress (eV/Å³) on the Cu-Au test split."""
-    from foundation.train.evaluate import evaluate
+    from foundation.evaluate import evaluate
     res = evaluate(model, [test], head=head)
     return {k: _mae(res, k) for k in PROPS}
 
@@ -319,8 +320,8 @@ def main(argv=None) -> int:
     args = parse(argv)
     import torch
 
-    import foundation.train.evaluate  # noqa: F401  (imported up front: one consistent library for the whole run)
-    import foundation.train.finetune  # noqa: F401
+    import foundation.evaluate  # noqa: F401  (imported up front: one consistent library for the whole run)
+    import foundation.finetune.run  # noqa: F401
     import foundation.train.loop  # noqa: F401
     torch.set_num_threads(args.threads)
     out = Path(args.out)

@@ -12,14 +12,14 @@ Targets, each at ``--sizes`` training frames (nested subsets):
 - Li (mlearn): a seeded permutation of Li_train.xyz (20 validation frames, then the training subsets); test =
   Li_test.xyz. Li is an element pretraining never saw: fine-tuning adds it (``finetune.add_elements``).
 Arms, same architecture, steps, batch size, optimizer, learning-rate schedule, loss weights and EMA:
-- fine-tuned: ``foundation.train.finetune`` from the pretrained model, strategy full, a new head copied from the
+- fine-tuned: ``foundation.finetune.run`` from the pretrained model, strategy full, a new head copied from the
   base head of the same level of theory (paracetamol <- pbe_def2svp, Li <- pbe_vasp), E0 refitted by least
   squares on the residuals of the base;
 - scratch: ``foundation.train.loop.Trainer`` with the same ``ModelConfig`` hyperparameters, statistics (E0,
   scale, shift, neighbour count) from the target's training frames;
 - rescaled (a diagnostic, only with ``--arms``): fine-tuned, but the new head's scale and shift are fitted on
   the target's training frames (E0 refitted after), as scratch does.
-Every run: validation every steps/20 (EMA weights; the learning curves), then ``foundation.train.evaluate`` of the
+Every run: validation every steps/20 (EMA weights; the learning curves), then ``foundation.evaluate`` of the
 exported model on the test file. CPU seconds are the process's CPU time of each run (1 thread). Each stage writes
 ``result.json`` in its run directory and is skipped when re-run with the same settings.
 
@@ -120,7 +120,7 @@ def run_pretrain(a, paths: dict, work: Path) -> dict:
 
 def run_target(a, target: str, n: int, arm: str, data: dict, work: Path) -> dict:
     """Train one arm on ``n`` frames of ``target``, evaluate on its test set; the result row."""
-    from foundation.train.evaluate import evaluate
+    from foundation.evaluate import evaluate
     out_dir = work / "runs" / f"{target}-{n}-{arm}"
     values = target_values(a, target, n, arm, data, out_dir, work / "runs" / "pretrain" / "model")
     res = cached(out_dir, values)
@@ -134,8 +134,8 @@ def run_target(a, target: str, n: int, arm: str, data: dict, work: Path) -> dict
             trainer.fit()
             params = sum(p.numel() for p in trainer.engine.module.parameters())
         else:
-            from foundation.train.finetune import finetune
-            from foundation.train.finetune_config import finetune_config_from_dict
+            from foundation.finetune.run import finetune
+            from foundation.finetune.config import finetune_config_from_dict
             config = finetune_config_from_dict(json.loads(json.dumps(values)))
             out = finetune(config) if arm == "finetuned" else finetune_rescaled(config, target)
             params, step0 = sum(p.numel() for p in out["model"].parameters()), out["zero_shot"]["refit_e0"]
@@ -159,18 +159,19 @@ def finetune_rescaled(config, target: str) -> dict:
     """The ``finetuned`` arm with one change (a diagnostic): before training, the new head's scale (force RMS,
     eV/Å) and shift (eV/atom) are those of the target's training frames instead of the base head's, and E0 is
     refitted on the residuals of that rescaled model. The library's step-0 guarantee does not hold for this arm."""
-    from foundation.train import finetune as ft
+    from foundation.evaluate import predict
+    from foundation.finetune import run as ft
     from foundation.train.data import open_datasets, statistics
-    prepared = ft.finetune(config, train=False)    # rewrites config.train.data (converted paths, heads) in place
-    model, t = prepared["model"], config.train
+    prepared = ft.finetune(config, train=False)    # rewrites config.data (converted paths, heads) in place
+    model, t = prepared["model"], config
     r_max = float(model.config.r_max)
     train_sets, _ = open_datasets(t, r_max)
     for ds in train_sets:
         getattr(ds, "dataset", ds).dtype = model.dtype
     stats = statistics(train_sets, r_max)
     model.set_statistics(scale=stats["scale"], shift=stats["shift"], head=target)
-    fit = ft.predict(model, train_sets, prepared["heads"], t.data.max_atoms)
-    e0 = ft.refit_e0(model.config, target, fit["numbers"], fit["labels"], fit["preds"], "residual")
+    fit = predict(model, train_sets, prepared["heads"], t.data.max_atoms)
+    e0 = ft.refit_e0(model.config, target, fit.numbers, fit.labels, fit.preds, "residual")
     model.set_statistics(atomic_energies=e0, head=target)
     print(f"rescaled head {target!r}: scale {stats['scale']:.4g} eV/Å, shift {stats['shift']:.4g} eV/atom, "
           f"E0 {e0}", flush=True)
@@ -181,7 +182,7 @@ def finetune_rescaled(config, target: str) -> dict:
 
 def curve(valid_csv: Path) -> dict[str, list[float]]:
     """Validation learning curve {"step", "energy_per_atom_mae" (eV/atom), "forces_mae" (eV/Å)} of a run."""
-    from foundation.train.metrics import read_csv
+    from foundation.train.csvlog import read_csv
     cols = read_csv(valid_csv)
     if not cols:
         raise FileNotFoundError(f"{valid_csv} is missing or empty: the run logged no validation")

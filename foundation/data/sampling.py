@@ -78,6 +78,14 @@ def _parts(a) -> list[np.ndarray]:
     return a.parts if isinstance(a, ConcatArray) else [a]
 
 
+def evenly_spaced(length: int, count: int | None) -> np.ndarray:
+    """At most ``count`` evenly spaced indices into ``range(length)`` (all of them when ``count`` is None or
+    ``>= length``), first and last included."""
+    if count is None or count >= length:
+        return np.arange(length)
+    return np.unique(np.linspace(0, length - 1, max(count, 1)).round().astype(np.int64))
+
+
 def mixing_probabilities(sizes: Sequence[int], weights: Sequence[float] | None = None,
                          temperature: float | None = None) -> np.ndarray:
     """Probability (D,) of drawing from each of D datasets of ``sizes`` structures.

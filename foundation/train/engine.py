@@ -38,8 +38,16 @@ from .config import TrainConfig
 
 # What a launcher (torchrun, deepspeed) sets and ``init_distributed`` sets for a group of one. A process that
 # trained in-process and then starts another one must drop them from the child's environment (or the child joins
-# a group whose port is taken): ``{k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}``.
+# a group whose port is taken): start children with ``env=child_environment()``.
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_environment(**extra: str) -> dict[str, str]:
+    """This process's environment without ``LAUNCHER_VARIABLES``, plus ``extra``: for a child process that must
+    start its own process group (a training subprocess of a benchmark, a test)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    env.update(extra)
+    return env
 
 
 def _free_port() -> int:

@@ -13,7 +13,7 @@ import random
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -26,7 +26,8 @@ from .config import TrainConfig, config_to_dict
 from .ema import EMA
 from .engine import Engine, init_distributed
 from .loss import Loss, has_labels
-from .metrics import MetricAccumulator, RunLogger, card_metrics, flatten
+from .logger import RunLogger
+from .metrics import MetricAccumulator, card_metrics, flatten
 from .schedule import LRSchedule
 
 
@@ -36,34 +37,28 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_model(config: TrainConfig, elements: list[str], heads: list[str]):
-    """``FoundationModel(ModelConfig.preset(model.preset, elements=..., **model.overrides))``."""
-    from ..model import FoundationModel, ModelConfig
-    overrides = dict(config.model.overrides)
-    if config.data.heads:
-        overrides.setdefault("heads", heads)
-    return FoundationModel(ModelConfig.preset(config.model.preset, elements=elements, **overrides))
-
-
 class Trainer:
     """State of one run on one rank; ``fit()`` trains to ``config.max_steps``."""
 
     def __init__(self, config: TrainConfig, model=None, resume: bool = False, fit_statistics: bool = True,
-                 export_transform: Callable[[nn.Module], nn.Module] | None = None, description: str | None = None):
+                 export_transform: Callable[[nn.Module], nn.Module] | None = None, description: str | None = None,
+                 hooks: Sequence[Callable[["Trainer", dict], None]] = ()):
         """``fit_statistics``: set E0s/scale/shift/neighbour count from the training data (False keeps a given
         model's, as fine-tuning and later distillation stages need); ``export_transform``: module -> module to
         save (e.g. LoRA merged), applied to the EMA weights at export; ``description``: the model card's summary
-        (e.g. which base model was fine-tuned, and how)."""
+        (e.g. which base model was fine-tuned, and how); ``hooks``: ``hook(trainer, metrics)`` called on every
+        rank after each validation with its metrics (e.g. to switch a loss term off with ``trainer.loss``; the
+        loss's switches are checkpointed, so a hook needs no state of its own)."""
         self.config, self.out = config, Path(config.out_dir)
-        self.export_transform, self.description = export_transform, description
+        self.export_transform, self.description, self.hooks = export_transform, description, list(hooks)
         self.rank, self.world = init_distributed(config.engine.backend)
         seed_everything(config.seed)
         self.head_names, self.dataset_heads = tdata.head_names(config)   # head index of each training set
-        r_max = float(model.config.r_max) if model is not None else float(
-            config.model.overrides.get("r_max") or _preset_r_max(config))
+        r_max = float(model.config.r_max) if model is not None else config.model.r_max()
         self.train_sets, self.valid_sets = tdata.open_datasets(config, r_max)
         if model is None:
-            model = build_model(config, config.model.elements or tdata.elements_of(self.train_sets), self.head_names)
+            model = config.model.build(tdata.elements_of(self.train_sets) if not config.model.elements else [],
+                                       self.head_names if config.data.heads else None)
         if fit_statistics:
             self.set_statistics(model, r_max)
         self.engine = Engine(model, config)
@@ -134,7 +129,7 @@ class Trainer:
         return row
 
     # --- validation -------------------------------------------------------------------------------------------
-    def evaluate(self) -> tuple[float, dict]:
+    def validate(self) -> tuple[float, dict]:
         """(validation loss at the current coefficients, metrics) with the EMA weights, reduced over ranks."""
         module = self.engine.module
         acc = MetricAccumulator([d.name for d in self.valid_sets], self.head_names)
@@ -255,20 +250,18 @@ class Trainer:
             if last and c.refit_e0.enabled:
                 self.refit_e0()
             if self.valid_loader is not None and (self.step % c.valid_every == 0 or last):
-                valid_loss, metrics = self.evaluate()
+                valid_loss, metrics = self.validate()
                 self.metrics = metrics
                 self.schedule.report(valid_loss)
                 self.logger.valid(self.step, {"valid/loss": valid_loss, **flatten(metrics)})
-                for prop in self.loss.update_switches(metrics, self.step):
-                    if self.rank == 0:
-                        print(f"step {self.step}: validation force MAE {metrics['all/forces']['mae']:.4g} eV/Å <= "
-                              f"{self.config.loss.hvp_off_at_force_mae:g}: loss term {prop!r} switched off")
+                for hook in self.hooks:
+                    hook(self, metrics)
             if self.step % c.checkpoint_every == 0 or last:
                 self.save()
         if c.refit_e0.enabled and self.refit_summary is None:   # resumed a finished run: refit before exporting
             self.refit_e0()
         if not metrics and self.valid_loader is not None:   # resumed a finished run: measure before exporting
-            metrics = self.evaluate()[1]
+            metrics = self.validate()[1]
         self.export(metrics)
         self.engine.barrier()
         self.logger.close()
@@ -280,26 +273,7 @@ def _symbols(elements: list) -> list[str]:
     return [chemical_symbols[int(e)] if str(e).isdigit() else str(e) for e in elements]
 
 
-def _preset_r_max(config: TrainConfig) -> float:
-    from ..model import ModelConfig
-    return float(ModelConfig.preset(config.model.preset, elements=["H"]).r_max)
-
-
 def run(config: TrainConfig, model=None, resume: bool = False) -> dict:
     """Train per ``config`` (``model``: a ready module, else built from ``config.model``); returns the final
     validation metrics. ``resume=True`` continues from the latest checkpoint in ``out_dir`` if there is one."""
     return Trainer(config, model=model, resume=resume).fit()
-
-
-def main(recipe: str, overrides: list[str] | None = None, resume: bool = False) -> str | None:
-    """``foundation pretrain``: load the recipe, train, return the final metrics table (rank 0; None elsewhere)."""
-    from .config import load_config
-    from .metrics import format_table
-    config = load_config(recipe, overrides)
-    trainer = Trainer(config, resume=resume)
-    metrics = trainer.fit()
-    if trainer.rank != 0:
-        return None
-    exported = Path(config.out_dir) / "model"
-    head = f"model exported to {exported}\n" if (exported / "config.json").is_file() else ""
-    return head + (format_table(metrics) if metrics else "")

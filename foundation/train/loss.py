@@ -16,8 +16,9 @@ Terms (``w`` = weight of the structure's dataset):
   their own charge, so that in a larger structure each fragment keeps its charge (``foundation.nn.charges``).
 - hvp: sum_i,c w rho(H_pred v - H_ref v), eV/Å² per component of the k stored unit vectors (distillation);
   count = 3k x labelled atoms. ``predict_hvp`` adds the model's H v to the predictions (double backward,
-  graph kept). ``update_switches`` turns the term off for good once the validation force MAE reaches
-  ``hvp_off_at_force_mae`` (``state_dict`` carries the switch across a resume).
+  graph kept).
+Any term can be switched off for the rest of a run (``switch_off``; ``state_dict`` carries it across a resume):
+training hooks decide when (distillation stops H v matching once the student's forces are good enough).
 """
 from __future__ import annotations
 
@@ -99,16 +100,12 @@ class Loss:
         hv = model.hessian_vector_product(batch, v.reshape(n, m // 3, 3).transpose(1, 2), create_graph=create_graph)
         return hv.transpose(1, 2).reshape(n, m)
 
-    def update_switches(self, metrics: dict, step: int) -> list[str]:
-        """Switch the hvp term off (for the rest of the run) once ``metrics["all/forces"]["mae"]`` (eV/Å, a
-        validation result) is at or below ``hvp_off_at_force_mae``; returns the properties switched off now."""
-        limit = self.config.hvp_off_at_force_mae
-        mae = (metrics.get("all/forces") or {}).get("mae")
-        if limit is None or mae is None or keys.HESSIAN_PRODUCTS not in self.properties \
-                or keys.HESSIAN_PRODUCTS in self.switched_off or mae > limit:
-            return []
-        self.switched_off[keys.HESSIAN_PRODUCTS] = int(step)
-        return [keys.HESSIAN_PRODUCTS]
+    def switch_off(self, prop: str, step: int) -> None:
+        """Set the coefficient of ``prop`` to 0 for the rest of the run, from optimizer step ``step`` on (kept in
+        ``state_dict``, so across a resume). Training hooks decide when (e.g. distillation's H v matching)."""
+        if prop not in self.properties:
+            raise ValueError(f"loss term {prop!r} is not used in this run (terms: {self.properties})")
+        self.switched_off.setdefault(prop, int(step))
 
     def state_dict(self) -> dict:
         return {"switched_off": dict(self.switched_off)}

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import torch
 
 from .. import keys
@@ -89,7 +87,14 @@ def flatten(result: dict, prefix: str = "valid") -> dict[str, float]:
 
 
 _CARD_UNITS = {"energy_per_atom": "meV_per_atom", keys.ENERGY: "meV", keys.FORCES: "meV_per_A",
-               keys.STRESS: "meV_per_A3", keys.CHARGES: "me", keys.DIPOLE: "me_A"}
+               keys.STRESS: "meV_per_A3", keys.CHARGES: "me", keys.DIPOLE: "me_A",
+               keys.HESSIAN_PRODUCTS: "meV_per_A2"}
+
+
+def card_entry(prop: str, metric: str, value: float) -> tuple[str, float]:
+    """One model-card number: (``"{prop}_{metric}_{unit}"``, value x 1000), from ``value`` in eV-based units
+    (eV/atom, eV/Å, ...) to the card's meV-based ones. Every card (training, fine-tuning, distillation) uses it."""
+    return f"{prop}_{metric}_{_CARD_UNITS[prop]}", 1000.0 * float(value)
 
 
 def card_metrics(result: dict) -> dict[str, dict[str, float]]:
@@ -101,8 +106,7 @@ def card_metrics(result: dict) -> dict[str, dict[str, float]]:
             continue
         dataset, head, prop = name.split("/")
         group = out.setdefault(dataset if len(heads) == 1 else f"{dataset}/{head}", {})
-        for m in ("mae", "rmse"):
-            group[f"{prop}_{m}_{_CARD_UNITS[prop]}"] = 1000.0 * v[m]
+        group.update(card_entry(prop, m, v[m]) for m in ("mae", "rmse"))
     return out
 
 
@@ -115,109 +119,3 @@ def format_table(result: dict) -> str:
         lines.append(f"{group:40s} {prop:16s} {1000 * v['mae']:12.4f} {1000 * v['rmse']:12.4f} {unit:>10s} "
                      f"{v['count']:9d}")
     return "\n".join(lines)
-
-
-class RunLogger:
-    """CSV (``train.csv``, ``valid.csv``), TensorBoard (``tb/``) and a progress bar, on rank 0 only.
-
-    Floats are written with ``repr`` (exact round trip). On resume (``start_step`` > 0) rows after
-    ``start_step`` are dropped first, so a resumed run's logs read as one uninterrupted run.
-    A learning-curve PNG (``learning_curve.png``) is drawn on ``close()``.
-    """
-
-    def __init__(self, out_dir, active: bool, start_step: int, total: int, progress: bool = True):
-        from pathlib import Path
-        self.out, self.active = Path(out_dir), active
-        self.files: dict = {}
-        self.bar = self.tb = None
-        if not active:
-            return
-        self.out.mkdir(parents=True, exist_ok=True)
-        for name in ("train", "valid"):
-            self.files[name] = _CsvLog(self.out / f"{name}.csv", start_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tb"), purge_step=start_step + 1 if start_step else None)
-        except ImportError:  # tensorboard is a declared dependency; keep training if a user removed it
-            self.tb = None
-        if progress:
-            from tqdm import tqdm
-            self.bar = tqdm(total=total, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
-
-    def train(self, step: int, row: dict, log: bool = True) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{row['loss']:.4g}", atoms_s=f"{row['atoms_per_s']:.0f}", refresh=False)
-        if log:
-            self.files["train"].write({"step": step, **row})
-            if self.tb is not None:
-                for k, v in row.items():
-                    self.tb.add_scalar(f"train/{k}", v, step)
-
-    def valid(self, step: int, row: dict) -> None:
-        if not self.active:
-            return
-        self.files["valid"].write({"step": step, **row})
-        if self.tb is not None:
-            for k, v in row.items():
-                self.tb.add_scalar(k, v, step)
-        if self.bar is not None:
-            self.bar.write(f"step {step}: valid loss {row['valid/loss']:.6g}")
-
-    def close(self) -> None:
-        if not self.active:
-            return
-        if self.bar is not None:
-            self.bar.close()
-        if self.tb is not None:
-            self.tb.close()
-        from .plots import learning_curve
-        learning_curve(self.out / "train.csv", self.out / "valid.csv", self.out / "learning_curve.png")
-
-
-class _CsvLog:
-    """Append-only CSV with a header fixed by the first row (later unknown columns are dropped)."""
-
-    def __init__(self, path, start_step: int):
-        import csv
-        self.path, self.header = path, None
-        rows = []
-        if start_step > 0 and path.is_file():
-            with open(path, newline="") as f:
-                reader = csv.DictReader(f)
-                self.header = reader.fieldnames
-                rows = [r for r in reader if int(r["step"]) <= start_step]
-        with open(path, "w", newline="") as f:
-            if self.header:
-                w = csv.DictWriter(f, self.header)
-                w.writeheader()
-                w.writerows(rows)
-
-    def write(self, row: dict) -> None:
-        import csv
-        if self.header is None:
-            self.header = list(row)
-            with open(self.path, "w", newline="") as f:
-                csv.DictWriter(f, self.header).writeheader()
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, self.header, extrasaction="ignore").writerow({k: _fmt(v) for k, v in row.items()})
-            f.flush()
-
-
-def _fmt(v):
-    return repr(float(v)) if isinstance(v, float) else v
-
-
-def read_csv(path) -> dict[str, np.ndarray]:
-    """Columns of a log CSV as float arrays ({} when the file is missing or empty)."""
-    import csv
-    from pathlib import Path
-    if not Path(path).is_file():
-        return {}
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    if not rows:
-        return {}
-    return {k: np.array([float(r[k]) if r[k] not in ("", None) else np.nan for r in rows]) for k in rows[0]}

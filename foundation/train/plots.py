@@ -5,6 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .csvlog import read_csv
+
 
 def _pyplot():
     import matplotlib
@@ -25,7 +27,6 @@ def save_figure(fig, path, dpi: int = 120) -> Path:
 
 def learning_curve(train_csv, valid_csv, out_png) -> Path | None:
     """Training loss (log scale) and validation MAEs against step, from the run's CSV logs. None if no data."""
-    from .metrics import read_csv
     train, valid = read_csv(train_csv), read_csv(valid_csv)
     if not train:
         return None

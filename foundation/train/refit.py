@@ -19,42 +19,19 @@ the final validation. With fewer distinct compositions than elements the minimum
 from __future__ import annotations
 
 import numpy as np
-import torch
-
-from .. import keys
 
 
-def sample_indices(length: int, count: int) -> np.ndarray:
-    """``count`` evenly spaced indices into ``range(length)`` (all of them when ``count >= length``)."""
-    if count >= length:
-        return np.arange(length)
-    return np.unique(np.linspace(0, length - 1, max(count, 1)).round().astype(np.int64))
-
-
-@torch.no_grad()
 def energy_residuals(module, datasets: list, max_structures: int, max_atoms: int, device) -> tuple[list, np.ndarray]:
     """(element numbers (n,) per structure, residuals E_label - E_pred (S,) eV) on up to ``max_structures``
     structures of ``datasets`` (evenly spaced in each, shared in proportion to their sizes); energy only."""
-    from .data import Subset, make_eval_loader
+    from ..data.sampling import evenly_spaced
+    from ..evaluate import predict
+    from .data import Subset
     total = sum(len(d) for d in datasets)
-    subsets = [Subset(d, sample_indices(len(d), int(np.ceil(max_structures * len(d) / max(total, 1)))))
+    subsets = [Subset(d, evenly_spaced(len(d), int(np.ceil(max_structures * len(d) / max(total, 1)))))
                for d in datasets if len(d)]
-    numbers, residuals = [], []
-    was_training = module.training
-    module.eval()
-    try:
-        for batch in make_eval_loader(subsets, max_atoms, rank=0, world=1):
-            if keys.ENERGY not in batch:
-                continue
-            pred = module(batch.to(device), compute_forces=False)[keys.ENERGY].reshape(-1).double().cpu().numpy()
-            label = batch[keys.ENERGY].reshape(-1).double().cpu().numpy()
-            z, ptr = batch[keys.ATOMIC_NUMBERS].cpu().numpy(), batch.ptr.cpu().numpy()
-            for s in np.flatnonzero(np.isfinite(label)):
-                numbers.append(z[ptr[s]:ptr[s + 1]])
-                residuals.append(label[s] - pred[s])
-    finally:
-        module.train(was_training)
-    return numbers, np.asarray(residuals, dtype=np.float64)
+    out = predict(module, subsets, max_atoms=max_atoms, device=device, forces=False)
+    return out.numbers, out.labels - out.preds
 
 
 def per_atom_least_squares(numbers: list, residuals: np.ndarray) -> dict[int, float]:

@@ -328,3 +328,10 @@ def test_resharded_resume_continues_the_global_sequence(old, new):
     assert start - 5 * old < new
     interleaved = [rest[r][k] for k in range(len(rest[0])) for r in range(new)]
     assert np.array_equal(np.concatenate(interleaved), np.concatenate(single[start:]))
+
+
+def test_evenly_spaced():
+    from foundation.data.sampling import evenly_spaced
+    assert evenly_spaced(5, 10).tolist() == [0, 1, 2, 3, 4] and evenly_spaced(4, None).tolist() == [0, 1, 2, 3]
+    idx = evenly_spaced(1000, 7)
+    assert idx[0] == 0 and idx[-1] == 999 and len(idx) == 7

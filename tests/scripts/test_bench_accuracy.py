@@ -112,7 +112,7 @@ def test_ours_overrides_apply_to_the_recipe(bench, tmp_path):
     a = bench.parse_args(["--epochs", "2", "--channels", "16", "--ours-set", "optim.amsgrad=false",
                           "--ours-set", "ema.decay=0.9"])
     sets = bench.ours_overrides(a, "ethanol", tmp_path / "lmdb", tmp_path / "run", 45, [190, 190])
-    cfg = load_config(bench.REPO / "recipes" / "bench_rmd17.yaml", sets)
+    cfg = load_config(bench.REPO / "recipes" / "bench" / "rmd17.yaml", sets)
     assert cfg.max_steps == 380 and cfg.valid_every == 190 and cfg.data.max_atoms == 45
     assert cfg.model.overrides["num_channels"] == 16 and cfg.data.train == [str(tmp_path / "lmdb" / "train")]
     assert cfg.optim.amsgrad is False and cfg.ema.decay == 0.9

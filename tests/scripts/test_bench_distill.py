@@ -23,15 +23,15 @@ def _value(sets: list[str], key: str) -> str:
 
 def test_every_variant_trains_the_same_total_steps(bench):
     args = bench.parse(["--steps", "300", "--onpolicy-rounds", "2", "--onpolicy-steps", "50",
-                        "--set", "train.optim.lr=0.01"])
+                        "--set", "optim.lr=0.01"])
     assert args.variant_list == ["hvp", "ef", "onpolicy"]
     totals = {}
     for i, v in enumerate(args.variant_list):
         sets = bench.overrides(args, v, first=i == 0)
         rounds = int(_value(sets, "onpolicy.rounds"))
-        totals[v] = int(_value(sets, "train.max_steps")) + rounds * int(_value(sets, "onpolicy.steps"))
-        assert _value(sets, "train.optim.lr") == "0.01"                     # --set reaches every variant
-        assert float(_value(sets, "train.loss.coefficients.hvp")) == (0.0 if v == "ef" else 5.0)
+        totals[v] = int(_value(sets, "max_steps")) + rounds * int(_value(sets, "onpolicy.steps"))
+        assert _value(sets, "optim.lr") == "0.01"                     # --set reaches every variant
+        assert float(_value(sets, "loss.coefficients.hvp")) == (0.0 if v == "ef" else 5.0)
         assert _value(sets, "report.nve_steps") == ("200" if i == 0 else "0")   # speed/NVE measured once
     assert totals == {"hvp": 300, "ef": 300, "onpolicy": 300}
     assert int(_value(bench.overrides(args, "onpolicy", False), "onpolicy.rounds")) == 2

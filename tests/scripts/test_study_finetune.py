@@ -80,8 +80,8 @@ def test_split_sizes_are_checked(study, tmp_path):
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     pytest.importorskip("tblite")   # the demo corpus labels its molecules with GFN2-xTB
-    from foundation.train.engine import LAUNCHER_VARIABLES   # an earlier in-process run set them: start afresh
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+    from foundation.train.engine import child_environment   # an earlier in-process run set them: start afresh
+    env = child_environment()
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=600)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from foundation.train.config import (TrainConfig, apply_overrides, config_from_dict, config_to_dict,
-                                     load_config)
+from foundation.recipe import apply_overrides
+from foundation.train.config import TrainConfig, config_from_dict, config_to_dict, load_config
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 

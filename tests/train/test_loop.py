@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -32,9 +31,8 @@ def recipe(tmp: Path, out: Path, emt_data, **engine) -> Path:
 
 
 def env(delay: float = 0.0) -> dict:
-    from foundation.train.engine import LAUNCHER_VARIABLES
-    e = dict(os.environ, FOUNDATION_TEST_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
-    return {k: v for k, v in e.items() if k not in LAUNCHER_VARIABLES}
+    from foundation.train.engine import child_environment
+    return child_environment(FOUNDATION_TEST_STEP_DELAY=str(delay), OMP_NUM_THREADS="1", PYTHONHASHSEED="0")
 
 
 def train_rows(out: Path) -> list[dict]:

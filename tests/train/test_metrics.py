@@ -8,7 +8,9 @@ import torch
 from torch_geometric.data import Batch, Data
 
 from foundation import keys
-from foundation.train.metrics import MetricAccumulator, RunLogger, card_metrics, flatten, read_csv
+from foundation.train.csvlog import read_csv
+from foundation.train.logger import RunLogger
+from foundation.train.metrics import MetricAccumulator, card_metrics, flatten
 
 
 def batch(rng):

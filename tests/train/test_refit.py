@@ -10,7 +10,7 @@ import torch
 from torch_geometric.data import Batch
 
 from foundation import keys
-from foundation.train.refit import refit_reference_energies, sample_indices
+from foundation.train.refit import refit_reference_energies
 
 
 def tiny_model():
@@ -21,12 +21,6 @@ def tiny_model():
     model = FoundationModel(cfg)
     model.set_statistics(atomic_energies={"Ni": -0.4, "Cu": 0.7}, scale=0.5, shift=0.0, avg_num_neighbors=12.0)
     return model
-
-
-def test_sample_indices():
-    assert sample_indices(5, 10).tolist() == [0, 1, 2, 3, 4]
-    idx = sample_indices(1000, 7)
-    assert idx[0] == 0 and idx[-1] == 999 and len(idx) == 7
 
 
 def test_refit_is_the_least_squares_optimum_and_keeps_forces(emt_data):

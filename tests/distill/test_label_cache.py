@@ -13,10 +13,10 @@ from ase.build import bulk
 
 from foundation import keys
 from foundation.data import ShardedDataset, collate
-from foundation.train import label_cache
-from foundation.train.configurations import ConfigurationSettings, generate_configurations, select_disagreeing
-from foundation.train.label_cache import build_label_cache, is_complete, label_frames
-from foundation.train.teacher import load_teacher, unpack_vectors
+from foundation.distill import label_cache
+from foundation.distill.structures import ConfigurationSettings, generate_configurations, select_disagreeing
+from foundation.distill.label_cache import build_label_cache, is_complete, label_frames
+from foundation.distill.teacher import load_teacher, unpack_vectors
 
 EMT = {"calculator": "ase.calculators.emt:EMT"}
 LABELS = (keys.ENERGY, keys.FORCES, keys.STRESS, keys.HESSIAN_VECTORS, keys.HESSIAN_PRODUCTS)

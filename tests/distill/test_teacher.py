@@ -11,7 +11,7 @@ from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 
 from foundation import keys
-from foundation.train.teacher import (CalculatorTeacher, ModelTeacher, load_teacher, pack_vectors,
+from foundation.distill.teacher import (CalculatorTeacher, ModelTeacher, load_teacher, pack_vectors,
                                       random_unit_vectors, unpack_vectors)
 
 
@@ -262,7 +262,7 @@ import numpy as np
 sys.path.insert(0, {tests!r})
 from ase.build import bulk
 from test_teacher import tiny_model
-from foundation.train.teacher import load_teacher
+from foundation.distill.teacher import load_teacher
 atoms = bulk("Cu", "fcc", a=3.6, cubic=True)
 atoms.rattle(0.05, seed=1)
 sha1 = tiny_model(seed=1).push_to_hub("org/teacher")

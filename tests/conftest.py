@@ -1,4 +1,6 @@
-"""Shared fixtures for the training tests: small EMT datasets converted to LMDB shards, a pair potential."""
+"""Fixtures shared by every test package: small EMT datasets converted to LMDB shards (``emt_data``), one torch
+thread per test (tiny tensors gain nothing from threads; on a busy 2-core machine OpenMP barriers cost a lot).
+``tests/`` is put on ``sys.path`` so that helper modules such as ``pair_model`` import from any test package."""
 from __future__ import annotations
 
 import sys

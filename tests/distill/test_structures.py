@@ -7,7 +7,7 @@ from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
-from foundation.train.configurations import (ConfigurationSettings, force_disagreement, generate_configurations,
+from foundation.distill.structures import (ConfigurationSettings, force_disagreement, generate_configurations,
                                              min_distance, run_md_frames, select_disagreeing)
 
 
@@ -170,7 +170,7 @@ def test_md_that_blows_up_is_reported_not_passed_on():
 
 
 def test_md_of_a_one_atom_cell_runs_on_a_supercell():
-    from foundation.train.configurations import md_cell
+    from foundation.distill.structures import md_cell
     prim = bulk("Cu", "fcc", a=3.5)
     assert len(md_cell(prim)) >= 8 and len(md_cell(cu())) == len(cu())
     with pytest.raises(ValueError, match="at least 2 atoms"):

@@ -1,5 +1,5 @@
-"""``FinetuneConfig``: a fine-tuning recipe = a ``TrainConfig`` (same sections, same validation) plus
-``base:``, ``finetune:``, ``lora:`` and ``replay:``.
+"""``FinetuneConfig``: a fine-tuning recipe = a ``TrainConfig`` (same keys, same place, same validation) plus the
+sections ``base:``, ``finetune:``, ``lora:`` and ``replay:``.
 
 Options that could not take effect are errors, never silently ignored: a ``lora:`` section without
 ``finetune.strategy: lora``, ``replay:`` without ``strategy: replay`` (and replay without replay data), a
@@ -8,18 +8,16 @@ Options that could not take effect are errors, never silently ignored: a ``lora:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
-
-from .config import TrainConfig, _build, _suggest, apply_overrides, config_from_dict
+from ..hub import is_repo_id
+from ..recipe import load_recipe
+from ..train.config import TrainConfig
 
 STRATEGIES = ("full", "frozen", "lora", "replay")
 E0_FITS = ("residual", "total", "keep")
-_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 @dataclass
@@ -74,48 +72,43 @@ class ReplaySection:
 
 
 @dataclass
-class FinetuneConfig:
-    base: BaseSection
-    finetune: FinetuneSection
-    lora: Union[LoraSection, None]
-    replay: Union[ReplaySection, None]
-    train: TrainConfig
+class FinetuneConfig(TrainConfig):
+    """A ``TrainConfig`` (the training keys) plus the base model and how to fine-tune it. The ``model:`` section
+    is not used: the architecture comes from ``base.model``."""
+    out_dir: str = "runs/finetune"
+    base: BaseSection = field(default_factory=BaseSection)
+    finetune: FinetuneSection = field(default_factory=FinetuneSection)
+    lora: Union[LoraSection, None] = None
+    replay: Union[ReplaySection, None] = None
 
     @property
     def monitor(self) -> list[str]:
         """Pretraining validation data to watch for forgetting (``finetune.monitor`` or ``replay.valid``)."""
         return list(self.finetune.monitor) or (list(self.replay.valid) if self.replay else [])
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "FinetuneConfig":
+        """A validated config from a nested dict; keys set by fine-tuning itself are errors naming the one to use."""
+        values = dict(values or {})
+        if "model" in values:
+            raise ValueError("recipe key 'model' is not used in fine-tuning: the architecture comes from "
+                             "base.model; remove the model: section")
+        data = values.get("data") or {}
+        for key, instead in (("heads", "finetune.head"), ("weights", "replay.weight")):
+            if data.get(key) is not None:
+                raise ValueError(f"recipe key 'data.{key}' is set by fine-tuning; use {instead} instead")
+        if (values.get("loss") or {}).get("dataset_weights") is not None:
+            raise ValueError("recipe key 'loss.dataset_weights' is set by fine-tuning; use replay.weight instead")
+        return super().from_dict(values)
 
-SECTIONS = {"base": BaseSection, "finetune": FinetuneSection, "lora": LoraSection, "replay": ReplaySection}
+    def validate(self) -> "FinetuneConfig":
+        super().validate()
+        return validate(self)
 
 
 def finetune_config_from_dict(values: dict) -> FinetuneConfig:
     """A validated ``FinetuneConfig`` from a nested dict (as read from YAML)."""
-    values = dict(values or {})
-    train_names = [n for n in TrainConfig.__dataclass_fields__ if n != "model"]
-    for key in values:
-        if key not in SECTIONS and key not in train_names:
-            if key == "model":
-                raise ValueError("recipe key 'model' is not used in fine-tuning: the architecture comes from "
-                                 "base.model; remove the model: section")
-            raise ValueError(f"unknown recipe key {key!r}" + _suggest(str(key), list(SECTIONS) + train_names))
-    parts = {}
-    for name, cls in SECTIONS.items():
-        raw = values.pop(name, None)
-        if raw is not None and not isinstance(raw, dict):
-            raise ValueError(f"recipe key {name!r} must be a mapping of {cls.__name__} fields, got {raw!r}")
-        parts[name] = None if raw is None else _build(cls, raw, name + ".")
-    data = values.get("data") or {}
-    for key, instead in (("heads", "finetune.head"), ("weights", "replay.weight")):
-        if data.get(key) is not None:
-            raise ValueError(f"recipe key 'data.{key}' is set by fine-tuning; use {instead} instead")
-    if (values.get("loss") or {}).get("dataset_weights") is not None:
-        raise ValueError("recipe key 'loss.dataset_weights' is set by fine-tuning; use replay.weight instead")
-    values.setdefault("out_dir", "runs/finetune")
-    config = FinetuneConfig(base=parts["base"] or BaseSection(), finetune=parts["finetune"] or FinetuneSection(),
-                            lora=parts["lora"], replay=parts["replay"], train=config_from_dict(values))
-    return validate(config)
+    return FinetuneConfig.from_dict(values)
 
 
 def validate(config: FinetuneConfig) -> FinetuneConfig:
@@ -125,7 +118,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         raise ValueError("recipe key 'base.model' is empty; give a saved model directory (e.g. "
                          "runs/pretrain_small/model) or a Hub id namespace/name with base.revision")
     is_dir = Path(b.model).is_dir()
-    if not is_dir and _REPO_ID.fullmatch(b.model) and not b.revision and not Path(b.model).exists():
+    if not is_dir and is_repo_id(b.model) and not b.revision and not Path(b.model).exists():
         raise ValueError(f"base.model {b.model!r} is a Hub id: pin base.revision to a commit sha or tag so the "
                          "fine-tune is reproducible (or point base.model to a local directory)")
     if isinstance(f.e0, dict):
@@ -160,13 +153,4 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
 
 def load_finetune_config(path: str | Path, overrides: list[str] | None = None) -> FinetuneConfig:
     """Read a fine-tuning recipe YAML, apply ``--set`` overrides, validate (FileNotFoundError / ValueError)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {str(path)!r} not found; fine-tuning recipes ship in recipes/finetune_*.yaml")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {str(path)!r} must be a YAML mapping of sections (base:, finetune:, data: ...)")
-    try:
-        return finetune_config_from_dict(apply_overrides(values, overrides or []))
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    return load_recipe(FinetuneConfig, path, overrides)

@@ -7,11 +7,11 @@ Order of work (``distill``):
      (``label_cache``: a second run with the same inputs does not call the teacher)
   3. the seeds' own (reference) labels as a second training set when they have them (``ground_truth``)
   4. the student (preset or ModelConfig; statistics from the teacher labels) trained with the DeepSpeed
-     ``Trainer``: loss = energy/forces/stress + ``hvp`` (H v matching, switched off once the validation force
-     MAE reaches ``train.loss.hvp_off_at_force_mae``)
+     ``Trainer``: loss = energy/forces/stress + ``hvp`` (H v matching, switched off by a trainer hook once the
+     validation force MAE reaches ``labels.hvp_off_at_force_mae``)
   5. on-policy rounds: student MD -> frames where student and teacher forces disagree most -> teacher labels
      -> more training on everything (statistics kept: recomputing them would change the model)
-  6. the report (``distill_report``): speed student vs teacher in this run on the same structure, errors vs the
+  6. the report (``report``): speed student vs teacher in this run on the same structure, errors vs the
      teacher (held-out teacher labels) and vs reference labels, NVE stability; printed, written as JSON and put
      in the student's model card (``save_pretrained``), which names the teacher and its revision.
 """
@@ -26,83 +26,15 @@ import numpy as np
 from ase import Atoms
 
 from .. import keys
-from .config import _check
-from .distill_config import BUILTIN_SEEDS, DistillConfig, load_distill_config
-from .loop import Trainer
+from ..train.config import training_keys
+from ..train.loop import Trainer
+from .config import DistillConfig, load_distill_config
+from .seeds import evenly, load_seeds, plain
 
 Log = Callable[[str], None]
 
 
-# --- seeds --------------------------------------------------------------------------------------------------
-def builtin_seeds(name: str) -> list[Atoms]:
-    """Built-in seed structures (no labels).
-
-    ``silicon``: diamond Si primitive cells at a = 5.30/5.43/5.56 Å, the 8-atom cubic cell, a 64-atom supercell
-    and the same with a vacancy (63 atoms). ``copper``: fcc Cu primitive cells at a = 3.50/3.61/3.72 Å, the
-    4-atom cubic cell, a 32-atom supercell, the same with a vacancy, and a 4-layer (111) slab with vacuum.
-    """
-    from ase.build import bulk, fcc111
-    if name == "silicon":
-        kind, symbol, lattice, cubic_a = "diamond", "Si", (5.30, 5.43, 5.56), 5.43
-    elif name == "copper":
-        kind, symbol, lattice, cubic_a = "fcc", "Cu", (3.50, 3.61, 3.72), 3.61
-    else:
-        raise ValueError(f"unknown built-in seed set {name!r}; use one of {BUILTIN_SEEDS}")
-    out = [bulk(symbol, kind, a=a) for a in lattice]
-    out.append(bulk(symbol, kind, a=cubic_a, cubic=True))
-    big = bulk(symbol, kind, a=cubic_a, cubic=True).repeat(2)
-    vacancy = big.copy()
-    del vacancy[0]
-    out += [big, vacancy]
-    if name == "copper":
-        slab = fcc111(symbol, size=(2, 2, 4), a=cubic_a, vacuum=6.0)
-        slab.pbc = True
-        out.append(slab)
-    return out
-
-
-def evenly(items: list, limit: int | None) -> list:
-    """At most ``limit`` items, evenly spaced over the list (all when ``limit`` is None)."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    return [items[int(i)] for i in np.unique(np.round(np.linspace(0, len(items) - 1, limit)).astype(int))]
-
-
-def read_structures(paths: list[str], limit: int | None, what: str) -> list[Atoms]:
-    """All frames of the existing ``paths`` (ASE-readable; labels kept on ``atoms.calc``), evenly thinned."""
-    from ase.io import read
-    frames = []
-    for p in paths:
-        try:
-            frames.extend(read(p, ":"))
-        except Exception as exc:
-            raise ValueError(f"{what} file {p!r} could not be read by ASE ({exc}); give an extxyz/db/... file") from exc
-    return evenly(frames, limit)
-
-
-def load_seeds(config: DistillConfig, log: Log | None) -> tuple[list[Atoms], str]:
-    """(seed structures, where they came from): ``seeds.files`` that exist, else ``seeds.builtin``."""
-    s = config.seeds
-    present = [p for p in s.files if Path(p).is_file()]
-    if present:
-        seeds = read_structures(present, s.max_structures, "seed")
-        source = ", ".join(present)
-    elif s.builtin:
-        seeds, source = evenly(builtin_seeds(s.builtin), s.max_structures), f"built-in {s.builtin}"
-        if s.files and log:
-            log(f"seeds: none of {s.files} exist; using the built-in {s.builtin} structures")
-    else:
-        raise FileNotFoundError(f"seed files {s.files} not found; fix seeds.files or set seeds.builtin")
-    if not seeds:
-        raise ValueError(f"no seed structures in {source}")
-    return seeds, source
-
-
-def plain(atoms: Atoms) -> Atoms:
-    """A copy with numbers, positions, cell and pbc only."""
-    return Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=atoms.pbc)
-
-
+# --- ground truth ----------------------------------------------------------------------------------------
 def ground_truth_dataset(seeds: list[Atoms], properties: list[str], cache_dir: Path, r_max: float) -> Path | None:
     """The seeds' own labels (``properties`` of energy/forces/stress) as a dataset, or None when they have none."""
     from ase.calculators.singlepoint import SinglePointCalculator
@@ -136,24 +68,13 @@ def ground_truth_dataset(seeds: list[Atoms], properties: list[str], cache_dir: P
 
 
 # --- student and training -------------------------------------------------------------------------------------
-def build_student(config: DistillConfig, elements: list[str]):
-    """The untrained student: ``ModelConfig.from_dict(student.config)`` or the preset with overrides."""
-    from ..model import FoundationModel, ModelConfig
-    st = config.student
-    if st.config is not None:
-        return FoundationModel(ModelConfig.from_dict({"elements": st.elements or elements, **st.config}))
-    return FoundationModel(ModelConfig.preset(st.preset, elements=st.elements or elements, **st.overrides))
-
-
 def train_config(config: DistillConfig, datasets: list[str], weights: list[float], out_dir: Path, max_steps: int):
-    """The ``TrainConfig`` of one training stage on ``datasets`` (loss weight per dataset ``weights``)."""
-    import copy
-    t = copy.deepcopy(config.train)
-    _check(t.loss.dataset_weights is None, "train.loss.dataset_weights",
-           "is set by the distillation run (teacher labels 1, ground truth ground_truth.weight); remove it")
+    """The ``TrainConfig`` of one training stage on ``datasets`` (loss weight per dataset ``weights``): the
+    recipe's training keys, with the stage's data, output directory and length."""
+    t = training_keys(config)
     t.data.train, t.loss.dataset_weights = list(datasets), list(weights)
     t.data.weights, t.data.heads = None, None
-    t.out_dir, t.max_steps, t.seed = str(out_dir), int(max_steps), config.seed
+    t.out_dir, t.max_steps = str(out_dir), int(max_steps)
     t.checkpoint_every = min(t.checkpoint_every, max_steps)
     return t.validate()
 
@@ -164,10 +85,30 @@ def train_stage(config: DistillConfig, model, datasets, weights, out_dir: Path, 
     ``switched_off``: loss terms already switched off in an earlier stage stay off."""
     from ..model import FoundationModel
     t = train_config(config, datasets, weights, out_dir, max_steps)
-    trainer = Trainer(t, model=model, fit_statistics=first)   # later stages keep the student's E0/scale/shift
+    trainer = Trainer(t, model=model, fit_statistics=first,   # later stages keep the student's E0/scale/shift
+                      hooks=[HvpSwitch(config.labels.hvp_off_at_force_mae)])
     trainer.loss.load_state_dict({"switched_off": switched_off or {}})
     metrics = trainer.fit()
     return FoundationModel.from_pretrained(out_dir / "model"), metrics, trainer
+
+
+class HvpSwitch:
+    """Trainer hook: switch the ``hvp`` loss term off for good once a validation's force MAE (all datasets, eV/Å)
+    is at or below ``limit`` (None = never). The switch lives in the loss state, so it survives a resume."""
+
+    def __init__(self, limit: float | None):
+        self.limit = limit
+
+    def __call__(self, trainer, metrics: dict) -> None:
+        mae = (metrics.get("all/forces") or {}).get("mae")
+        loss = trainer.loss
+        if self.limit is None or mae is None or mae > self.limit or keys.HESSIAN_PRODUCTS not in loss.properties \
+                or keys.HESSIAN_PRODUCTS in loss.switched_off:
+            return
+        loss.switch_off(keys.HESSIAN_PRODUCTS, trainer.step)
+        if trainer.rank == 0:
+            print(f"step {trainer.step}: validation force MAE {mae:.4g} eV/Å <= {self.limit:g}: loss term "
+                  f"{keys.HESSIAN_PRODUCTS!r} switched off")
 
 
 # --- on-policy rounds -----------------------------------------------------------------------------------------
@@ -175,7 +116,7 @@ def onpolicy_frames(config: DistillConfig, student, teacher, seeds: list[Atoms],
                     log: Log | None) -> list[Atoms]:
     """Frames of the student's own Langevin MD where its forces disagree most with the teacher's."""
     from ..calculator import FoundationCalculator
-    from .configurations import md_cell, run_md_frames, select_disagreeing
+    from .structures import md_cell, run_md_frames, select_disagreeing
     o = config.onpolicy
     calc = FoundationCalculator(student, dtype=config.report.dtype)
     frames = []
@@ -203,14 +144,14 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
     """Run a distillation (module doc); returns the report (also in ``out_dir/report.json`` and the card)."""
     from ase.data import chemical_symbols
 
-    from . import distill_report as rep
+    from . import report as rep
     from .label_cache import build_label_cache, label_frames
     from .teacher import load_teacher
     out, cache_dir = Path(config.out_dir), Path(config.labels.cache_dir)
     teacher = load_teacher(config.teacher)
     seeds, source = load_seeds(config, log)
     elements = [chemical_symbols[z] for z in sorted({int(z) for a in seeds for z in a.numbers})]
-    student = build_student(config, elements)
+    student = config.model.build(elements)
     r_max = float(student.config.r_max)
     lab = config.labels
     labels_dir = build_label_cache(teacher, [plain(a) for a in seeds], config.settings(), cache_dir,
@@ -223,10 +164,10 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
         if gt is not None:
             datasets.append(str(gt))
             weights.append(config.ground_truth.weight)
-    student, metrics, trainer = train_stage(config, student, datasets, weights, out / "train", config.train.max_steps,
+    student, metrics, trainer = train_stage(config, student, datasets, weights, out / "train", config.max_steps,
                                             first=True)
     valid_sets = trainer.valid_sets
-    hvp_off, done = dict(trainer.loss.switched_off), config.train.max_steps   # property -> overall step
+    hvp_off, done = dict(trainer.loss.switched_off), config.max_steps   # property -> overall step
     for r in range(1, config.onpolicy.rounds + 1):
         picks = onpolicy_frames(config, student, teacher, seeds, r, log)
         if not picks:
@@ -246,7 +187,7 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
 
 def main(recipe: str, overrides: list[str] | None = None) -> str:
     """``foundation distill``: load the recipe, distill, return the printed report."""
-    from .distill_report import format_report
+    from .report import format_report
     config = load_distill_config(recipe, overrides)
     report = distill(config)
     return format_report(report) + f"\nstudent exported to {Path(config.out_dir) / 'model'}"

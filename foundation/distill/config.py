@@ -1,20 +1,18 @@
 """``DistillConfig``: the whole description of a distillation run (``foundation distill RECIPE.yaml``).
 
-Sections (YAML, strict like ``TrainConfig``: an unknown key is an error naming the nearest valid one):
+A ``TrainConfig`` (the training keys at the top level, as in every recipe: ``max_steps``, ``optim``, ``loss``,
+``data.max_atoms`` ...; ``data.train`` is filled by the run) whose ``model:`` section is the student (preset
+``student`` by default), plus these sections (strict: an unknown key is an error naming the nearest valid one):
 
 - ``teacher``: a teacher spec for ``load_teacher`` (``{model: DIR_OR_HUB_ID, revision: ...}`` or
   ``{calculator: module:Class, kwargs: {...}}``).
-- ``student``: ``preset`` (+ ``overrides``) or a full ``config`` (a ``ModelConfig`` dict); elements default to
-  the seeds'.
 - ``seeds``: ASE-readable ``files`` (their labels, if any, are the ground truth), ``builtin`` structures used
   when none of the files exist, ``max_structures`` (evenly spaced), and ``reference`` files with reference
   (e.g. DFT) labels for the report.
 - ``configurations``: ``ConfigurationSettings`` (teacher MD temperatures, rattled and strained copies).
-- ``labels``: Hessian-vector products per structure, stress, label cache directory.
+- ``labels``: Hessian-vector products per structure (and when to stop matching them), stress, label cache.
 - ``ground_truth``: train on the seeds' own labels too (``weight`` per structure relative to teacher labels).
 - ``onpolicy``: rounds of student MD -> frames where student and teacher disagree most -> teacher labels.
-- ``train``: a ``TrainConfig`` (``data.train`` is filled by the run; ``loss.coefficients.hvp`` and
-  ``loss.hvp_off_at_force_mae`` control Hessian-vector matching).
 - ``report``: speed, error and NVE-stability measurements after training.
 """
 from __future__ import annotations
@@ -23,22 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
 
-import yaml
+from ..recipe import check, load_recipe, suggest
+from ..train.config import ModelSection, TrainConfig
+from .seeds import BUILTIN_SEEDS
+from .structures import ConfigurationSettings
 
-from .config import TrainConfig, _build, _check, _suggest, apply_overrides
-from .configurations import ConfigurationSettings
-
-BUILTIN_SEEDS = ("silicon", "copper")
 _GT_PROPERTIES = ("energy", "forces", "stress")
-
-
-@dataclass
-class StudentSection:
-    """``ModelConfig.preset(preset, elements=..., **overrides)``, or ``ModelConfig.from_dict(config)``."""
-    preset: str = "student"
-    overrides: dict[str, Any] = field(default_factory=dict)
-    config: Union[dict[str, Any], None] = None
-    elements: Union[list[str], None] = None
 
 
 @dataclass
@@ -55,8 +43,11 @@ class SeedsSection:
 @dataclass
 class LabelsSection:
     """Teacher labels: ``hvp_vectors`` random unit vectors per structure (H v labels), ``stress`` for periodic
-    cells, cached in ``cache_dir`` (a second run with the same inputs reuses them)."""
+    cells, cached in ``cache_dir`` (a second run with the same inputs reuses them). ``hvp_off_at_force_mae``
+    (eV/Å): once a validation's force MAE (all datasets) is at or below it, the ``hvp`` loss term is switched off
+    for the rest of the run (kept in checkpoints and in later on-policy stages); None = never."""
     hvp_vectors: int = 2
+    hvp_off_at_force_mae: Union[float, None] = None
     stress: bool = True
     cache_dir: str = "runs/distill_cache"
     shard_size: int = 256
@@ -104,80 +95,76 @@ class ReportSection:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainConfig):
+    """A ``TrainConfig`` whose ``model`` is the student, plus the teacher, structures, labels and report."""
     out_dir: str = "runs/distill"
-    seed: int = 0
+    model: ModelSection = field(default_factory=lambda: ModelSection(preset="student"))
     name: Union[str, None] = None
     teacher: dict[str, Any] = field(default_factory=dict)
-    student: StudentSection = field(default_factory=StudentSection)
     seeds: SeedsSection = field(default_factory=SeedsSection)
     configurations: dict[str, Any] = field(default_factory=dict)
     labels: LabelsSection = field(default_factory=LabelsSection)
     ground_truth: GroundTruthSection = field(default_factory=GroundTruthSection)
     onpolicy: OnPolicySection = field(default_factory=OnPolicySection)
-    train: TrainConfig = field(default_factory=TrainConfig)
     report: ReportSection = field(default_factory=ReportSection)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "DistillConfig":
+        """A validated config from a nested dict; ``data.train`` and ``loss.dataset_weights`` are set by the run."""
+        values = dict(values or {})
+        check("train" not in (values.get("data") or {}), "data.train",
+              "is set by the distillation run (teacher labels); remove it")
+        check((values.get("loss") or {}).get("dataset_weights") is None, "loss.dataset_weights",
+              "is set by the distillation run (teacher labels 1, ground truth ground_truth.weight); remove it")
+        return super().from_dict(values)
 
     def settings(self) -> ConfigurationSettings:
         """The ``configurations`` section as ``ConfigurationSettings`` (unknown keys: nearest valid key named)."""
         known = list(ConfigurationSettings.__dataclass_fields__)
         for k in self.configurations:
-            _check(k in known, f"configurations.{k}", "is not a configuration setting" + _suggest(k, known))
+            check(k in known, f"configurations.{k}", "is not a configuration setting" + suggest(k, known))
         return ConfigurationSettings.from_dict({"seed": self.seed, **self.configurations})
 
     def validate(self) -> "DistillConfig":
         """Check ranges and consistency; returns self. Raises ``ValueError`` naming the key."""
-        _check(bool(self.teacher), "teacher", "is required: {model: DIR_OR_HUB_ID} or {calculator: module:Class, "
+        super().validate()
+        check(bool(self.teacher), "teacher", "is required: {model: DIR_OR_HUB_ID} or {calculator: module:Class, "
                "kwargs: {...}}")
-        _check(bool(self.seeds.files) or self.seeds.builtin is not None, "seeds",
+        check(bool(self.seeds.files) or self.seeds.builtin is not None, "seeds",
                f"needs files or builtin (one of {BUILTIN_SEEDS})")
-        _check(self.seeds.builtin is None or self.seeds.builtin in BUILTIN_SEEDS, "seeds.builtin",
+        check(self.seeds.builtin is None or self.seeds.builtin in BUILTIN_SEEDS, "seeds.builtin",
                f"must be one of {BUILTIN_SEEDS}")
         for name in ("max_structures", "max_reference"):
             v = getattr(self.seeds, name)
-            _check(v is None or v >= 1, f"seeds.{name}", "must be >= 1 (or null for all)")
-        _check(self.labels.hvp_vectors >= 0, "labels.hvp_vectors", "must be >= 0")
-        _check(self.ground_truth.weight >= 0, "ground_truth.weight", "must be >= 0 (0 = teacher labels only)")
+            check(v is None or v >= 1, f"seeds.{name}", "must be >= 1 (or null for all)")
+        check(self.labels.hvp_vectors >= 0, "labels.hvp_vectors", "must be >= 0")
+        check(self.ground_truth.weight >= 0, "ground_truth.weight", "must be >= 0 (0 = teacher labels only)")
         for p in self.ground_truth.properties:
-            _check(p in _GT_PROPERTIES, f"ground_truth.properties.{p}", "is not a label" + _suggest(p, _GT_PROPERTIES))
+            check(p in _GT_PROPERTIES, f"ground_truth.properties.{p}", "is not a label" + suggest(p, _GT_PROPERTIES))
         o = self.onpolicy
-        _check(o.rounds >= 0 and o.steps >= 1 and o.pick >= 1 and o.seeds >= 1, "onpolicy",
+        check(o.rounds >= 0 and o.steps >= 1 and o.pick >= 1 and o.seeds >= 1, "onpolicy",
                "needs rounds >= 0, steps >= 1, pick >= 1, seeds >= 1")
-        _check(o.md_steps >= o.interval >= 1, "onpolicy.md_steps", "must be >= onpolicy.interval >= 1")
+        check(o.md_steps >= o.interval >= 1, "onpolicy.md_steps", "must be >= onpolicy.interval >= 1")
         r = self.report
-        _check(r.speed_steps >= 1 and r.speed_repeats >= 1 and r.nve_steps >= 0, "report",
+        check(r.speed_steps >= 1 and r.speed_repeats >= 1 and r.nve_steps >= 0, "report",
                "needs speed_steps >= 1, speed_repeats >= 1, nve_steps >= 0")
-        _check(len(r.speed_supercell) == 3 and min(r.speed_supercell) >= 1, "report.speed_supercell",
+        check(len(r.speed_supercell) == 3 and min(r.speed_supercell) >= 1, "report.speed_supercell",
                "must be three integers >= 1, e.g. [2, 2, 2]")
-        hvp = self.train.loss.coefficients.get("hvp", 0.0)
-        _check(hvp == 0 or self.labels.hvp_vectors > 0, "train.loss.coefficients.hvp",
-               "needs labels.hvp_vectors > 0 (no H v labels would be made)")
+        hvp = self.loss.coefficients.get("hvp", 0.0)
+        check(hvp == 0 or self.labels.hvp_vectors > 0, "loss.coefficients.hvp",
+              "needs labels.hvp_vectors > 0 (no H v labels would be made)")
+        limit = self.labels.hvp_off_at_force_mae
+        check(limit is None or limit >= 0, "labels.hvp_off_at_force_mae",
+              "must be >= 0 eV/Å (or null: never switch the hvp term off)")
         self.settings()
         return self
 
 
 def distill_config_from_dict(values: dict) -> DistillConfig:
-    """A validated ``DistillConfig`` from a nested dict. ``train.data.train`` is filled by the run: give it a
-    placeholder-free recipe (``train.data`` may set ``max_atoms``, ``valid_fraction`` etc.)."""
-    values = dict(values or {})
-    train = dict(values.get("train") or {})
-    data = dict(train.get("data") or {})
-    _check("train" not in data, "train.data.train", "is set by the distillation run (teacher labels); remove it")
-    train["data"] = data
-    values["train"] = train
-    config = _build(DistillConfig, values)
-    return config.validate()
+    """A validated ``DistillConfig`` from a nested dict (as read from YAML)."""
+    return DistillConfig.from_dict(values)
 
 
 def load_distill_config(path: str | Path, overrides: list[str] | None = None) -> DistillConfig:
-    """Read a distillation recipe, apply ``--set`` overrides (``--set train.max_steps=50``), validate."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"recipe {str(path)!r} not found; distillation recipes ship in recipes/distill_*.yaml")
-    values = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {str(path)!r} must be a YAML mapping of sections (teacher:, student:, seeds: ...)")
-    try:
-        return distill_config_from_dict(apply_overrides(values, overrides or []))
-    except ValueError as exc:
-        raise ValueError(f"{path}: {exc}") from None
+    """Read a distillation recipe, apply ``--set`` overrides (``--set max_steps=50``), validate."""
+    return load_recipe(DistillConfig, path, overrides)

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from foundation.train.finetune_config import finetune_config_from_dict
+from foundation.finetune.config import finetune_config_from_dict
 from test_finetune import recipe, setup  # noqa: F401  (module fixture: a saved tiny base model and EMT data)
 
 
@@ -34,8 +34,8 @@ def test_data_heads_are_set_by_finetuning(setup):
 
 @pytest.mark.parametrize("name", ["finetune_mlearn_si", "finetune_rmd17_aspirin", "finetune_charges_xtb"])
 def test_shipped_recipes_are_valid(name):
-    from foundation.train.finetune_config import load_finetune_config
+    from foundation.finetune.config import load_finetune_config
     path = Path(__file__).resolve().parents[2] / "recipes" / f"{name}.yaml"
     config = load_finetune_config(path)
-    assert config.base.model == "runs/pretrain_small/model" and config.train.out_dir == f"runs/{name}"
-    assert config.train.max_steps >= 100
+    assert config.base.model == "runs/pretrain_small/model" and config.out_dir == f"runs/{name}"
+    assert config.max_steps >= 100

@@ -25,11 +25,11 @@ import numpy as np
 import torch
 
 from .. import keys
+from ..evaluate import predict
+from ..train.loop import Trainer
 from . import surgery
-from .finetune_config import FinetuneConfig, load_finetune_config
-from .finetune_data import configure_data, prepare_paths
-from .loop import Trainer
-from .metrics import MetricAccumulator
+from .config import FinetuneConfig, load_finetune_config
+from .data import configure_data, prepare_paths
 
 STEP0_TOL = {torch.float64: 1e-9, torch.float32: 1e-4}   # eV (energies), eV/Å (forces): relative to 1 + |value|
 
@@ -41,43 +41,19 @@ def load_base(model: str, revision: str | None = None):
     return FoundationModel.from_pretrained(model, revision=revision)
 
 
-# --- predictions and tables -------------------------------------------------------------------------------------
-@torch.no_grad()
-def predict(model, datasets: list, head_names: list[str], max_atoms: int = 256) -> dict:
-    """Run ``model`` over ``datasets`` (items carry their head index). Returns {"metrics": MetricAccumulator
-    result, "numbers": [(n,) per structure], "labels": (S,) eV, "preds": (S,) eV} (energies of labelled structures)."""
-    from .data import make_eval_loader
-    acc = MetricAccumulator([getattr(d, "name", None) or f"data{i}" for i, d in enumerate(datasets)], head_names)
-    numbers, labels, preds = [], [], []
-    model.eval()
-    for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
-        stress = keys.STRESS in batch
-        pred = model(batch, compute_forces=True, compute_stress=stress, training=False)
-        acc.update(pred, batch)
-        if keys.ENERGY in batch:
-            z = batch[keys.ATOMIC_NUMBERS].cpu().numpy()
-            ptr = batch.ptr.cpu().numpy()
-            e = batch[keys.ENERGY].reshape(-1).double().cpu().numpy()
-            p = pred[keys.ENERGY].reshape(-1).double().cpu().numpy()
-            for s in range(len(e)):
-                if np.isfinite(e[s]):
-                    numbers.append(z[ptr[s]:ptr[s + 1]])
-                    labels.append(e[s])
-                    preds.append(p[s])
-    return {"metrics": acc.result(), "numbers": numbers, "labels": np.array(labels), "preds": np.array(preds)}
+# --- E0 and tables ---------------------------------------------------------------------------------------------
+def refit_e0(config, head: str, numbers: list, labels: np.ndarray, preds: np.ndarray, how) -> dict[str, float]:
+    """New per-element reference energies (eV, every model element) of ``head``, by the same per-atom least
+    squares as the closing refit of training (``train.refit.per_atom_least_squares``):
 
-
-def refit_e0(config, head: str, numbers: list, labels: np.ndarray, preds: np.ndarray, how: str) -> dict[str, float]:
-    """New per-element reference energies (eV, every model element) of ``head`` by least squares.
-
-    residual: E0 + argmin sum_s (E_s - P_s - sum_z n_sz dE0_z)^2 (keeps the model's interaction energies);
-    total: argmin sum_s (E_s - sum_z n_sz E0_z)^2; keep: unchanged; a dict {symbol: eV}: those values.
-    Elements absent from the data keep their E0.
-    With fewer distinct compositions than elements the minimum-norm solution is used.
+    residual: E0 + argmin sum_s ((E_s - P_s - sum_z n_sz dE0_z) / N_s)^2 (keeps the model's interaction energies);
+    total: argmin sum_s ((E_s - sum_z n_sz E0_z) / N_s)^2; keep: unchanged; a dict {symbol: eV}: those values.
+    Elements absent from the data keep their E0. With fewer distinct compositions than elements the minimum-norm
+    solution is used.
     """
     from ase.data import chemical_symbols
 
-    from ..data.stats import fit_reference_energies
+    from ..train.refit import per_atom_least_squares
     old = dict(zip(config.elements, config.atomic_energies[head]))
     if isinstance(how, dict):
         unknown = [s for s in how if s not in old]
@@ -87,8 +63,7 @@ def refit_e0(config, head: str, numbers: list, labels: np.ndarray, preds: np.nda
         return {s: float(how.get(s, v)) for s, v in old.items()}
     if how == "keep" or not len(labels):
         return old
-    target = labels - preds if how == "residual" else labels
-    fit = fit_reference_energies(numbers, target)
+    fit = per_atom_least_squares(numbers, labels - preds if how == "residual" else labels)
     new = dict(old)
     for z, value in fit.items():
         s = chemical_symbols[z]
@@ -109,7 +84,7 @@ def e0_table(old: dict[str, float], new: dict[str, float], added: list[str] = ()
 
 def comparison_table(columns: dict[str, dict], title: str = "property") -> str:
     """Metrics side by side: rows "group/property", per column MAE and RMSE (x1000: meV, meV/Å, meV/Å^3)."""
-    from .metrics import UNITS
+    from ..train.metrics import UNITS
     names = list(columns)
     rows = list(dict.fromkeys(k for c in columns.values() for k in c))
     head = f"{title:44s} {'unit':>10s}" + "".join(f" {n + ' MAE':>18s} {n + ' RMSE':>18s}" for n in names)
@@ -124,7 +99,7 @@ def comparison_table(columns: dict[str, dict], title: str = "property") -> str:
 
 def max_prediction_difference(a, b, datasets: list, max_atoms: int = 256) -> float:
     """max |pred_a - pred_b| over energies (eV) and forces (eV/Å) on ``datasets``, relative to 1 + |pred_b|."""
-    from .data import make_eval_loader
+    from ..train.data import make_eval_loader
     worst = 0.0
     for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
         pa, pb = a(batch, compute_forces=True), b(batch, compute_forces=True)
@@ -152,15 +127,15 @@ def prepare_model(base, config: FinetuneConfig, new_elements: list[str]):
     """(reference, model): the base with added elements and laid-out heads, every new head a copy of the base
     head (``reference``); ``model`` = the same with ``head_init: random`` applied to the target head."""
     source = base.config.heads[base.config.head_index(config.base.head)]
-    extended = surgery.extend_elements(base, new_elements, seed=config.train.seed)
+    extended = surgery.extend_elements(base, new_elements, seed=config.seed)
     if config.finetune.long_range is not None:
-        extended = surgery.add_long_range(extended, config.finetune.long_range, seed=config.train.seed)
+        extended = surgery.add_long_range(extended, config.finetune.long_range, seed=config.seed)
     _, order = layout_heads(base, config)
     sources = [source if h not in base.config.heads else h for h in order]
-    reference = surgery.remap_heads(extended, order, sources, seed=config.train.seed)
+    reference = surgery.remap_heads(extended, order, sources, seed=config.seed)
     model = reference
     if config.finetune.head_init == "random":
-        model = surgery.reinit_head(reference, order[0], seed=config.train.seed + 1)
+        model = surgery.reinit_head(reference, order[0], seed=config.seed + 1)
     return reference, copy.deepcopy(model)
 
 
@@ -168,13 +143,13 @@ def apply_strategy(model, config: FinetuneConfig, new_elements: list[str]) -> li
     """Set what trains (in place); returns the trainable parameter names."""
     strategy = config.finetune.strategy
     masked = bool(new_elements) and strategy in ("frozen", "lora")
-    if masked and config.train.optim.weight_decay > 0:
-        raise ValueError(f"optim.weight_decay={config.train.optim.weight_decay} would change the frozen rows of "
+    if masked and config.optim.weight_decay > 0:
+        raise ValueError(f"optim.weight_decay={config.optim.weight_decay} would change the frozen rows of "
                          f"the old elements while training the new elements {new_elements}; set it to 0")
     if strategy == "frozen":
         surgery.freeze_backbone(model, new_elements)
     elif strategy == "lora":
-        surgery.add_lora(model, config.lora.rank, config.lora.alpha, seed=config.train.seed,
+        surgery.add_lora(model, config.lora.rank, config.lora.alpha, seed=config.seed,
                          train_elements=new_elements)
     else:
         for p in model.parameters():
@@ -187,8 +162,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     """Run the fine-tuning described by ``config``; returns {"zero_shot", "e0_old", "e0_new", "added_elements",
     "step0_difference", "metrics", "forgetting", "model_dir", "model"} (see the module docstring).
     ``train=False`` stops before the first step (the prepared model is returned under "model")."""
-    from .data import elements_of, open_datasets
-    c, t = config, config.train
+    from ..train.data import elements_of, open_datasets
+    c = t = config
     if int(os.environ.get("RANK", "0")) != 0:   # under torchrun/deepspeed every rank prepares; rank 0 reports
         log = _quiet
     base = load_base(c.base.model, c.base.revision)
@@ -204,7 +179,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     new_data = [d for d, h in zip(train_sets, t.data.heads) if h == data_heads[0]]
     n_train = len(t.data.train)
     new_valid = [d for k, d in enumerate(valid_sets)
-                 if t.data.heads[min(k, n_train - 1) if c.train.data.valid else k] == data_heads[0]]
+                 if t.data.heads[min(k, n_train - 1) if c.data.valid else k] == data_heads[0]]
     missing = [s for s in elements_of(new_data) if s not in base.config.elements]
     if missing and not c.finetune.add_elements:
         raise ValueError(f"the new data contains elements {missing} the base model does not know "
@@ -216,14 +191,14 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
 
     source = base.config.heads[base.config.head_index(c.base.head)]
     monitor = _open_monitor(c, order.index(source), r_max, cache)
-    monitor_before = predict(reference, monitor, order, t.data.max_atoms)["metrics"] if monitor else {}
+    monitor_before = predict(reference, monitor, order, t.data.max_atoms).metrics if monitor else {}
     fit = predict(reference, new_data, order, t.data.max_atoms)
     old = dict(zip(reference.config.elements, reference.config.atomic_energies[target]))
-    new = refit_e0(reference.config, target, fit["numbers"], fit["labels"], fit["preds"], c.finetune.e0)
-    before = predict(reference, new_valid, order, t.data.max_atoms)["metrics"] if new_valid else {}
+    new = refit_e0(reference.config, target, fit.numbers, fit.labels, fit.preds, c.finetune.e0)
+    before = predict(reference, new_valid, order, t.data.max_atoms).metrics if new_valid else {}
     for m in (reference, model):
         m.set_statistics(atomic_energies=new, head=target)
-    after = predict(reference, new_valid, order, t.data.max_atoms)["metrics"] if new_valid else {}
+    after = predict(reference, new_valid, order, t.data.max_atoms).metrics if new_valid else {}
     how = "set from the recipe" if isinstance(c.finetune.e0, dict) else f"refitted by least squares ({c.finetune.e0})"
     log(f"per-element reference energies of head {target!r} {how}:\n"
         + e0_table(old, new, missing))
@@ -253,7 +228,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     if monitor:
         from ..model import FoundationModel
         tuned = FoundationModel.from_pretrained(result["model_dir"])
-        after_ft = predict(tuned, monitor, order, t.data.max_atoms)["metrics"]
+        after_ft = predict(tuned, monitor, order, t.data.max_atoms).metrics
         result["forgetting"] = {"base": monitor_before, "finetuned": after_ft}
         log(f"pretraining validation data on head {source!r} (forgetting):\n"
             + comparison_table({"base": monitor_before, "finetuned": after_ft}))
@@ -295,7 +270,7 @@ def _check_loss_targets(long_range, t) -> None:
 
 def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: Path) -> list:
     """Pretraining validation datasets (``config.monitor``), evaluated on head ``head_index`` (the base head)."""
-    from .evaluate import open_eval_data
+    from ..data.files import open_eval_data
     if not config.monitor:
         return []
     return open_eval_data(prepare_paths(config.monitor, cache, r_max), r_max, torch.float64, head=head_index)
@@ -303,6 +278,6 @@ def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: 
 
 def main(recipe: str, overrides: list[str] | None = None) -> str:
     """``foundation finetune``: prints the tables as it goes; returns the final summary."""
-    from .metrics import format_table
+    from ..train.metrics import format_table
     result = finetune(load_finetune_config(recipe, overrides))
     return f"model exported to {result['model_dir']}\n" + format_table(result.get("metrics") or {})

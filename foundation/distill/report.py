@@ -22,6 +22,8 @@ import torch
 from ase import Atoms
 
 from .. import keys
+from ..train.metrics import card_entry
+from .seeds import plain, read_structures
 
 SPEEDUP_TARGET, SPEEDUP_GOAL, FORCE_RATIO_TARGET = 10.0, 20.0, 1.2
 NVE_STABLE_DRIFT = 0.01   # eV/atom: larger |dEtot| over the NVE run counts as unstable
@@ -29,7 +31,6 @@ NVE_STABLE_DRIFT = 0.01   # eV/atom: larger |dEtot| over the NVE run counts as u
 
 def speed_structure(seeds: list[Atoms], supercell: list[int]) -> Atoms:
     """The largest fully periodic seed (else the largest seed) repeated ``supercell`` times."""
-    from .distill import plain
     periodic = [a for a in seeds if a.pbc.all()]
     if not periodic:
         return plain(max(seeds, key=len))
@@ -58,9 +59,9 @@ def measure_speed(teacher_calc, student_calc, atoms: Atoms, steps: int, repeats:
 @torch.no_grad()
 def errors_vs_teacher(student, datasets: list, max_atoms: int) -> dict:
     """Student MAE on teacher-labelled datasets: energy_per_atom, forces, stress, hvp (those labelled)."""
-    from .data import make_eval_loader
-    from .loss import Loss, has_labels
-    from .metrics import MetricAccumulator
+    from ..train.data import make_eval_loader
+    from ..train.loss import Loss, has_labels
+    from ..train.metrics import MetricAccumulator
     acc = MetricAccumulator(["teacher"], ["all"])
     hv_abs, hv_n = 0.0, 0
     student.eval()
@@ -113,7 +114,6 @@ def _full(stress) -> np.ndarray:
 def errors_vs_reference(config, teacher, student_calc, log) -> dict | None:
     """Student and teacher MAE against the reference labels of ``seeds.reference`` (None without such files)."""
     from ..data.labels import read_labels
-    from .distill import plain, read_structures
     files = [p for p in config.seeds.reference if Path(p).is_file()]
     if not files:
         if log and config.seeds.reference:
@@ -135,7 +135,7 @@ def errors_vs_reference(config, teacher, student_calc, log) -> dict | None:
 def nve_stability(student_calc, atoms: Atoms, steps: int, temperature: float, timestep: float) -> dict:
     """Student NVE run: energy drift per atom, final temperature, shortest distance, ``stable`` flag."""
     from ..md import run_md
-    from .configurations import min_distance
+    from .structures import min_distance
     work = atoms.copy()
     work.calc = student_calc
     s = run_md(work, steps, temperature, "nve", timestep_fs=timestep, seed=1)
@@ -168,19 +168,16 @@ def build_report(config, teacher, student, seeds, source, valid_sets, metrics, d
                                                         "parameters": student.num_parameters()},
             "seeds": {"source": source, "structures": len(seeds)}, "training_datasets": datasets,
             "hvp": {"vectors_per_structure": config.labels.hvp_vectors,
-                    "coefficient": config.train.loss.coefficients.get(keys.HESSIAN_PRODUCTS, 0.0),
-                    "off_at_force_mae": config.train.loss.hvp_off_at_force_mae,
+                    "coefficient": config.loss.coefficients.get(keys.HESSIAN_PRODUCTS, 0.0),
+                    "off_at_force_mae": config.labels.hvp_off_at_force_mae,
                     "switched_off_at_step": hvp_off.get(keys.HESSIAN_PRODUCTS)},
             "validation_metrics": metrics, "speed": speed, "vs_teacher": vs_teacher, "vs_reference": vs_ref,
             "nve": nve, "checks": checks}
 
 
-_CARD_UNITS = {"energy_per_atom_mae": "eV_per_atom", "forces_mae": "eV_per_A", "stress_mae": "eV_per_A3",
-               "hvp_mae": "eV_per_A2"}
-
-
 def _with_units(d: dict) -> dict:
-    return {f"{k}_{_CARD_UNITS[k]}": v for k, v in d.items() if k in _CARD_UNITS}
+    """{"forces_mae": eV/Å, ...} -> the card's {"forces_mae_meV_per_A": meV/Å, ...} (``card_entry``)."""
+    return dict(card_entry(k.removesuffix("_mae"), "mae", v) for k, v in d.items() if k.endswith("_mae"))
 
 
 def card_metrics(report: dict) -> dict:

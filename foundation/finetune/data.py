@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import keys
-from .finetune_config import FinetuneConfig
+from .config import FinetuneConfig
 
 
 def configure_data(config: FinetuneConfig, data_heads: list[str], cache: Path, r_max: float) -> None:
-    """Rewrite ``config.train.data`` in place: converted paths, one head per dataset (new data -> ``data_heads[0]``,
+    """Rewrite ``config.data`` in place: converted paths, one head per dataset (new data -> ``data_heads[0]``,
     replay data -> ``data_heads[1]``), mixing weights (1 - w : w), validation on the new data only."""
-    c, t = config, config.train
+    c = t = config
     train_paths = prepare_paths(t.data.train, cache, r_max)
     if not train_paths:
         raise ValueError("data.train is empty; give the new data (dataset directories or ASE-readable files)")

@@ -36,7 +36,7 @@ from ..data.manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, 
                              sha256_file, shard_entry, write_json_synced)
 from ..data.shards import SHARD_SCHEMA_VERSION, ShardReader, ShardWriter
 from ..data.stats import StatsAccumulator
-from .configurations import CONFIG_TYPES, ConfigurationSettings, generate_configurations
+from .structures import CONFIG_TYPES, ConfigurationSettings, generate_configurations
 from .teacher import Teacher, structure_digest
 
 CACHE_FORMAT_VERSION = 1

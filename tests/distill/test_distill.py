@@ -17,9 +17,9 @@ from torch_geometric.data import Batch
 from foundation import FoundationModel, ModelConfig, keys
 from foundation.data import from_atoms
 from foundation.train.config import LossConfig
-from foundation.train.distill_config import distill_config_from_dict, load_distill_config
+from foundation.distill.config import distill_config_from_dict, load_distill_config
 from foundation.train.loss import Loss
-from foundation.train.teacher import CalculatorTeacher, pack_vectors, random_unit_vectors
+from foundation.distill.teacher import CalculatorTeacher, pack_vectors, random_unit_vectors
 
 TINY = {"num_channels": 8, "radial_mlp": [8], "readout_mlp": 4, "num_layers": 2, "max_ell": 1, "max_L": 1,
         "correlation": 2, "r_max": 4.0}
@@ -74,20 +74,33 @@ def test_hvp_term_matches_finite_differences_of_the_forces_and_trains():
     assert grads and sum(float(g.abs().sum()) for g in grads) > 0
 
 
-def test_hvp_switches_off_once_the_validation_force_mae_reaches_the_threshold():
-    cfg = LossConfig(coefficients={"energy": 1.0, "forces": 10.0, "hvp": 2.0}, hvp_off_at_force_mae=0.05)
+def test_hvp_switch_hook_turns_the_term_off_once_the_validation_force_mae_reaches_the_threshold(capsys):
+    from types import SimpleNamespace
+
+    from foundation.distill.run import HvpSwitch
+    cfg = LossConfig(coefficients={"energy": 1.0, "forces": 10.0, "hvp": 2.0})
     loss = Loss(cfg, max_steps=100)
     assert loss.properties == ("energy", "forces", "hvp")
     assert loss.coefficients(0).tolist() == [1.0, 10.0, 2.0] and loss.needs_hvp(loss.coefficients(0))
-    assert loss.update_switches({"all/forces": {"mae": 0.08}}, step=10) == []
-    assert loss.update_switches({"all/forces": {"mae": 0.05}}, step=20) == ["hvp"]
+    hook = HvpSwitch(0.05)
+    trainer = SimpleNamespace(loss=loss, step=10, rank=0)
+    hook(trainer, {"all/forces": {"mae": 0.08}})
+    assert loss.switched_off == {}
+    trainer.step = 20
+    hook(trainer, {"all/forces": {"mae": 0.05}})
+    assert loss.switched_off == {"hvp": 20} and "switched off" in capsys.readouterr().out
     assert loss.coefficients(21).tolist() == [1.0, 10.0, 0.0] and not loss.needs_hvp(loss.coefficients(21))
-    assert loss.update_switches({"all/forces": {"mae": 0.01}}, step=30) == []      # once, for good
+    trainer.step = 30
+    hook(trainer, {"all/forces": {"mae": 0.01}})                                  # once, for good
+    assert loss.switched_off == {"hvp": 20}
     again = Loss(cfg, max_steps=100)
     again.load_state_dict(json.loads(json.dumps(loss.state_dict())))              # through checkpoint JSON
     assert again.switched_off == {"hvp": 20} and again.coefficients(50)[2] == 0
     never = Loss(LossConfig(coefficients={"forces": 1.0, "hvp": 1.0}), max_steps=10)
-    assert never.update_switches({"all/forces": {"mae": 0.0}}, step=1) == []
+    HvpSwitch(None)(SimpleNamespace(loss=never, step=1, rank=0), {"all/forces": {"mae": 0.0}})
+    assert never.switched_off == {}
+    with pytest.raises(ValueError, match="not used in this run"):
+        never.switch_off("stress", 3)
     # with the term off, batches carrying hvp labels need no H v prediction
     batch = hvp_batch()
     pred = tiny_model()(batch)
@@ -103,15 +116,18 @@ def test_recipe_errors_name_the_nearest_key(tmp_path):
                                   "configurations": {"temperature": [300]}})
     with pytest.raises(ValueError, match="set by the distillation run"):
         distill_config_from_dict({"teacher": {"calculator": "x:Y"}, "seeds": {"builtin": "silicon"},
-                                  "train": {"data": {"train": ["x"]}}})
+                                  "data": {"train": ["x"]}})
     with pytest.raises(ValueError, match="labels.hvp_vectors > 0"):
         distill_config_from_dict({"teacher": {"calculator": "x:Y"}, "seeds": {"builtin": "silicon"},
                                   "labels": {"hvp_vectors": 0},
-                                  "train": {"loss": {"coefficients": {"forces": 1, "hvp": 1}}}})
+                                  "loss": {"coefficients": {"forces": 1, "hvp": 1}}})
+    with pytest.raises(ValueError, match="unknown recipe key 'train'"):   # one layout: no train: section
+        distill_config_from_dict({"teacher": {"calculator": "x:Y"}, "seeds": {"builtin": "silicon"},
+                                  "train": {"max_steps": 3}})
     for name in ("distill_sevenn_si.yaml", "distill_own_model.yaml"):   # shipped recipes load
         from pathlib import Path
         config = load_distill_config(Path(__file__).resolve().parents[2] / "recipes" / name)
-        assert config.train.loss.coefficients["hvp"] > 0 and config.train.loss.hvp_off_at_force_mae > 0
+        assert config.loss.coefficients["hvp"] > 0 and config.labels.hvp_off_at_force_mae > 0
 
 
 def labelled_cells(n: int, seed: int) -> list:
@@ -135,17 +151,16 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
     write(tmp_path / "reference.extxyz", labelled_cells(3, 1))
     recipe = {"out_dir": str(tmp_path / "out"), "name": "test/student",
               "teacher": {"calculator": "ase.calculators.emt:EMT", "name": "EMT"},
-              "student": {"preset": "student", "overrides": {k: v for k, v in TINY.items() if k != "max_L"}},
+              "model": {"preset": "student", "overrides": {k: v for k, v in TINY.items() if k != "max_L"}},
               "seeds": {"files": [str(tmp_path / "seeds.extxyz")], "reference": [str(tmp_path / "reference.extxyz")]},
               "configurations": {"temperatures": [300.0], "md_steps": 4, "md_interval": 2, "rattle_copies": 1,
                                  "strain_copies": 1},
-              "labels": {"hvp_vectors": 2, "cache_dir": str(tmp_path / "cache")},
+              "labels": {"hvp_vectors": 2, "cache_dir": str(tmp_path / "cache"), "hvp_off_at_force_mae": 100.0},
               "ground_truth": {"weight": 0.5},
               "onpolicy": {"rounds": 1, "md_steps": 4, "interval": 2, "seeds": 1, "pick": 2, "steps": 2},
-              "train": {"max_steps": 4, "valid_every": 2, "progress": False, "engine": {"zero_stage": 0},
-                        "data": {"max_atoms": 16, "valid_fraction": 0.2},
-                        "loss": {"coefficients": {"energy": 1, "forces": 10, "stress": 1, "hvp": 1},
-                                 "hvp_off_at_force_mae": 100.0}},
+              "max_steps": 4, "valid_every": 2, "progress": False, "engine": {"zero_stage": 0},
+              "data": {"max_atoms": 16, "valid_fraction": 0.2},
+              "loss": {"coefficients": {"energy": 1, "forces": 10, "stress": 1, "hvp": 1}},
               "report": {"speed_steps": 3, "speed_repeats": 1, "nve_steps": 5}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -169,7 +184,7 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
     assert len(report["training_datasets"]) == 3             # teacher labels, ground truth, on-policy round
     card = (tmp_path / "out" / "model" / "README.md").read_text()
     assert "**EMT**" in card and f"`{report['teacher']['revision']}`" in card and "speedup" in card
-    assert "forces_mae_eV_per_A" in card
+    assert "forces_mae_meV_per_A" in card
     student = FoundationModel.from_pretrained(tmp_path / "out" / "model")
     assert student.config.num_channels == TINY["num_channels"]
     # a second run reuses the cached teacher labels: no teacher call for them (only the report's reference set)
@@ -184,16 +199,16 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
 
 
 def test_distill_from_our_own_model_with_builtin_seeds(tmp_path):
-    from foundation.train.distill import distill
+    from foundation.distill.run import distill
     teacher_dir = tiny_model(seed=5).save_pretrained(tmp_path / "teacher")
     config = distill_config_from_dict({
         "out_dir": str(tmp_path / "out"), "teacher": {"model": str(teacher_dir), "name": "tiny teacher"},
-        "student": {"preset": "student", "overrides": {k: v for k, v in TINY.items() if k != "max_L"}},
+        "model": {"preset": "student", "overrides": {k: v for k, v in TINY.items() if k != "max_L"}},
         "seeds": {"builtin": "copper", "max_structures": 3},
         "configurations": {"md_steps": 0, "rattle_copies": 2, "strain_copies": 0},
         "labels": {"hvp_vectors": 1, "cache_dir": str(tmp_path / "cache")}, "ground_truth": {"weight": 0.0},
-        "train": {"max_steps": 2, "progress": False, "engine": {"zero_stage": 0}, "data": {"valid_fraction": 0.3},
-                  "loss": {"coefficients": {"energy": 1, "forces": 10, "hvp": 1}}},
+        "max_steps": 2, "progress": False, "engine": {"zero_stage": 0}, "data": {"valid_fraction": 0.3},
+        "loss": {"coefficients": {"energy": 1, "forces": 10, "hvp": 1}},
         "report": {"speed_steps": 2, "speed_repeats": 1, "nve_steps": 0}})
     report = distill(config, log=None)
     assert report["teacher"]["kind"] == "foundation" and report["teacher"]["revision"].startswith("local@weights:")

@@ -4,65 +4,80 @@ MODEL is a directory written by ``save_pretrained`` or a Hub id (``FoundationMod
 ``nn.Module`` with the model interface. DATA is one or more LMDB dataset directories (``foundation data
 convert``) or ASE-readable files (extxyz, ASE db, ...; labels read as in ``foundation.data.labels``).
 Inference runs in one process, no DeepSpeed needed; forces (and stress when labelled) come from autograd.
+
+``predict`` is the one loop over datasets that everything else uses: this command, fine-tuning's zero-shot tables
+and the closing E0 refit of training (``train/refit.py``).
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .. import keys
-from .data import make_eval_loader
-from .metrics import UNITS, MetricAccumulator, format_table
+from . import keys
+from .data.files import open_eval_data
+from .train.data import make_eval_loader
+from .train.metrics import UNITS, MetricAccumulator, format_table
 
 
-class AtomsDataset(torch.utils.data.Dataset):
-    """Structures of an ASE-readable file as graphs at ``r_max`` (Å), labels included; ``natoms`` per structure."""
-
-    def __init__(self, path: Path, r_max: float, dtype: torch.dtype | None = None, head: int = 0):
-        from ase.io import read
-
-        from ..data import from_atoms
-        frames = read(str(path), ":")
-        if not frames:
-            raise ValueError(f"{path} holds no structures")
-        self.items = [from_atoms(a, r_max=r_max, dtype=dtype, head=head) for a in frames]
-        self.natoms = np.array([len(a) for a in frames], np.int64)
-        self.name = path.stem
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int):
-        return self.items[i]
+@dataclass
+class Predictions:
+    """What ``predict`` returns: ``metrics`` (``MetricAccumulator.result()``), and for every structure with an
+    energy label its element numbers ``numbers`` ((n,) arrays), ``labels`` (S,) eV and ``preds`` (S,) eV."""
+    metrics: dict
+    numbers: list = field(default_factory=list)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    preds: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def open_eval_data(paths: Sequence[str | Path], r_max: float, dtype: torch.dtype | None = None, head: int = 0) -> list:
-    """One dataset per path: ``ShardedDataset`` for a directory, ``AtomsDataset`` for a file (floats in ``dtype``,
-    every structure evaluated with readout head index ``head``)."""
-    from ..data import ShardedDataset
-    out = []
-    for i, p in enumerate(Path(p) for p in paths):
-        if p.is_dir():
-            ds = ShardedDataset(p, r_max=r_max, dataset_index=i, dtype=dtype, head=head)
-            ds.name = (ds.manifest or {}).get("name") or p.name
-        elif p.is_file():
-            ds = AtomsDataset(p, r_max, dtype, head)
-        else:
-            raise FileNotFoundError(f"evaluation data {str(p)!r} not found; give a dataset directory "
-                                    "('foundation data convert') or an ASE-readable file")
-        out.append(ds)
-    return out
+def predict(model, datasets: list, head_names: list[str] | None = None, max_atoms: int = 256, device=None,
+            forces: bool = True, on_batch: Callable[[dict, object], None] | None = None) -> Predictions:
+    """Run ``model`` over every structure of ``datasets`` once (items carry their head index); stress is predicted
+    when the data has stress labels. ``on_batch(pred, batch)`` sees every batch (e.g. to collect parity pairs).
+    Predictions are detached (forces need autograd, so this does not run under ``no_grad``); the model's
+    train/eval mode is restored afterwards."""
+    device = device if device is not None else next(model.parameters()).device
+    names = [getattr(d, "name", None) or f"data{i}" for i, d in enumerate(datasets)]
+    acc = MetricAccumulator(names, head_names or _head_names(model))
+    stress = forces and any(keys.STRESS in d[0] for d in datasets if len(d))
+    numbers, labels, preds = [], [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
+            batch = batch.to(device)
+            pred = model(batch, compute_forces=forces, compute_stress=stress, training=False)
+            pred = {k: v.detach() for k, v in pred.items()}
+            acc.update(pred, batch)
+            if on_batch is not None:
+                on_batch(pred, batch)
+            if keys.ENERGY in batch:
+                _energies(batch, pred, numbers, labels, preds)
+    finally:
+        model.train(was_training)
+    return Predictions(acc.result(), numbers, np.asarray(labels, np.float64), np.asarray(preds, np.float64))
+
+
+def _energies(batch, pred: dict, numbers: list, labels: list, preds: list) -> None:
+    """Append (element numbers, label, prediction) of every structure of ``batch`` with an energy label."""
+    z, ptr = batch[keys.ATOMIC_NUMBERS].cpu().numpy(), batch.ptr.cpu().numpy()
+    e = batch[keys.ENERGY].reshape(-1).double().cpu().numpy()
+    p = pred[keys.ENERGY].reshape(-1).double().cpu().numpy()
+    for s in np.flatnonzero(np.isfinite(e)):
+        numbers.append(z[ptr[s]:ptr[s + 1]])
+        labels.append(e[s])
+        preds.append(p[s])
 
 
 def load_model(model, device: str = "cpu"):
     """A module ready for inference from a path / Hub id (``FoundationModel.from_pretrained``) or a module."""
     if isinstance(model, torch.nn.Module):
         return model.to(device)
-    from ..model import FoundationModel
+    from .model import FoundationModel
     return FoundationModel.from_pretrained(str(model)).to(device)
 
 
@@ -81,27 +96,19 @@ def evaluate(model, data: str | Path | Sequence[str | Path], *, max_atoms: int =
     (default: the model's first).
     """
     module = load_model(model, device)
-    module.eval()
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     dtype = dtype or next(module.parameters()).dtype
     names = _head_names(module)
     if head is not None and head not in names:
         raise ValueError(f"unknown head {head!r}; this model has heads {names}")
     datasets = open_eval_data(paths, float(module.config.r_max), dtype, 0 if head is None else names.index(head))
-    acc = MetricAccumulator([d.name for d in datasets], names)
     pairs: dict[str, tuple[list, list]] = {"energy_per_atom": ([], []), keys.FORCES: ([], []), keys.STRESS: ([], [])}
-    stress = any(keys.STRESS in d[0] for d in datasets)
-    for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
-        batch = batch.to(device)
-        pred = module(batch, compute_forces=True, compute_stress=stress, training=False)
-        pred = {k: v.detach() for k, v in pred.items()}
-        acc.update(pred, batch)
-        _collect(pairs, pred, batch)
-    result = acc.result()
+    result = predict(module, datasets, names, max_atoms, device,
+                     on_batch=lambda pred, batch: _collect(pairs, pred, batch)).metrics
     if json_path is not None:
         Path(json_path).write_text(json.dumps(result, indent=1))
     if plot is not None:
-        from .plots import parity
+        from .train.plots import parity
         parity({k: (np.concatenate(r) if r else np.zeros(0), np.concatenate(p) if p else np.zeros(0))
                 for k, (r, p) in pairs.items()}, plot, units=UNITS)
     return result

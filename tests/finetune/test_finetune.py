@@ -14,8 +14,8 @@ from torch_geometric.data import Batch
 
 from foundation import keys
 from foundation.model import FoundationModel, ModelConfig
-from foundation.train.finetune import finetune, refit_e0
-from foundation.train.finetune_config import finetune_config_from_dict
+from foundation.finetune.run import finetune, refit_e0
+from foundation.finetune.config import finetune_config_from_dict
 
 R_MAX = 4.0
 
@@ -109,18 +109,20 @@ def test_zero_shot_table_and_least_squares_e0(setup):
     # the refit can only lower the energy error on the data it was fitted to; on validation data it helps a lot here
     assert zs["refit_e0"]["all/energy_per_atom"]["mae"] < zs["base_e0"]["all/energy_per_atom"]["mae"]
     assert zs["refit_e0"]["all/forces"] == zs["base_e0"]["all/forces"]   # references do not move forces
-    # E0 table: old / new / diff per element, new = least squares on the residuals (independent numpy fit)
+    # E0 table: old / new / diff per element, new = per-atom least squares on the residuals, the same semantics as
+    # the trainer's closing refit_e0 (independent numpy fit: each structure's row and residual divided by N_s)
     from ase.io import read
     frames = read(setup / "new_train.xyz", ":")
     base = FoundationModel.from_pretrained(setup / "base")
     old_e0 = dict(zip(base.config.elements, base.config.atomic_energies["emt"]))
     # the training split of the run: everything (explicit validation file); Al gets E0 0 eV before the fit
-    from foundation.train import surgery
+    from foundation.finetune import surgery
     ext = surgery.extend_elements(base, ["Al"])
     pred = ext(graphs(frames, 0), compute_forces=False)[keys.ENERGY].numpy()
     counts = np.array([[np.sum(a.numbers == z) for z in (28, 29, 13)] for a in frames], float)
     labels = np.array([a.get_potential_energy() for a in frames])
-    delta = np.linalg.lstsq(counts, labels - pred, rcond=None)[0]
+    natoms = counts.sum(axis=1, keepdims=True)
+    delta = np.linalg.lstsq(counts / natoms, (labels - pred) / natoms[:, 0], rcond=None)[0]
     want = {"Ni": old_e0["Ni"] + delta[0], "Cu": old_e0["Cu"] + delta[1], "Al": delta[2]}
     for s, v in want.items():
         assert res["e0_new"][s] == pytest.approx(v, abs=1e-8)
@@ -162,11 +164,11 @@ def test_frozen_backbone_unchanged_after_steps(setup):
     res = finetune(finetune_config_from_dict(recipe(setup, "frozen", max_steps=3, finetune={
         "strategy": "frozen", "monitor": [str(setup / "old.xyz")]})), log=lambda s: None)
     # forgetting table: 'base' is the untouched base model (before the E0 refit of the fine-tuned head)
-    from foundation.train.evaluate import evaluate
+    from foundation.evaluate import evaluate
     want = evaluate(FoundationModel.from_pretrained(setup / "base"), setup / "old.xyz")
     assert res["forgetting"]["base"]["all/energy"]["mae"] == pytest.approx(want["all/energy"]["mae"], rel=1e-9)
     assert res["forgetting"]["finetuned"]["all/forces"]["mae"] != want["all/forces"]["mae"]
-    from foundation.train import surgery
+    from foundation.finetune import surgery
     base = FoundationModel.from_pretrained(setup / "base")
     init = surgery.extend_elements(base, ["Al"], seed=0)   # the model before the first step (same seeded init)
     tuned = FoundationModel.from_pretrained(res["model_dir"])
@@ -221,8 +223,8 @@ _HUB_SCRIPT = """
 import json, torch
 torch.set_num_threads(1)
 from foundation.model import FoundationModel
-from foundation.train.finetune import finetune
-from foundation.train.finetune_config import finetune_config_from_dict
+from foundation.finetune.run import finetune
+from foundation.finetune.config import finetune_config_from_dict
 base = FoundationModel.from_pretrained({base!r})
 sha = base.push_to_hub("org/base")
 base.set_statistics(scale=0.9)   # a later revision on main with other weights/statistics
@@ -297,7 +299,7 @@ def test_added_long_range_head_trains_charges(setup, tmp_path):
     tuned = FoundationModel.from_pretrained(res["model_dir"])
     assert tuned.config.long_range["kind"] == "coulomb" and "all/charges" in res["metrics"]
     with pytest.raises(ValueError, match="already has a long-range head"):
-        from foundation.train import surgery
+        from foundation.finetune import surgery
         surgery.add_long_range(tuned, {"kind": "coulomb"})
 
 

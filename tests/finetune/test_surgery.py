@@ -10,7 +10,7 @@ from torch_geometric.data import Batch
 from foundation import keys
 from foundation.data import from_atoms
 from foundation.model import FoundationModel, ModelConfig
-from foundation.train import surgery
+from foundation.finetune import surgery
 
 R_MAX = 4.0
 

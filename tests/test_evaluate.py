@@ -10,7 +10,7 @@ import torch
 from ase.io import read
 
 from foundation.data import from_atoms
-from foundation.train.evaluate import evaluate
+from foundation.evaluate import evaluate
 from pair_model import PairPotential
 
 

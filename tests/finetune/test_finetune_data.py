@@ -11,7 +11,7 @@ def test_file_frame_selection_is_converted_exactly(setup, tmp_path):
     from ase.io import read
 
     from foundation.data import ShardedDataset
-    from foundation.train.finetune import prepare_paths
+    from foundation.finetune.data import prepare_paths
     (path,) = prepare_paths([f"{setup / 'new_train.xyz'}@1:20:4"], tmp_path, R_MAX)
     want = read(setup / "new_train.xyz", "1:20:4")
     ds = ShardedDataset(path)
@@ -25,7 +25,7 @@ def test_file_frame_selection_is_converted_exactly(setup, tmp_path):
 def test_replay_sample_keeps_the_labels_and_the_level_of_theory(setup, tmp_path):
     from foundation.data import ShardedDataset
     from foundation.data.convert import convert
-    from foundation.train.finetune_data import sample_dataset
+    from foundation.finetune.data import sample_dataset
     source = convert([setup / "old.xyz"], tmp_path / "old", r_max=R_MAX, dataset_name="old-emt",
                      level_of_theory="EMT (ASE)", progress=False)
     sample = ShardedDataset(sample_dataset(str(source), 5, 0, tmp_path / "cache", R_MAX))
