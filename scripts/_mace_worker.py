@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from bench_model import LocalRunner, training_loss  # same folder: the same timing and loss code
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}

@@ -165,8 +165,8 @@ def ours_worker(spec_path: str) -> int:
     import torch
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
-    from foundation.train.config import load_config
     from foundation.evaluate import evaluate
+    from foundation.train.config import load_config
     from foundation.train.loop import Trainer
     config = load_config(spec["recipe"], spec["overrides"])
 

@@ -1,7 +1,8 @@
 """Benchmark the data layer: conversion rate, read rate with and without neighbor lists, bytes on disk.
 
 Runs on data/ (mlearn Si_train, rMD17 aspirin) when present, else on generated EMT-labelled data
-(or on the files given with --files). One process, one thread; prints medians over --repeats runs of wall-clock and of process CPU time.
+(or on the files given with --files). One process, one thread; prints medians over --repeats runs of wall-clock
+and of process CPU time.
 
     python scripts/bench_data.py [--files A.xyz B.xyz] [--repeats 5] [--r-max 5.0] [--read-limit 1000]
 """
@@ -90,7 +91,7 @@ def bench_file(path: Path, work: Path, repeats: int, r_max: float, read_limit: i
     for label, radius in (("read /s (no NL)", None), (f"read /s (NL {r_max:g} Å)", r_max)):
         ds = ShardedDataset(out, r_max=radius)
         ds[0]
-        row[label] = _rates(len(order), _timed(lambda: [ds[i] for i in order], repeats))
+        row[label] = _rates(len(order), _timed(lambda ds=ds: [ds[i] for i in order], repeats))
     ds = ShardedDataset(out)
     row["decode-only /s"] = _rates(len(order), _timed(lambda: [ds.record(i) for i in order], repeats))
     return row

@@ -171,9 +171,9 @@ def speed_only(args) -> dict:
     """Speed of the student in ``args.speed_of`` vs the recipe's teacher, on the structure the bench uses."""
     from foundation import FoundationModel
     from foundation.calculator import FoundationCalculator
-    from foundation.distill.seeds import load_seeds, plain
     from foundation.distill.config import load_distill_config
     from foundation.distill.report import measure_speed, speed_structure
+    from foundation.distill.seeds import load_seeds, plain
     from foundation.distill.teacher import load_teacher
     config = load_distill_config(args.recipe, overrides(args, args.variant_list[0], first=True))
     rc = config.report
@@ -205,9 +205,9 @@ def main(argv=None) -> int:
         return _main_parallel(args)
     import torch
 
-    from foundation.distill.run import distill
     from foundation.distill.config import load_distill_config
     from foundation.distill.report import format_report
+    from foundation.distill.run import distill
     if args.threads:
         torch.set_num_threads(args.threads)
     load_start, t_start = os.getloadavg(), time.perf_counter()

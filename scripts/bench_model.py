@@ -32,8 +32,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -197,6 +197,7 @@ class OursSide:
     def model(self, frames: list[Atoms], avg_num_neighbors: float):
         """A randomly initialised model for the elements of ``frames``, and their batched graphs."""
         from torch_geometric.data import Batch
+
         from foundation import FoundationModel
         from foundation.data import from_atoms
         elements = sorted({s for a in frames for s in a.get_chemical_symbols()})
@@ -334,7 +335,8 @@ def main(argv=None) -> int:
         report["cases"].append(case)
         for w in request["workloads"]:
             rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
-                         "ours": case["ours"][w]["throughput"], "mace": case.get("mace", {}).get(w, {}).get("throughput"),
+                         "ours": case["ours"][w]["throughput"],
+                         "mace": case.get("mace", {}).get(w, {}).get("throughput"),
                          "paired": case["ours"].get(w + "_paired_ratio")})
         print(f"{preset} L={hyper['max_L']}: params ours {case['ours']['params']}, mace "
               f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",

@@ -143,8 +143,8 @@ def common_sets(args, name: str, splits: dict) -> list[str]:
 
 def run_finetune(args, name: str, base: Path, splits: dict) -> dict:
     """One fine-tuning strategy through ``foundation.finetune.run.finetune`` with the shipped recipe."""
-    from foundation.finetune.run import finetune
     from foundation.finetune.config import load_finetune_config
+    from foundation.finetune.run import finetune
     strategy, inplace = name.split("_")[0], name.endswith("_inplace")
     p = splits["paths"]
     sets = common_sets(args, name, splits) + [f"base.model={base}", "base.head=emt", f"finetune.strategy={strategy}",
@@ -171,8 +171,8 @@ def run_scratch(args, name: str, base: Path, splits: dict) -> dict:
     with the fine-tuning recipe's optimizer/schedule/loss/EMA (``scratch@LR``: peak learning rate LR)."""
     import torch
 
-    from foundation.model import FoundationModel, ModelConfig
     from foundation.finetune.config import load_finetune_config
+    from foundation.model import FoundationModel, ModelConfig
     from foundation.train.config import training_keys
     from foundation.train.loop import run
     sets = common_sets(args, name, splits) + [f"base.model={base}", "finetune.strategy=full", "replay=null"]

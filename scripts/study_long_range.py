@@ -35,8 +35,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # the data helpers beside this file
-from _long_range_data import (PAIRS, TEST_BANDS, curve_geometries, d_min, in_test_band, make_dimers,  # noqa: E402
-                              make_monomers, monomers, write_dataset)
+from _long_range_data import (  # noqa: E402
+    PAIRS,
+    TEST_BANDS,
+    curve_geometries,
+    d_min,
+    in_test_band,
+    make_dimers,
+    make_monomers,
+    monomers,
+    write_dataset,
+)
 
 
 # --- training ----------------------------------------------------------------------------------------------

@@ -134,8 +134,8 @@ def run_target(a, target: str, n: int, arm: str, data: dict, work: Path) -> dict
             trainer.fit()
             params = sum(p.numel() for p in trainer.engine.module.parameters())
         else:
-            from foundation.finetune.run import finetune
             from foundation.finetune.config import finetune_config_from_dict
+            from foundation.finetune.run import finetune
             config = finetune_config_from_dict(json.loads(json.dumps(values)))
             out = finetune(config) if arm == "finetuned" else finetune_rescaled(config, target)
             params, step0 = sum(p.numel() for p in out["model"].parameters()), out["zero_shot"]["refit_e0"]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from ase.io import read
+from pair_model import PairPotential
 
 from foundation.data import from_atoms
 from foundation.evaluate import evaluate
-from pair_model import PairPotential
 
 
 def test_lmdb_and_extxyz_give_the_same_correct_metrics(tmp_path, emt_data):

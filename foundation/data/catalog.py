@@ -35,7 +35,8 @@ def listing(folder: str | Path | None = None) -> str:
     """What ``foundation data list`` prints: a table of the shipped datasets, or where to get them."""
     rows = catalog(folder)
     if not rows:
-        return f"no data/ folder with {CATALOG} here (an installed wheel does not ship the datasets). Get them from {SOURCES}."
+        return (f"no data/ folder with {CATALOG} here (an installed wheel does not ship the datasets). "
+                f"Get them from {SOURCES}.")
     lines = [f"{'dataset':22s} {'split':6s} {'structures':>10s}  {'level of theory':16s} {'license':13s} path"]
     for r in rows:
         lines.append(f"{r['name']:22s} {r['split']:6s} {r['structures']:10d}  {r['level_of_theory']:16s} "

@@ -5,8 +5,8 @@ fields as ``ShardedDataset``), so that evaluation, fine-tuning tables and monito
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ..recipe import check, load_recipe, suggest
 from ..train.config import ModelSection, TrainConfig
@@ -34,10 +34,10 @@ class SeedsSection:
     """Seed structures: the first existing of ``files`` (all of them that exist, read whole), else ``builtin``.
     ``max_structures`` keeps that many, evenly spaced (None = all). ``reference``: labelled test structures."""
     files: list[str] = field(default_factory=list)
-    builtin: Union[str, None] = None
-    max_structures: Union[int, None] = None
+    builtin: str | None = None
+    max_structures: int | None = None
     reference: list[str] = field(default_factory=list)
-    max_reference: Union[int, None] = None
+    max_reference: int | None = None
 
 
 @dataclass
@@ -47,7 +47,7 @@ class LabelsSection:
     (eV/Å): once a validation's force MAE (all datasets) is at or below it, the ``hvp`` loss term is switched off
     for the rest of the run (kept in checkpoints and in later on-policy stages); None = never."""
     hvp_vectors: int = 2
-    hvp_off_at_force_mae: Union[float, None] = None
+    hvp_off_at_force_mae: float | None = None
     stress: bool = True
     cache_dir: str = "runs/distill_cache"
     shard_size: int = 256
@@ -99,7 +99,7 @@ class DistillConfig(TrainConfig):
     """A ``TrainConfig`` whose ``model`` is the student, plus the teacher, structures, labels and report."""
     out_dir: str = "runs/distill"
     model: ModelSection = field(default_factory=lambda: ModelSection(preset="student"))
-    name: Union[str, None] = None
+    name: str | None = None
     teacher: dict[str, Any] = field(default_factory=dict)
     seeds: SeedsSection = field(default_factory=SeedsSection)
     configurations: dict[str, Any] = field(default_factory=dict)
@@ -109,7 +109,7 @@ class DistillConfig(TrainConfig):
     report: ReportSection = field(default_factory=ReportSection)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "DistillConfig":
+    def from_dict(cls, values: dict) -> DistillConfig:
         """A validated config from a nested dict; ``data.train`` and ``loss.dataset_weights`` are set by the run."""
         values = dict(values or {})
         check("train" not in (values.get("data") or {}), "data.train",
@@ -125,7 +125,7 @@ class DistillConfig(TrainConfig):
             check(k in known, f"configurations.{k}", "is not a configuration setting" + suggest(k, known))
         return ConfigurationSettings.from_dict({"seed": self.seed, **self.configurations})
 
-    def validate(self) -> "DistillConfig":
+    def validate(self) -> DistillConfig:
         """Check ranges and consistency; returns self. Raises ``ValueError`` naming the key."""
         super().validate()
         check(bool(self.teacher), "teacher", "is required: {model: DIR_OR_HUB_ID} or {calculator: module:Class, "

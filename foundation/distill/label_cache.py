@@ -23,17 +23,25 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from ase import Atoms
 
 from .. import __version__, keys
 from ..data.encoding import RECORD_VERSION
-from ..data.manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest, read_manifest,
-                             sha256_file, shard_entry, write_json_synced)
+from ..data.manifest import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    fsync_dir,
+    make_manifest,
+    read_manifest,
+    sha256_file,
+    shard_entry,
+    write_json_synced,
+)
 from ..data.shards import SHARD_SCHEMA_VERSION, ShardReader, ShardWriter
 from ..data.stats import StatsAccumulator
 from .structures import CONFIG_TYPES, ConfigurationSettings, generate_configurations

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from ase import Atoms
@@ -123,8 +123,9 @@ def onpolicy_frames(config: DistillConfig, student, teacher, seeds: list[Atoms],
     for i, seed in enumerate(evenly(seeds, o.seeds)):
         rng = np.random.default_rng([config.seed, 101, round_index, i])
         try:
-            frames += [a for _, a in run_md_frames(md_cell(seed), calc, o.temperature, o.md_steps, o.interval, o.timestep,
-                                                   o.friction, rng, min_dist=0.5, label=f"student MD {i}")]
+            frames += [a for _, a in run_md_frames(md_cell(seed), calc, o.temperature, o.md_steps, o.interval,
+                                                   o.timestep, o.friction, rng, min_dist=0.5,
+                                                   label=f"student MD {i}")]
         except ValueError as exc:   # the student broke down: its frames so far are not kept; say so
             if log:
                 log(f"on-policy round {round_index}: {exc}")

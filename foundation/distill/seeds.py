@@ -4,8 +4,8 @@ A leaf of the distillation package (its run, report and benchmarks read seeds th
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from ase import Atoms
 

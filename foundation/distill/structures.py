@@ -11,8 +11,9 @@ seeds by position). Each configuration carries ``info``:
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from ase import Atoms, units
@@ -64,7 +65,7 @@ class ConfigurationSettings:
                 raise ValueError(f"configuration settings: {message} (got {self.to_dict()})")
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "ConfigurationSettings":
+    def from_dict(cls, data: Mapping[str, Any]) -> ConfigurationSettings:
         """Settings from a recipe section; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -158,8 +159,8 @@ def run_md_frames(atoms: Atoms, calculator, temperature: float, steps: int, inte
     the step) if forces become non-finite or two atoms come closer than ``min_dist`` Å.
     """
     from ase.constraints import FixCom
-    from ase.md.langevin import Langevin
     from ase.md import velocitydistribution as vd
+    from ase.md.langevin import Langevin
     if len(atoms) < 2:
         raise ValueError(f"{label}: MD needs at least 2 atoms (the centre of mass is fixed), got {len(atoms)}; "
                          f"use a supercell (md_cell) or leave this structure out of MD")
@@ -216,14 +217,14 @@ def generate_configurations(seeds: Sequence[Atoms], calculator, settings: Config
             out.append(_tagged(seed, "seed", i))
         rng = _rng(settings, seed, "rattle", 0)
         for c in range(settings.rattle_copies):
-            atoms = _draw(lambda r: rattled(seed, settings.rattle_stdev, r), rng, settings.min_distance,
+            atoms = _draw(lambda r, seed=seed: rattled(seed, settings.rattle_stdev, r), rng, settings.min_distance,
                           f"seed {i}, rattled copy {c}")
             out.append(_tagged(atoms, "rattle", i))
         if np.all(seed.pbc) and settings.strain_copies:
             rng = _rng(settings, seed, "strain", 0)
             for c in range(settings.strain_copies):
-                atoms = _draw(lambda r: strained(seed, settings.max_strain, settings.strain_rattle, r), rng,
-                              settings.min_distance, f"seed {i}, strained copy {c}")
+                atoms = _draw(lambda r, seed=seed: strained(seed, settings.max_strain, settings.strain_rattle, r),
+                              rng, settings.min_distance, f"seed {i}, strained copy {c}")
                 out.append(_tagged(atoms, "strain", i))
         if i in md_indices and settings.md_steps >= settings.md_interval:
             for temperature in settings.temperatures:

@@ -12,7 +12,8 @@
   (e.g. ``sevenn.calculator:SevenNetCalculator`` with ``{"model": "7net-0"}``); H v by central finite
   differences of the forces along v: H v = -(F(x + h v) - F(x - h v)) / (2 h), h in Å (2 k extra force calls).
 
-Both accept an optional ``name`` (for the model card). Labels of one structure (float64 numpy, ASE units), as ``read_labels`` returns them:
+Both accept an optional ``name`` (for the model card). Labels of one structure (float64 numpy, ASE units), as
+``read_labels`` returns them:
 ``energy`` () eV, ``forces`` (n,3) eV/Å, ``stress`` (3,3) eV/Å³ (only for cells periodic in all three
 directions), ``hvp_vectors`` (n,3k) and ``hvp`` (n,3k) eV/Å² when k > 0 vectors are asked for.
 Layout of the (n,3k) arrays: columns 3j..3j+2 hold vector j (``pack_vectors``/``unpack_vectors`` convert
@@ -26,7 +27,8 @@ import hashlib
 import importlib
 import json
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from ..hub import is_repo_id
 from ..recipe import load_recipe
@@ -25,8 +25,8 @@ class BaseSection:
     """The pretrained model: a saved directory or a Hub id ``namespace/name`` pinned to ``revision`` (commit
     sha, tag or branch); ``head``: the base head whose weights start the fine-tuning (default: the first)."""
     model: str = ""
-    revision: Union[str, None] = None
-    head: Union[str, None] = None
+    revision: str | None = None
+    head: str | None = None
 
 
 @dataclass
@@ -44,13 +44,13 @@ class FinetuneSection:
         base without one; it starts with zero output (neutral structures: step 0 = the base).
     """
     strategy: Literal["full", "frozen", "lora", "replay"] = "full"
-    head: Union[str, None] = None
+    head: str | None = None
     head_init: Literal["copy", "random"] = "copy"
-    e0: Union[Literal["residual", "total", "keep"], dict[str, float]] = "residual"
+    e0: Literal["residual", "total", "keep"] | dict[str, float] = "residual"
     add_elements: bool = True
-    cache_dir: Union[str, None] = None
+    cache_dir: str | None = None
     monitor: list[str] = field(default_factory=list)
-    long_range: Union[dict[str, Any], None] = None
+    long_range: dict[str, Any] | None = None
 
 
 @dataclass
@@ -78,8 +78,8 @@ class FinetuneConfig(TrainConfig):
     out_dir: str = "runs/finetune"
     base: BaseSection = field(default_factory=BaseSection)
     finetune: FinetuneSection = field(default_factory=FinetuneSection)
-    lora: Union[LoraSection, None] = None
-    replay: Union[ReplaySection, None] = None
+    lora: LoraSection | None = None
+    replay: ReplaySection | None = None
 
     @property
     def monitor(self) -> list[str]:
@@ -87,7 +87,7 @@ class FinetuneConfig(TrainConfig):
         return list(self.finetune.monitor) or (list(self.replay.valid) if self.replay else [])
 
     @classmethod
-    def from_dict(cls, values: dict) -> "FinetuneConfig":
+    def from_dict(cls, values: dict) -> FinetuneConfig:
         """A validated config from a nested dict; keys set by fine-tuning itself are errors naming the one to use."""
         values = dict(values or {})
         if "model" in values:
@@ -101,7 +101,7 @@ class FinetuneConfig(TrainConfig):
             raise ValueError("recipe key 'loss.dataset_weights' is set by fine-tuning; use replay.weight instead")
         return super().from_dict(values)
 
-    def validate(self) -> "FinetuneConfig":
+    def validate(self) -> FinetuneConfig:
         super().validate()
         return validate(self)
 

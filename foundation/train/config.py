@@ -11,7 +11,7 @@ import copy
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from .. import keys
 from ..recipe import build, check, load_recipe, suggest, to_dict
@@ -32,8 +32,8 @@ class DataConfig:
     """
     train: list[str] = field(default_factory=list)
     valid: list[str] = field(default_factory=list)
-    heads: Union[list[str], None] = None
-    weights: Union[list[float], None] = None
+    heads: list[str] | None = None
+    weights: list[float] | None = None
     valid_fraction: float = 0.05
     max_atoms: int = 256
     num_workers: int = 0
@@ -46,9 +46,9 @@ class ModelSection:
     ``config`` (a ``ModelConfig`` dict, as in a config.json; ``preset`` and ``overrides`` then unused); elements
     default to the training data's."""
     preset: str = "small"
-    elements: Union[list[str], None] = None
+    elements: list[str] | None = None
     overrides: dict[str, Any] = field(default_factory=dict)
-    config: Union[dict[str, Any], None] = None
+    config: dict[str, Any] | None = None
 
     def build(self, elements: list[str], heads: list[str] | None = None):
         """The untrained ``FoundationModel`` for ``elements`` (``self.elements`` when given) and ``heads``."""
@@ -113,7 +113,7 @@ class LossConfig:
     kind: Literal["mse", "huber"] = "mse"
     huber_delta: float = 0.01
     coefficients: dict[str, float] = field(default_factory=lambda: {keys.ENERGY: 1.0, keys.FORCES: 10.0})
-    dataset_weights: Union[list[float], None] = None
+    dataset_weights: list[float] | None = None
     schedule: list[LossStage] = field(default_factory=list)
 
 
@@ -164,11 +164,11 @@ class TrainConfig:
     refit_e0: RefitE0Config = field(default_factory=RefitE0Config)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         """A validated config from a nested dict (as read from YAML); unknown keys name the nearest valid one."""
         return build(cls, values or {}).validate()
 
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Check value ranges and cross-field consistency; returns self. Raises ``ValueError`` naming the key."""
         check(self.max_steps >= 1, "max_steps", "must be >= 1")
         for name in ("log_every", "valid_every", "checkpoint_every", "keep_checkpoints"):

@@ -35,7 +35,6 @@ import torch
 
 from .config import TrainConfig
 
-
 # What a launcher (torchrun, deepspeed) sets and ``init_distributed`` sets for a group of one. A process that
 # trained in-process and then starts another one must drop them from the child's environment (or the child joins
 # a group whose port is taken): start children with ``env=child_environment()``.

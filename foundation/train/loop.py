@@ -12,8 +12,8 @@ import contextlib
 import random
 import time
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -25,8 +25,8 @@ from . import data as tdata
 from .config import TrainConfig, config_to_dict
 from .ema import EMA
 from .engine import Engine, init_distributed
-from .loss import Loss, has_labels
 from .logger import RunLogger
+from .loss import Loss, has_labels
 from .metrics import MetricAccumulator, card_metrics, flatten
 from .schedule import LRSchedule
 
@@ -42,7 +42,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model=None, resume: bool = False, fit_statistics: bool = True,
                  export_transform: Callable[[nn.Module], nn.Module] | None = None, description: str | None = None,
-                 hooks: Sequence[Callable[["Trainer", dict], None]] = ()):
+                 hooks: Sequence[Callable[[Trainer, dict], None]] = ()):
         """``fit_statistics``: set E0s/scale/shift/neighbour count from the training data (False keeps a given
         model's, as fine-tuning and later distillation stages need); ``export_transform``: module -> module to
         save (e.g. LoRA merged), applied to the EMA weights at export; ``description``: the model card's summary
@@ -161,7 +161,8 @@ class Trainer:
         from .refit import refit_reference_energies
         module = self.engine.module
         with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
-            self.refit_summary = refit_reference_energies(module, self.sets_by_head(), self.config.refit_e0.max_structures,
+            self.refit_summary = refit_reference_energies(module, self.sets_by_head(),
+                                                          self.config.refit_e0.max_structures,
                                                           self.config.data.max_atoms, self.engine.device)
         if self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -226,7 +227,8 @@ class Trainer:
             module = self.engine.module
             if not hasattr(module, "save_pretrained"):
                 warnings.warn(f"{type(module).__name__} has no save_pretrained (foundation.hub.HubMixin): the "
-                              f"export to {target} is skipped; the weights are in {self.out / 'checkpoints'}")
+                              f"export to {target} is skipped; the weights are in {self.out / 'checkpoints'}",
+                              stacklevel=2)
                 return target
             with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
                 exported = self.export_transform(module) if self.export_transform is not None else module

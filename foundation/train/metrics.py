@@ -52,7 +52,7 @@ class MetricAccumulator:
                                  torch.full((diff.shape[0],), float(diff.shape[1]), dtype=torch.float64)], dim=1)
             self.sums.view(-1, 3).index_add_(0, flat, stats)
 
-    def reduce(self, all_reduce_sum) -> "MetricAccumulator":
+    def reduce(self, all_reduce_sum) -> MetricAccumulator:
         """Sum over ranks with ``all_reduce_sum(tensor) -> tensor`` (e.g. ``Engine.all_reduce_sum``)."""
         self.sums = all_reduce_sum(self.sums)
         return self

@@ -16,10 +16,10 @@ from torch_geometric.data import Batch
 
 from foundation import FoundationModel, ModelConfig, keys
 from foundation.data import from_atoms
-from foundation.train.config import LossConfig
 from foundation.distill.config import distill_config_from_dict, load_distill_config
-from foundation.train.loss import Loss
 from foundation.distill.teacher import CalculatorTeacher, pack_vectors, random_unit_vectors
+from foundation.train.config import LossConfig
+from foundation.train.loss import Loss
 
 TINY = {"num_channels": 8, "radial_mlp": [8], "readout_mlp": 4, "num_layers": 2, "max_ell": 1, "max_L": 1,
         "correlation": 2, "r_max": 4.0}

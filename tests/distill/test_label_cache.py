@@ -14,8 +14,8 @@ from ase.build import bulk
 from foundation import keys
 from foundation.data import ShardedDataset, collate
 from foundation.distill import label_cache
-from foundation.distill.structures import ConfigurationSettings, generate_configurations, select_disagreeing
 from foundation.distill.label_cache import build_label_cache, is_complete, label_frames
+from foundation.distill.structures import ConfigurationSettings, generate_configurations, select_disagreeing
 from foundation.distill.teacher import load_teacher, unpack_vectors
 
 EMT = {"calculator": "ase.calculators.emt:EMT"}

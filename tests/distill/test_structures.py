@@ -7,8 +7,14 @@ from ase import Atoms, units
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 
-from foundation.distill.structures import (ConfigurationSettings, force_disagreement, generate_configurations,
-                                             min_distance, run_md_frames, select_disagreeing)
+from foundation.distill.structures import (
+    ConfigurationSettings,
+    force_disagreement,
+    generate_configurations,
+    min_distance,
+    run_md_frames,
+    select_disagreeing,
+)
 
 
 def cu(reps=(2, 2, 2), a=3.61) -> Atoms:

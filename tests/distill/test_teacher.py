@@ -11,8 +11,14 @@ from ase.build import bulk
 from ase.calculators.calculator import Calculator, all_changes
 
 from foundation import keys
-from foundation.distill.teacher import (CalculatorTeacher, ModelTeacher, load_teacher, pack_vectors,
-                                      random_unit_vectors, unpack_vectors)
+from foundation.distill.teacher import (
+    CalculatorTeacher,
+    ModelTeacher,
+    load_teacher,
+    pack_vectors,
+    random_unit_vectors,
+    unpack_vectors,
+)
 
 
 class Quadratic(Calculator):

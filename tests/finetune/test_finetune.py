@@ -10,60 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from finetune_helpers import R_MAX, emt_frames, recipe
 from torch_geometric.data import Batch
 
 from foundation import keys
-from foundation.model import FoundationModel, ModelConfig
-from foundation.finetune.run import finetune, refit_e0
 from foundation.finetune.config import finetune_config_from_dict
-
-R_MAX = 4.0
-
-
-def emt_frames(n: int, seed: int, elements=(29, 28, 13)) -> list:
-    """``n`` rattled, strained fcc cells (4-8 atoms) with random species from ``elements``, EMT labels."""
-    from ase.build import bulk
-    from ase.calculators.emt import EMT
-    from ase.calculators.singlepoint import SinglePointCalculator
-    rng = np.random.default_rng(seed)
-    frames = []
-    for i in range(n):
-        atoms = bulk("Cu", "fcc", a=3.65, cubic=True).repeat((1, 1, 1 + i % 2))
-        atoms.numbers = rng.choice(elements, len(atoms))
-        atoms.set_cell(atoms.cell * (1 + 0.02 * rng.standard_normal()), scale_atoms=True)
-        atoms.positions += 0.1 * rng.standard_normal(atoms.positions.shape)
-        atoms.calc = EMT()
-        res = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(), "stress": atoms.get_stress()}
-        atoms.calc = SinglePointCalculator(atoms, **res)
-        frames.append(atoms)
-    return frames
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    from ase.io import write
-    root = tmp_path_factory.mktemp("ft")
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("small", elements=["Ni", "Cu"], num_channels=8, max_L=1, num_layers=2, r_max=R_MAX,
-                             heads=["emt"], atomic_energies=[-0.3, -0.2], scale=0.5, shift=0.05,
-                             avg_num_neighbors=12.0)
-    base = FoundationModel(cfg)
-    base.save_pretrained(root / "base")
-    write(root / "new_train.xyz", emt_frames(24, seed=1), format="extxyz")
-    write(root / "new_valid.xyz", emt_frames(8, seed=2), format="extxyz")
-    write(root / "old.xyz", emt_frames(16, seed=3, elements=(29, 28)), format="extxyz")
-    return root
-
-
-def recipe(root: Path, out: str, **sections) -> dict:
-    values = {"base": {"model": str(root / "base")}, "out_dir": str(root / out), "max_steps": 2, "log_every": 1,
-              "valid_every": 100, "checkpoint_every": 100, "progress": False, "seed": 0,
-              "data": {"train": [str(root / "new_train.xyz")], "valid": [str(root / "new_valid.xyz")],
-                       "max_atoms": 32},
-              "optim": {"lr": 0.01}, "ema": {"enabled": False}, "engine": {"zero_stage": 0}}
-    for key, value in sections.items():
-        values[key] = value
-    return values
+from foundation.finetune.run import finetune, refit_e0
+from foundation.model import FoundationModel, ModelConfig
 
 
 def graphs(frames, head: int):
@@ -90,7 +43,7 @@ def test_step0_equals_base_with_refitted_e0_per_head(setup):
     # the pretraining head keeps the base statistics
     assert model.config.atomic_energies["emt"][:2] == base.config.atomic_energies["emt"]
     assert res["step0_difference"] < 1e-10
-    from foundation.data import ShardedDataset   # the replay sample: 8 of the 16 old structures, exact labels
+    from foundation.data import ShardedDataset  # the replay sample: 8 of the 16 old structures, exact labels
     (sample,) = (setup / "s0" / "data").glob("*-replay8-s0")
     (converted,) = [d for d in (setup / "s0" / "data").glob("old-*") if "replay" not in d.name]
     old = {round(float(ShardedDataset(converted).record(i)[keys.ENERGY]), 12) for i in range(16)}

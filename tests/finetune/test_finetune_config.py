@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from finetune_helpers import recipe
 
 from foundation.finetune.config import finetune_config_from_dict
-from test_finetune import recipe, setup  # noqa: F401  (module fixture: a saved tiny base model and EMT data)
 
 
 @pytest.mark.parametrize("sections, message", [

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import pytest
+from finetune_helpers import R_MAX
 
 from foundation import keys
-from test_finetune import R_MAX, setup  # noqa: F401  (module fixture: EMT extxyz files)
 
 
 def test_file_frame_selection_is_converted_exactly(setup, tmp_path):

@@ -9,8 +9,8 @@ from torch_geometric.data import Batch
 
 from foundation import keys
 from foundation.data import from_atoms
-from foundation.model import FoundationModel, ModelConfig
 from foundation.finetune import surgery
+from foundation.model import FoundationModel, ModelConfig
 
 R_MAX = 4.0
 

@@ -46,11 +46,11 @@ def test_every_variant_trains_the_same_total_steps(bench):
 def test_quick_run_with_an_emt_teacher(bench, tmp_path, capsys):
     tiny = {"num_channels": 8, "radial_mlp": [8], "readout_mlp": 4, "max_ell": 1, "r_max": 4.0}
     recipe = {"teacher": {"calculator": "ase.calculators.emt:EMT", "name": "EMT"},
-              "student": {"preset": "student", "overrides": tiny},
+              "model": {"preset": "student", "overrides": tiny},
               "seeds": {"builtin": "copper"}, "configurations": {"temperatures": [300.0]},
               "ground_truth": {"weight": 0.0},
-              "train": {"engine": {"zero_stage": 0}, "data": {"valid_fraction": 0.3},
-                        "loss": {"coefficients": {"energy": 1.0, "forces": 10.0, "stress": 1.0}}}}
+              "engine": {"zero_stage": 0}, "data": {"valid_fraction": 0.3},
+              "loss": {"coefficients": {"energy": 1.0, "forces": 10.0, "stress": 1.0}}}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     out = tmp_path / "bench.json"

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
 from argparse import Namespace
@@ -80,7 +79,7 @@ def test_split_sizes_are_checked(study, tmp_path):
 @pytest.mark.slow
 def test_quick_study_end_to_end(tmp_path):
     pytest.importorskip("tblite")   # the demo corpus labels its molecules with GFN2-xTB
-    from foundation.train.engine import child_environment   # an earlier in-process run set them: start afresh
+    from foundation.train.engine import child_environment  # an earlier in-process run set them: start afresh
     env = child_environment()
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(tmp_path)], env=env, cwd=tmp_path,

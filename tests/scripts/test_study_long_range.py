@@ -44,7 +44,8 @@ def test_summary_splits_at_the_cutoff(study):
     rows = [{"de": 0.1, "natoms": 10, "df_sum": 3.0, "df_count": 30, "d_min": 3.0, "kind": "polar", "dq_a": 0.02},
             {"de": 0.5, "natoms": 5, "df_sum": 1.5, "df_count": 15, "d_min": 6.0, "kind": "ion pair", "dq_a": 0.1}]
     s = study.summarise(rows, r_max=4.5)
-    assert s["all"]["fragment_charge_me"] == pytest.approx(60.0) and s["far"]["fragment_charge_me"] == pytest.approx(100.0)
+    assert s["all"]["fragment_charge_me"] == pytest.approx(60.0)
+    assert s["far"]["fragment_charge_me"] == pytest.approx(100.0)
     assert s["near"]["count"] == 1 and s["far"]["count"] == 1
     assert s["far"]["energy_mev"] == pytest.approx(500.0) and s["far"]["energy_mev_per_atom"] == pytest.approx(100.0)
     assert s["all"]["forces_mev_per_a"] == pytest.approx(1000 * 4.5 / 45)
@@ -61,7 +62,7 @@ def test_quick_run(study, data, tmp_path, capsys):
         assert all(math.isfinite(errors[s][k]) for s in ("far", "all")
                    for k in ("energy_mev", "energy_mev_per_atom", "forces_mev_per_a"))
     assert set(result["curves"]) == set(data.CURVES)
-    for pair, row in result["curves"].items():
+    for row in result["curves"].values():
         assert len(row["R"]) == len(row["xtb"]) == len(row["with_lr_q100"]) == len(row["without_lr"]) > 3
         assert row["without_lr_far_max_abs_eint"] <= 1e-9   # no shared edge: exactly additive
     ion = result["curves"]["HCOO(-)-NH4(+)"]

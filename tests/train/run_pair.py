@@ -14,10 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: pair_model
 
 import torch  # noqa: E402
+from pair_model import PairPotential  # noqa: E402
 
 from foundation.train.config import load_config  # noqa: E402
 from foundation.train.loop import run  # noqa: E402
-from pair_model import PairPotential  # noqa: E402
 
 
 class SlowPair(PairPotential):

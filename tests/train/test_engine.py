@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_loop import RUNNER, env, recipe, train_rows
 
 STEPS = 4

@@ -90,11 +90,11 @@ def small_config(out: Path, emt_data, **top):
 @pytest.mark.slow
 def test_run_learns_and_writes_logs_checkpoints_and_ema_export(tmp_path, emt_data):
     import torch
+    from pair_model import PairPotential
     from safetensors.torch import load_file
 
     from foundation.train.checkpoint import latest, load_tree
     from foundation.train.loop import run
-    from pair_model import PairPotential
     torch.manual_seed(0)
     metrics = run(small_config(tmp_path / "run", emt_data), model=PairPotential([28, 29], r_max=4.0))
     out = tmp_path / "run"
@@ -162,9 +162,9 @@ def test_resume_restores_zero_partitions_exactly(tmp_path, emt_data, stage):
     """ZeRO keeps fp32 master partitions and the optimizer state inside DeepSpeed: a run stopped after 3 steps
     and resumed to 6 logs the same losses as 6 uninterrupted steps (constant LR, so the horizon does not matter)."""
     import torch
+    from pair_model import PairPotential
 
     from foundation.train.loop import run
-    from pair_model import PairPotential
 
     def go(out, steps, resume=False):
         cfg = small_config(out, emt_data, max_steps=steps, checkpoint_every=3, valid_every=100,
@@ -185,9 +185,9 @@ def test_resume_restores_zero_partitions_exactly(tmp_path, emt_data, stage):
 def test_loader_workers_do_not_change_the_losses(tmp_path, emt_data):
     """Structures built in 2 DataLoader worker processes give bit-identical losses to the main process."""
     import torch
+    from pair_model import PairPotential
 
     from foundation.train.loop import run
-    from pair_model import PairPotential
     losses = []
     for workers in (0, 2):
         out = tmp_path / f"w{workers}"

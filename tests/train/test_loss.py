@@ -8,13 +8,13 @@ import torch
 from ase.build import bulk, molecule
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
+from pair_model import PairPotential
 
 from foundation import keys
 from foundation.data import from_atoms
 from foundation.data.loader import collate
 from foundation.train.config import LossConfig, LossStage
 from foundation.train.loss import Loss
-from pair_model import PairPotential
 
 
 def structures(dtype=torch.float32):

@@ -32,7 +32,8 @@ def test_refit_is_the_least_squares_optimum_and_keeps_forces(emt_data):
     summary = refit_reference_energies(model, {"default": [ds]}, max_structures=1000, max_atoms=64)["default"]
     after = model(batch, compute_forces=True)
     torch.testing.assert_close(after[keys.FORCES], before[keys.FORCES], rtol=0, atol=1e-12)
-    counts = np.stack([np.bincount(d[keys.ATOMIC_NUMBERS].numpy(), minlength=30)[[28, 29]] for d in batch.to_data_list()])
+    counts = np.stack([np.bincount(d[keys.ATOMIC_NUMBERS].numpy(), minlength=30)[[28, 29]]
+                       for d in batch.to_data_list()])
     res_before = (batch[keys.ENERGY] - before[keys.ENERGY]).numpy()
     res_after = (batch[keys.ENERGY] - after[keys.ENERGY]).numpy()
     n = counts.sum(axis=1)
