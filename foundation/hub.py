@@ -69,7 +69,7 @@ def read_config(model_dir: str | Path, verify: bool = True) -> dict:
         ours = _framework()["version"]
         raise ValueError(f"{path} was written by foundation {fw.get('version')} with checkpoint format "
                          f"{fw.get('format_version')}, newer than this foundation {ours} supports (format "
-                         f"{FORMAT_VERSION}); upgrade foundation (pip install -U foundation) to load it")
+                         f"{FORMAT_VERSION}); upgrade foundation (pip install -U foundation-mlip) to load it")
     if verify:
         files = cfg.get("files") or {}
         if WEIGHTS_NAME not in files:
@@ -228,8 +228,8 @@ def push_folder(model_dir: str | Path, repo_id: str, revision: str | None = None
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True, repo_type="model")
         message = commit_message or f"Upload foundation model ({cfg['framework']['version']})"
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(model_dir), revision=revision, repo_type="model",
-                                 commit_message=message, allow_patterns=list(MODEL_FILES))
+        info = api.create_commit(repo_id=repo_id, operations=_commit_files(model_dir, cfg, repo_id),
+                                 revision=revision, repo_type="model", commit_message=message)
     except Exception as exc:  # network and HTTP errors -> one clear line; anything else propagates unchanged
         network = type(exc).__module__.split(".")[0] in ("httpx", "httpx2", "requests", "urllib3")
         if not (network or isinstance(exc, (HfHubHTTPError, ConnectionError))):
@@ -238,6 +238,17 @@ def push_folder(model_dir: str | Path, repo_id: str, revision: str | None = None
                          f"{str(exc).splitlines()[0] if str(exc) else ''} (check the network, HF_ENDPOINT, the repo "
                          "id and that your token (HF_TOKEN or --token) can write to it)") from exc
     return info.oid
+
+
+def _commit_files(model_dir: str | Path, cfg: dict, repo_id: str) -> list:
+    """The files of a saved model as Hub commit operations, the card re-rendered for ``repo_id`` (its load example
+    names the repo, not the local directory the model was saved in)."""
+    from huggingface_hub import CommitOperationAdd
+    model_dir = Path(model_dir)
+    ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(model_dir / name))
+           for name in MODEL_FILES if name != CARD_NAME]
+    card = render_card(cfg, repo_id).encode()
+    return ops + [CommitOperationAdd(path_in_repo=CARD_NAME, path_or_fileobj=card)]
 
 
 def update_card(model_dir: str | Path, *, metrics: dict | None = None, datasets: list[dict] | None = None,
@@ -312,9 +323,24 @@ def _example_structure(elements: list[str]) -> tuple[str, str]:
             "atoms.center(vacuum=5.0)")
 
 
+def example_head(cfg: dict) -> tuple[str | None, list[str]]:
+    """(head, elements) for the card's example: the first head whose training data is recorded with its elements
+    (so that the example runs that head on elements it was trained on), else (None, every model element)."""
+    mc = cfg["model_config"]
+    heads = list(mc.get("heads") or [])
+    for head in heads:
+        rows = [d for d in cfg.get("datasets") or [] if d.get("head", heads[0]) == head and d.get("elements")]
+        seen = {el for d in rows for el in d["elements"]} & set(mc.get("elements", []))
+        if seen:
+            return (head if len(heads) > 1 else None), [el for el in mc["elements"] if el in seen]
+    return None, list(mc.get("elements", []))
+
+
 def usage_code(cfg: dict, source: str) -> str:
     """The card's load-and-run-MD example for a model published at ``source`` (repo id or directory)."""
-    imp, build = _example_structure(list(cfg["model_config"].get("elements", [])))
+    head, elements = example_head(cfg)
+    imp, build = _example_structure(elements)
+    head_arg = f', head="{head}"' if head else ""
     return f'''from ase import units
 {imp}
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
@@ -322,7 +348,7 @@ from ase.md.verlet import VelocityVerlet
 
 from foundation import FoundationCalculator
 
-calc = FoundationCalculator.from_pretrained("{source}", device="cpu", dtype="float64")
+calc = FoundationCalculator.from_pretrained("{source}"{head_arg}, device="cpu", dtype="float64")
 {build}
 atoms.calc = calc
 print("potential energy (eV):", atoms.get_potential_energy())

@@ -331,7 +331,7 @@ def test_wheel_ships_the_card_template(tmp_path):
     root = TESTS.parent
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
                     str(tmp_path), str(root)], check=True, env=dict(os.environ, PIP_NO_INPUT="1"))
-    wheel, = tmp_path.glob("foundation-*.whl")
+    wheel, = tmp_path.glob("foundation_mlip-*.whl")   # distribution foundation-mlip
     names = zipfile.ZipFile(wheel).namelist()
     assert "foundation/model_card_template.md" in names
     template = zipfile.ZipFile(wheel).read("foundation/model_card_template.md").decode()

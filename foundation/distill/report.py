@@ -211,7 +211,8 @@ def export(config, student, teacher, report: dict, datasets: list[str], has_gt: 
         gt = has_gt and i == 1
         rows.append({"name": m.get("name") or Path(d).name, "structures": m.get("num_structures"),
                      "level_of_theory": "reference labels of the seeds" if gt else f"teacher {t['name']} "
-                                                                                   f"({t['revision']})"})
+                                                                                   f"({t['revision']})",
+                     "elements": m.get("elements")})
     sp = report["speed"]
     desc = (f"A student interatomic potential distilled with `foundation distill` from the teacher **{t['name']}** "
             f"(revision `{t['revision']}`) on teacher energies, forces, stresses and Hessian-vector products. "

@@ -52,12 +52,14 @@ def _open(path: str, r_max: float, index: int, head: int):
 
 def card_datasets(datasets: list, head_names: list[str], dataset_heads: list[int]) -> list[dict]:
     """Model-card rows of the training datasets: name, structures trained on (the split, not the whole set),
-    level of theory and license from the dataset's manifest (None when not recorded), and the head it trains."""
+    level of theory, license and elements from the dataset's manifest (None when not recorded), and the head it
+    trains (the card's example runs a head on elements it was trained on)."""
     rows = []
     for ds, head in zip(datasets, dataset_heads):
         manifest = getattr(getattr(ds, "dataset", ds), "manifest", None) or {}   # a Subset wraps the dataset
         rows.append({"name": ds.name, "structures": len(ds), "level_of_theory": manifest.get("level_of_theory"),
-                     "license": manifest.get("license"), "head": head_names[head]})
+                     "license": manifest.get("license"), "head": head_names[head],
+                     "elements": manifest.get("elements")})
     return rows
 
 
