@@ -1,6 +1,7 @@
 """``foundation distill RECIPE.yaml``: a teacher (our model or any ASE calculator) -> a fast student.
 
 Order of work (``distill``):
+
   1. the teacher (``load_teacher``) and the seed structures (files, or built-in ones when the files are absent)
   2. configurations (seeds, rattled and strained copies, teacher MD at several temperatures) labelled by the
      teacher with energy, forces, stress and H v for k random unit vectors per structure, cached in LMDB shards

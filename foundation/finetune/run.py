@@ -1,6 +1,7 @@
 """``foundation finetune RECIPE.yaml``: a pretrained model -> a model fine-tuned on new data, right at step 0.
 
 Order of work (``finetune``):
+
   1. load the base model (directory, or Hub id at a pinned revision); check ``base.head`` exists
   2. new data: LMDB dataset directories as they are, ASE-readable files converted into ``cache_dir``;
      replay data likewise (a seeded sample of ``replay.samples`` structures written as its own dataset)

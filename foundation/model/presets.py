@@ -6,6 +6,7 @@ hidden L = 0 / 1 / 2, 2 layers, correlation 3, max_ell 3, r_max 6 Å, 10 Bessel 
 
 student: a fast model for distillation (a student is trained on one system and its teacher's labels, so it
 needs far less capacity than a universal model):
+
 - L = 0 (invariant features): no l > 0 hidden features, so the convolution has 4 paths instead of 10-17 and
   the product basis has a single (scalar) output;
 - 64 channels: every GEMM (radial MLP output, linear maps, per-element skip) costs 4x less than at 128;
