@@ -173,7 +173,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 def _add_finetune(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("finetune", help="fine-tune a pretrained model (directory or Hub id at a pinned revision) on "
                                         "new data: full, frozen backbone, LoRA or multi-head replay")
-    _add_recipe_arguments(p, "recipes/finetune_mlearn_si.yaml", "--set finetune.strategy=frozen --set max_steps=200")
+    _add_recipe_arguments(p, "recipes/finetune_mlearn_si.yaml", "--set max_steps=200 --set replay.weight=0.3")
     p.set_defaults(func=_run_finetune)
 
 

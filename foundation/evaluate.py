@@ -37,19 +37,19 @@ class Predictions:
 def predict(model, datasets: list, head_names: list[str] | None = None, max_atoms: int = 256, device=None,
             forces: bool = True, on_batch: Callable[[dict, object], None] | None = None) -> Predictions:
     """Run ``model`` over every structure of ``datasets`` once (items carry their head index); stress is predicted
-    when the data has stress labels. ``on_batch(pred, batch)`` sees every batch (e.g. to collect parity pairs).
+    for batches that carry stress labels. ``on_batch(pred, batch)`` sees every batch (e.g. to collect parity pairs).
     Predictions are detached (forces need autograd, so this does not run under ``no_grad``); the model's
     train/eval mode is restored afterwards."""
     device = device if device is not None else next(model.parameters()).device
     names = [getattr(d, "name", None) or f"data{i}" for i, d in enumerate(datasets)]
     acc = MetricAccumulator(names, head_names or _head_names(model))
-    stress = forces and any(keys.STRESS in d[0] for d in datasets if len(d))
     numbers, labels, preds = [], [], []
     was_training = model.training
     model.eval()
     try:
         for batch in make_eval_loader(datasets, max_atoms, rank=0, world=1):
             batch = batch.to(device)
+            stress = forces and keys.STRESS in batch   # some structures of a dataset may lack stress (slabs)
             pred = model(batch, compute_forces=forces, compute_stress=stress, training=False)
             pred = {k: v.detach() for k, v in pred.items()}
             acc.update(pred, batch)

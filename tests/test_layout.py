@@ -1,5 +1,5 @@
 """The shape of the code base: no import circles inside the package (function-level imports included), no module
-over the ~400-line guide, nothing that names the ../shared folder beside a development clone."""
+over the ~400-line guide, nothing that names the shared folder beside a development clone by its path."""
 from __future__ import annotations
 
 import ast
