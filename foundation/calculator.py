@@ -29,8 +29,29 @@ from torch_geometric.data import Batch, Data
 from . import keys
 from .data.graph import from_atoms, neighbor_list
 
-_DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
+DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
            torch.float64: torch.float64}
+
+
+def inference_copy(model: torch.nn.Module, device: str | torch.device, dtype: str | torch.dtype) -> torch.nn.Module:
+    """A copy of ``model`` on ``device``, cast to ``dtype`` ('float32' | 'float64' or the torch dtype), in eval mode.
+
+    The model passed in is left as it was (dtype, device, training mode), so several calculators or simulation
+    models can share it, each in its own precision.
+    """
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return copy.deepcopy(model).to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
+
+
+def select_head(config, head: str | None) -> tuple[str, int]:
+    """(name, index) of readout head ``head`` in ``config.heads`` (default: the first; a model without
+    ``heads`` has one, 'default')."""
+    heads = list(getattr(config, "heads", None) or ["default"])
+    head = heads[0] if head is None else head
+    if head not in heads:
+        raise ValueError(f"head {head!r} is not a head of this model; choose one of {heads}")
+    return head, heads.index(head)
 
 
 class SkinNeighborList:
@@ -104,19 +125,12 @@ class FoundationCalculator(Calculator):
                  dtype: str | torch.dtype = "float64", skin: float = 0.5, compute_stress: bool | None = None,
                  **kwargs):
         super().__init__(**kwargs)
-        if dtype not in _DTYPES:
-            raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-        self.dtype, self.device = _DTYPES[dtype], torch.device(device)
-        self.model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype).eval()
+        self.model = inference_copy(model, device, dtype)
+        self.dtype, self.device = DTYPES[dtype], torch.device(device)
         config = self.model.config
         self.r_max = float(config.r_max)
         self.elements = list(getattr(config, "elements", []) or [])
-        self.heads = list(getattr(config, "heads", None) or ["default"])
-        if head is None:
-            head = self.heads[0]
-        if head not in self.heads:
-            raise ValueError(f"head {head!r} is not a head of this model; choose one of {self.heads}")
-        self.head, self.head_index = head, self.heads.index(head)
+        self.head, self.head_index = select_head(config, head)
         self.compute_stress = compute_stress
         self.neighbors = SkinNeighborList(self.r_max, skin)
         self.implemented_properties = self._model_properties()

@@ -1,0 +1,146 @@
+"""FoundationTorchSimModel: torch-sim's own validator, agreement with FoundationCalculator, batched relaxation,
+NVE/NVT/NPT MD on several systems at once, the skin neighbor list, bad input."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ase import Atoms
+from ase.build import bulk, molecule
+
+ts = pytest.importorskip("torch_sim", reason="the [torchsim] extra (torch-sim-atomistic) is not installed")
+from torch_sim.models.interface import validate_model_outputs  # noqa: E402
+
+from foundation.calculator import FoundationCalculator  # noqa: E402
+from foundation.integrations.torch_sim import FoundationTorchSimModel  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from test_calculator import _one_torch_thread, foundation_model, pair_model  # noqa: E402,F401
+
+ELEMENTS = ("Si", "Fe")
+
+
+def structures(seed: int = 0) -> list[Atoms]:
+    """Three small periodic Si/Fe cells of different sizes and shapes, rattled (0.05 Å)."""
+    si = bulk("Si", "diamond", a=5.5, cubic=True)
+    fe = bulk("Fe", "bcc", a=2.9, cubic=True).repeat((2, 2, 1))
+    mix = bulk("Si", "fcc", a=4.2).repeat((2, 2, 2))
+    mix.symbols[::3] = "Fe"
+    out = [si, fe, mix]
+    for k, atoms in enumerate(out):
+        atoms.rattle(0.05, seed=seed + k)
+    return out
+
+
+def test_passes_torch_sims_validator_in_float64_and_float32():
+    for dtype in (torch.float64, torch.float32):
+        model = FoundationTorchSimModel(foundation_model(elements=ELEMENTS), dtype=dtype)
+        validate_model_outputs(model, torch.device("cpu"), dtype)
+        assert model.dtype == dtype and model.compute_stress and model.compute_forces
+
+
+def test_batched_outputs_equal_the_ase_calculator_per_structure():
+    model = foundation_model(elements=ELEMENTS)
+    wrapped = FoundationTorchSimModel(model, head="r2scan")
+    systems = structures()
+    out = wrapped(ts.io.atoms_to_state(systems, torch.device("cpu"), torch.float64))
+    start = 0
+    for b, atoms in enumerate(systems):
+        atoms.calc = FoundationCalculator(model, head="r2scan")
+        n = len(atoms)
+        assert abs(out["energy"][b].item() - atoms.get_potential_energy()) < 1e-10
+        np.testing.assert_allclose(out["forces"][start:start + n].numpy(), atoms.get_forces(), atol=1e-10)
+        stress = atoms.get_stress(voigt=False)
+        assert np.abs(stress).max() > 1e-4
+        np.testing.assert_allclose(out["stress"][b].numpy(), stress, atol=1e-10)
+        start += n
+    # molecules (torch-sim pbc False): same energies and forces, zero stress (the model's rule for no periodicity)
+    mols = [molecule("SiH4")[:1], Atoms("Si2Fe", positions=[[0, 0, 0], [2.3, 0, 0], [0.4, 2.1, 0.3]])]
+    mols[0].positions[:] = 0.0
+    out = wrapped(ts.io.atoms_to_state(mols, torch.device("cpu"), torch.float64))
+    for b, atoms in enumerate(mols):
+        atoms.calc = FoundationCalculator(model, head="r2scan")
+        assert abs(out["energy"][b].item() - atoms.get_potential_energy()) < 1e-10
+    assert torch.all(out["stress"] == 0)
+
+
+def relax(systems, steps=None, tol=5e-3):
+    model = FoundationTorchSimModel(pair_model(elements=ELEMENTS, charges=False))
+    if steps is None:
+        return model, ts.optimize(systems, model, optimizer=ts.frechet_cell_fire, max_steps=1000,
+                                  convergence_fn=ts.generate_force_convergence_fn(tol))
+    init, update = ts.frechet_cell_fire(model=model)
+    state = init(ts.io.atoms_to_state(systems, torch.device("cpu"), torch.float64))
+    for _ in range(steps):
+        state = update(state)
+    return model, state
+
+
+def test_batched_frechet_cell_fire_relaxes_every_system_and_batching_changes_nothing():
+    systems = structures()
+    calc = FoundationCalculator(pair_model(elements=ELEMENTS, charges=False))
+    start = [calc.get_potential_energy(a) for a in systems]
+    model, relaxed = relax(systems)
+    assert relaxed.n_systems == 3 and np.all(relaxed.energy.numpy() < np.array(start) - 1e-2)
+    for atoms in relaxed.to_atoms():  # the ASE calculator agrees that forces and stress vanish there
+        assert np.abs(calc.get_forces(atoms)).max() < 5e-3
+        assert np.abs(calc.get_stress(atoms)).max() * atoms.get_volume() / len(atoms) < 1e-2  # cell force, eV
+    _, together = relax(systems, steps=15)
+    for b, atoms in enumerate(systems):  # each system alone follows exactly the same path
+        _, alone = relax([atoms], steps=15)
+        mask = together.system_idx == b
+        np.testing.assert_allclose(together.positions[mask].numpy(), alone.positions.numpy(), atol=1e-9)
+        np.testing.assert_allclose(together.row_vector_cell[b].numpy(), alone.row_vector_cell[0].numpy(), atol=1e-9)
+
+
+def test_nve_conserves_energy_for_several_systems_at_once():
+    model = FoundationTorchSimModel(foundation_model(elements=ELEMENTS))
+    init, update = ts.nve(model=model, dt=torch.tensor(0.001 * ts.units.MetalUnits.time), kT=torch.tensor(
+        300 * ts.units.MetalUnits.temperature), seed=0)
+    state = init(ts.io.atoms_to_state(structures(), torch.device("cpu"), torch.float64))
+    total = []
+    for _ in range(100):
+        state = update(state)
+        kinetic = ts.calc_kinetic_energy(masses=state.masses, momenta=state.momenta, system_idx=state.system_idx)
+        total.append((state.energy + kinetic).numpy())
+    drift = np.abs(np.array(total) - total[0]).max(axis=0) / state.n_atoms_per_system.numpy()
+    print(f"torch-sim NVE, 3 systems, 100 x 1 fs: max |Etot - Etot(0)| per atom {drift}")
+    assert drift.shape == (3,) and np.all(drift < 1e-4)
+    assert model.neighbor_builds < 3 * 100 / 4  # the skin list is reused between steps
+
+
+@pytest.mark.parametrize("ensemble", ["nvt", "npt"])
+def test_nvt_and_npt_langevin_run_several_systems(ensemble):
+    model = FoundationTorchSimModel(pair_model(elements=ELEMENTS, charges=False))
+    systems = structures()
+    volumes = np.array([a.get_volume() for a in systems])
+    kwargs = {"external_pressure": torch.tensor(0.0, dtype=torch.float64)} if ensemble == "npt" else {}
+    integrator = ts.nvt_langevin if ensemble == "nvt" else ts.npt_langevin
+    final = ts.integrate(systems, model, integrator=integrator, n_steps=40, temperature=600.0, timestep=0.002,
+                         seed=1, **kwargs)
+    assert final.n_systems == 3 and torch.isfinite(final.positions).all()
+    moved = [np.abs(a.positions - b.positions).max() for a, b in zip(final.to_atoms(), systems)]
+    assert min(moved) > 1e-2
+    changed = np.abs(final.volume.numpy() - volumes) / volumes
+    if ensemble == "npt":
+        assert changed.min() > 1e-4  # the barostat moved every cell
+    else:
+        assert changed.max() < 1e-12
+    assert model.neighbor_builds < 3 * 41  # lists kept across steps (and, in NPT, across cell changes)
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="not a head"):
+        FoundationTorchSimModel(foundation_model(elements=ELEMENTS), head="ccsd")
+    with pytest.raises(ValueError, match="float32"):
+        FoundationTorchSimModel(foundation_model(elements=ELEMENTS), dtype=torch.bfloat16)
+    model = FoundationTorchSimModel(foundation_model(elements=ELEMENTS))
+    state = ts.io.atoms_to_state(structures(), torch.device("cpu"), torch.float64)
+    state.positions[-1, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"systems \[2\] are not finite"):
+        model(state)
+    with pytest.raises(ValueError, match=r"\['Cu'\]"):
+        model(ts.io.atoms_to_state([bulk("Cu", "fcc", a=3.6)], torch.device("cpu"), torch.float64))
