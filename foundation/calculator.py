@@ -61,7 +61,9 @@ class SkinNeighborList:
     F = cell0^-1 cell (cell = cell0 F, rows = lattice vectors) a pair vector is r = r0 F + (d_recv - d_send), where
     d = pos - pos0 F is an atom's displacement beyond the affine one. Since |r0 F| >= s |r0| (s the smallest singular
     value of F), every pair now closer than r_max was in the cached list if max |d| <= (s (r_max + skin) - r_max) / 2
-    (= skin / 2 when the cell is unchanged). ``builds`` counts the neighbor-list builds.
+    (= skin / 2 when the cell is unchanged). An atom wrapped back into the cell (d = k cell + a small rest, k integer,
+    as torch-sim does every step) keeps the list: the unit shifts of its pairs absorb k and the skin test applies to
+    the rest. ``builds`` counts the neighbor-list builds.
     """
 
     def __init__(self, r_max: float, skin: float = 0.5):
@@ -71,23 +73,30 @@ class SkinNeighborList:
         self.builds = 0
         self._ref = None  # (positions, cell, pbc, numbers) at the last build
 
-    def _reusable(self, positions, cell, pbc, numbers) -> bool:
-        """Whether the cached list still holds every pair closer than r_max (see the class docstring)."""
+    def _reusable(self, positions, cell, pbc, numbers) -> np.ndarray | None:
+        """None if the list must be rebuilt, else the lattice translations k (n,3) by which atoms were wrapped since
+        the build (class docstring)."""
         if self._ref is None:
-            return False
+            return None
         p0, c0, b0, n0 = self._ref
         if len(n0) != len(numbers) or not (np.array_equal(n0, numbers) and np.array_equal(b0, pbc)):
-            return False
+            return None
         allowed, moved = self.skin / 2, positions - p0
         if pbc.any() and not np.array_equal(c0, cell):  # without periodic directions the cell plays no role
             if abs(np.linalg.det(c0)) < 1e-12:  # no deformation gradient from a flat cell
-                return False
+                return None
             deformation = np.linalg.solve(c0, cell)
             smallest = float(np.linalg.svd(deformation, compute_uv=False).min())
             allowed, moved = 0.5 * (smallest * (self.r_max + self.skin) - self.r_max), positions - p0 @ deformation
             if allowed < 0:
-                return False
-        return len(positions) == 0 or float(np.max(np.sum(moved ** 2, axis=1))) <= allowed ** 2
+                return None
+        jumps = np.zeros_like(moved)
+        if pbc.any() and abs(np.linalg.det(cell)) > 1e-12:  # whole lattice vectors, periodic directions only
+            jumps = np.rint(np.linalg.solve(cell.T, moved.T).T) * pbc
+            moved = moved - jumps @ cell
+        if len(positions) and float(np.max(np.sum(moved ** 2, axis=1))) > allowed ** 2:
+            return None
+        return jumps
 
     def __call__(self, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, numbers: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray]:
@@ -95,10 +104,16 @@ class SkinNeighborList:
         positions = np.asarray(positions, np.float64)
         cell = np.asarray(cell, np.float64).reshape(3, 3)
         pbc = np.asarray(pbc, bool).reshape(3)
-        if not self._reusable(positions, cell, pbc, numbers):
+        jumps = self._reusable(positions, cell, pbc, numbers)
+        if jumps is None:
             self._edges, self._unit = neighbor_list(positions, cell, pbc, self.r_max + self.skin)
             self._ref = (positions.copy(), cell.copy(), pbc.copy(), np.array(numbers).copy())
             self.builds += 1
+        elif jumps.any():  # r = pos[recv] - pos[send] + S cell with pos = pos' + k cell: S -> S - k_recv + k_send
+            send, recv = self._edges
+            self._unit = self._unit - jumps[recv] + jumps[send]  # same vector for all images of a pair: order kept
+            p0, c0, b0, n0 = self._ref
+            self._ref = (p0 + jumps @ c0, c0, b0, n0)
         send, recv = self._edges
         vec = positions[recv] - positions[send] + self._unit @ cell
         keep = np.einsum("ij,ij->i", vec, vec) < self.r_max ** 2
@@ -209,8 +224,9 @@ class FoundationCalculator(Calculator):
         self.results = self._split(out, [len(self.atoms)], [stress])[0]
         if "stress" in properties and "stress" not in self.results:
             reason = ("compute_stress=False" if self.compute_stress is False else
-                      f"pbc={self.atoms.pbc.tolist()}, cell volume {abs(self.atoms.cell.volume):.3g} Å³; stress needs a "
-                      "periodic direction and a cell of nonzero volume (give a slab its full cell, vacuum included)")
+                      f"pbc={self.atoms.pbc.tolist()}, cell volume {abs(self.atoms.cell.volume):.3g} Å³; stress "
+                      "needs a periodic direction and a cell of nonzero volume (give a slab its full cell, vacuum "
+                      "included)")
             raise PropertyNotImplementedError(f"no stress for {self.atoms.get_chemical_formula()}: {reason}")
 
     def calculate_many(self, structures: list[Atoms], max_atoms: int = 4096) -> list[dict]:

@@ -74,8 +74,8 @@ class TorchSimRun:
 
     def __init__(self, model, structures, args):
         import torch_sim as ts
+
         from foundation.integrations.torch_sim import FoundationTorchSimModel
-        self.ts = ts
         dtype = getattr(torch, args.dtype)
         self.model = FoundationTorchSimModel(model, dtype=dtype, compute_stress=False)
         units = ts.units.MetalUnits
@@ -153,8 +153,9 @@ def main(argv=None) -> int:
     rows = []
     for n in args.systems:
         rows.append(measure(args, model, n))
-        print(f"N={n}: torch-sim {rows[-1]['torch_sim_atom_steps_per_s']:.0f}, ASE {rows[-1]['ase_atom_steps_per_s']:.0f} "
-              f"atom-steps/s", file=sys.stderr, flush=True)
+        r = rows[-1]
+        print(f"N={n}: torch-sim {r['torch_sim_atom_steps_per_s']:.0f}, ASE {r['ase_atom_steps_per_s']:.0f} "
+              "atom-steps/s", file=sys.stderr, flush=True)
     load_after = os.getloadavg()
     meta = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "steps": args.steps,
             "repeats": args.repeats, "torch": torch.__version__, "torch_sim": getattr(torch_sim, "__version__", None)

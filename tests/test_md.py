@@ -82,7 +82,11 @@ def test_npt_keeps_the_neighbor_list_when_the_cell_changes():
         initialize_velocities(atoms, 600.0, seed=0)
         dyn = make_dynamics(atoms, "npt", 2.0, 600.0, pressure_gpa=5.0)
         frames = []
-        dyn.attach(lambda: frames.append((atoms.get_potential_energy(), atoms.get_stress(), atoms.get_volume())))
+
+        def record(atoms=atoms, frames=frames):
+            frames.append((atoms.get_potential_energy(), atoms.get_stress(), atoms.get_volume()))
+
+        dyn.attach(record)
         dyn.run(30)
         runs[skin] = frames, atoms.calc.neighbors.builds
     (fresh, fresh_builds), (kept, kept_builds) = runs[0.0], runs[1.0]

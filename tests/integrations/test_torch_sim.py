@@ -96,20 +96,30 @@ def test_batched_frechet_cell_fire_relaxes_every_system_and_batching_changes_not
         np.testing.assert_allclose(together.row_vector_cell[b].numpy(), alone.row_vector_cell[0].numpy(), atol=1e-9)
 
 
-def test_nve_conserves_energy_for_several_systems_at_once():
-    model = FoundationTorchSimModel(foundation_model(elements=ELEMENTS))
-    init, update = ts.nve(model=model, dt=torch.tensor(0.001 * ts.units.MetalUnits.time), kT=torch.tensor(
-        300 * ts.units.MetalUnits.temperature), seed=0)
+def nve_energies(skin: float, steps: int = 50) -> tuple[np.ndarray, np.ndarray, int]:
+    """Total energies (steps, 3) eV and final positions of torch-sim NVE (1 fs, from 300 K) on the 3 structures."""
+    model = FoundationTorchSimModel(foundation_model(elements=ELEMENTS), skin=skin)
+    units = ts.units.MetalUnits
+    init, update = ts.nve(model=model, dt=torch.tensor(0.001 * units.time), kT=torch.tensor(300 * units.temperature),
+                          seed=0)
     state = init(ts.io.atoms_to_state(structures(), torch.device("cpu"), torch.float64))
     total = []
-    for _ in range(100):
+    for _ in range(steps):
         state = update(state)
         kinetic = ts.calc_kinetic_energy(masses=state.masses, momenta=state.momenta, system_idx=state.system_idx)
-        total.append((state.energy + kinetic).numpy())
-    drift = np.abs(np.array(total) - total[0]).max(axis=0) / state.n_atoms_per_system.numpy()
-    print(f"torch-sim NVE, 3 systems, 100 x 1 fs: max |Etot - Etot(0)| per atom {drift}")
+        total.append((state.energy + kinetic).numpy() / state.n_atoms_per_system.numpy())
+    return np.array(total), state.positions.numpy(), model.neighbor_builds
+
+
+def test_nve_conserves_energy_for_several_systems_at_once_and_the_skin_list_changes_nothing():
+    total, positions, builds = nve_energies(skin=0.5)
+    drift = np.abs(total - total[0]).max(axis=0)
+    print(f"torch-sim NVE, 3 systems, 50 x 1 fs: max |Etot - Etot(0)| per atom {drift}; {builds} list builds")
     assert drift.shape == (3,) and np.all(drift < 1e-4)
-    assert model.neighbor_builds < 3 * 100 / 4  # the skin list is reused between steps
+    fresh_total, fresh_positions, fresh_builds = nve_energies(skin=0.0)  # a fresh list at every step
+    assert fresh_builds == 3 * 51 and builds <= 3 * 5  # kept across steps, although torch-sim wraps positions
+    np.testing.assert_allclose(total, fresh_total, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(positions, fresh_positions, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("ensemble", ["nvt", "npt"])
