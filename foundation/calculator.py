@@ -5,9 +5,9 @@ Graphs are built exactly as everywhere else (``foundation.data.from_atoms`` for 
 built once at ``r_max + skin`` and filtered to ``|r| < r_max`` on every call. When the cell changes (NPT, cell
 relaxations) the cached pairs are carried along with the strain, as LAMMPS does: pair vectors are recomputed from the
 current positions and cell, and the skin test allows for how much the deformation can shorten a vector. The list is
-rebuilt when an atom has moved too far from where the deformation alone would have taken it, or when pbc or atoms
-changed. The filtered list is the list a fresh build would give (same pairs, same order), so results equal rebuilding
-every step.
+rebuilt when an atom has moved too far from where the deformation alone would have taken it (an atom wrapped back into
+the cell through a face keeps the list), or when pbc or atoms changed. The filtered list is the list a fresh build
+would give (same pairs, same order), so results equal rebuilding every step.
 
 Stress is the strain derivative of the energy over the cell volume, (1/V) dE/dstrain, for every structure with at
 least one periodic direction and a cell of nonzero volume: for a slab that is the volume of the whole cell, vacuum
@@ -30,7 +30,7 @@ from . import keys
 from .data.graph import from_atoms, neighbor_list
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-           torch.float64: torch.float64}
+          torch.float64: torch.float64}
 
 
 def inference_copy(model: torch.nn.Module, device: str | torch.device, dtype: str | torch.dtype) -> torch.nn.Module:
