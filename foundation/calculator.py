@@ -162,7 +162,7 @@ class FoundationCalculator(Calculator):
     def from_pretrained(cls, id_or_dir: str, head: str | None = None, device: str | torch.device = "cpu",
                         dtype: str | torch.dtype = "float64", revision: str | None = None, cache_dir: str | None = None,
                         local_files_only: bool = False, token: str | None = None, skin: float = 0.5,
-                        model_class: type | None = None, **kwargs) -> "FoundationCalculator":
+                        model_class: type | None = None, **kwargs) -> FoundationCalculator:
         """Load a model (Hub repo id or saved directory, see ``FoundationModel.from_pretrained``) and wrap it."""
         if model_class is None:
             from .model import FoundationModel as model_class
