@@ -81,8 +81,9 @@ class PairModel(HubMixin, torch.nn.Module):
         q = q_raw - (excess / torch.bincount(b).to(q_raw.dtype))[b]
         node = self.e0[z] + torch.zeros_like(q).index_add(0, recv, 0.5 * pair) + 0.1 * q ** 2
         energy = torch.zeros_like(cell[:, 0, 0]).index_add(0, b, node)
-        out = {keys.ENERGY: energy, keys.NODE_ENERGY: node, keys.CHARGES: q,
-               keys.DIPOLE: torch.zeros_like(cell[:, 0]).index_add(0, b, q[:, None] * pos)}
+        out = {keys.ENERGY: energy, keys.NODE_ENERGY: node}
+        if self.config.charges:
+            out.update({keys.CHARGES: q, keys.DIPOLE: torch.zeros_like(cell[:, 0]).index_add(0, b, q[:, None] * pos)})
         wrt = [pos, disp] if compute_stress else [pos]
         grads = torch.autograd.grad(energy.sum(), wrt, allow_unused=True)
         out[keys.FORCES] = -grads[0]
@@ -141,35 +142,75 @@ def test_forces_match_ase_numerical_forces(make):
     np.testing.assert_allclose(atoms.get_potential_energies().sum(), e, rtol=1e-12)
 
 
-def test_stress_matches_ase_numerical_stress_and_needs_a_periodic_cell():
-    atoms = cu_au_bulk()
-    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
-    analytic = atoms.get_stress()
-    numeric = atoms.calc.calculate_numerical_stress(atoms, d=1e-6)
-    assert np.abs(analytic).max() > 1e-4
-    np.testing.assert_allclose(analytic, numeric, atol=1e-7)
-    for make in (slab, cluster):
-        other = make()
-        other.calc = FoundationCalculator(pair_model())
-        with pytest.raises(PropertyNotImplementedError):
-            other.get_stress()
+def test_stress_matches_ase_numerical_stress_for_bulk_and_slab_and_is_absent_for_molecules():
+    for make in (cu_au_bulk, slab):  # a slab's stress: the strain derivative over the whole cell, vacuum included
+        atoms = make()
+        atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+        analytic = atoms.get_stress()
+        numeric = atoms.calc.calculate_numerical_stress(atoms, d=1e-6)
+        assert np.abs(analytic).max() > 1e-4
+        np.testing.assert_allclose(analytic, numeric, atol=1e-7)
+    molecule_like = cluster()
+    molecule_like.calc = FoundationCalculator(pair_model())
+    with pytest.raises(PropertyNotImplementedError, match="needs a periodic direction"):
+        molecule_like.get_stress()
+    assert "stress" not in molecule_like.calc.results and "energy" in molecule_like.calc.results
+    flat = fcc111("Cu", size=(2, 2, 2), a=3.7)  # periodic in-plane, but the cell has no height: no volume
+    flat.calc = FoundationCalculator(pair_model())
+    with pytest.raises(PropertyNotImplementedError, match="volume 0"):
+        flat.get_stress()
+    bulk_no_stress = cu_au_bulk()
+    bulk_no_stress.calc = FoundationCalculator(pair_model(), compute_stress=False)
+    with pytest.raises(PropertyNotImplementedError, match="compute_stress=False"):
+        bulk_no_stress.get_stress()
+
+
+def test_masked_cell_filter_relaxes_the_periodic_directions_of_a_slab():
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+    atoms = fcc111("Cu", size=(2, 2, 3), a=3.7, vacuum=6.0)
+    atoms.set_cell(atoms.cell.array * [1.04, 1.04, 1.0], scale_atoms=True)  # in-plane tension
+    atoms.calc = FoundationCalculator(pair_model(elements=("Cu",), seed=2))
+    c0, s0 = atoms.cell.array.copy(), atoms.get_stress()
+    opt = BFGS(FrechetCellFilter(atoms, mask=[1, 1, 0, 0, 0, 1]), logfile=None)
+    assert opt.run(fmax=0.002, steps=100)
+    assert atoms.calc.neighbors.builds < opt.nsteps / 2  # the skin list follows the changing cell
+    s1 = atoms.get_stress()
+    assert np.abs(s1[[0, 1, 5]]).max() < 0.1 * np.abs(s0[[0, 1, 5]]).max()  # in-plane stress relaxed
+    assert np.abs(atoms.cell.array[:2] - c0[:2]).max() > 1e-2  # the in-plane cell moved ...
+    np.testing.assert_allclose(atoms.cell.array[2], c0[2], atol=1e-12)  # ... the vacuum direction did not
 
 
 def test_skin_neighbor_list_gives_the_rebuilt_list_and_rebuilds_only_when_needed():
     atoms = cu_au_bulk(rattle=0.0)
     nl = SkinNeighborList(r_max=4.0, skin=0.6)
     rng = np.random.default_rng(0)
-    for step in range(40):
-        atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
+
+    def check():
         got = nl(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
         ref = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, 4.0)
         np.testing.assert_array_equal(got[0], ref[0])
         np.testing.assert_array_equal(got[1], ref[1])
+
+    for _ in range(40):
+        atoms.positions += rng.normal(0, 0.03, atoms.positions.shape)
+        check()
     assert 1 < nl.builds < 40  # reused between rebuilds, rebuilt once atoms moved more than skin/2
     builds = nl.builds
-    atoms.set_cell(atoms.cell.array * 1.001, scale_atoms=False)
-    nl(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
-    assert nl.builds == builds + 1  # a changed cell always rebuilds
+    wrapped = 0
+    for _ in range(40):  # NPT-like: small random strains with the atoms carried along, thermal motion, wrapping
+        strain = np.eye(3) + rng.normal(0, 0.004, (3, 3))
+        atoms.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+        atoms.positions += rng.normal(0, 0.01, atoms.positions.shape)
+        before = atoms.positions.copy()
+        atoms.wrap()  # atoms that left the cell come back in through the opposite face (torch-sim does this)
+        wrapped += int(np.abs(atoms.positions - before).max() > 1.0)
+        check()
+    assert wrapped >= 5 and nl.builds - builds < 10  # the list survives cell changes and wrapping ...
+    builds = nl.builds
+    atoms.set_cell(atoms.cell.array * 0.9, scale_atoms=True)
+    check()
+    assert nl.builds == builds + 1  # ... until the deformation could bring pairs from beyond the skin
 
 
 def test_md_with_skin_equals_rebuilding_every_step():
@@ -217,6 +258,38 @@ def test_heads_dtypes_and_unknown_elements():
         water.get_potential_energy()
 
 
+def test_calculator_works_on_its_own_copy_of_the_model():
+    model = pair_model().train()  # float64, training mode
+    atoms = cu_au_bulk()
+    calc64 = FoundationCalculator(model, dtype="float64")
+    e64 = calc64.get_potential_energy(atoms)
+    calc32 = FoundationCalculator(model, dtype="float32")  # must not turn calc64 (or the model) into float32
+    assert model.w.dtype == torch.float64 and model.training  # the model passed in is untouched
+    assert calc64.model.w.dtype == torch.float64 and calc32.model.w.dtype == torch.float32
+    atoms.rattle(0.01, seed=9)
+    reference = FoundationCalculator(pair_model(), dtype="float64").get_potential_energy(atoms)
+    assert abs(calc64.get_potential_energy(atoms) - reference) < 1e-12 and abs(reference - e64) > 1e-6
+    with torch.no_grad():
+        model.w.mul_(2.0)  # later changes to the model do not reach a calculator made before them
+    atoms.rattle(0.01, seed=10)
+    assert abs(calc64.get_potential_energy(atoms) - FoundationCalculator(pair_model()).get_potential_energy(atoms)) \
+        < 1e-12
+
+
+def test_implemented_properties_follow_the_model():
+    always = {"energy", "free_energy", "forces", "stress", "energies"}
+    for model, charged in ((pair_model(), True), (pair_model(charges=False), False), (foundation_model(), False),
+                           (foundation_model(long_range={"kind": "coulomb"}), True)):
+        props = set(FoundationCalculator(model).implemented_properties)
+        assert always <= props and ({"charges", "dipole"} <= props) == charged
+        assert charged or not {"charges", "dipole"} & props
+    atoms = cluster()
+    atoms.calc = FoundationCalculator(pair_model(charges=False))
+    with pytest.raises(PropertyNotImplementedError, match="charges property not implemented"):
+        atoms.get_charges()
+    assert "charges" in FoundationCalculator.implemented_properties  # the class lists what a model can give
+
+
 def test_charges_follow_total_charge_and_dipole_is_reported():
     atoms = cluster()
     atoms.calc = FoundationCalculator(pair_model())
@@ -238,8 +311,8 @@ def test_calculate_many_matches_one_by_one():
         assert abs(res["energy"] - atoms.get_potential_energy()) < 1e-10
         np.testing.assert_allclose(res["forces"], atoms.get_forces(), atol=1e-10)
         np.testing.assert_allclose(res["charges"], atoms.get_charges(), atol=1e-10)
-        assert ("stress" in res) == bool(atoms.pbc.all())
-        if atoms.pbc.all():
+        assert ("stress" in res) == bool(atoms.pbc.any())  # bulk and slab, not the molecule
+        if atoms.pbc.any():
             np.testing.assert_allclose(res["stress"], atoms.get_stress(), atol=1e-10)
 
 
@@ -264,11 +337,20 @@ def test_foundation_model_passes_ase_numerical_checks(name):
     forces = atoms.get_forces()
     assert np.abs(forces).max() > 1e-2
     np.testing.assert_allclose(forces, atoms.calc.calculate_numerical_forces(atoms, d=1e-4), atol=1e-6)
-    if atoms.pbc.all():
+    if atoms.pbc.any():  # bulk and slab
         stress = atoms.get_stress()
         assert np.abs(stress).max() > 1e-4
         np.testing.assert_allclose(stress, atoms.calc.calculate_numerical_stress(atoms, d=1e-6), atol=1e-7)
     np.testing.assert_allclose(atoms.get_potential_energies().sum(), atoms.get_potential_energy(), rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_slab_stress_with_the_ewald_head_matches_finite_differences():
+    atoms = small_structures()["slab"]  # latent charges, Ewald sum in the cell with its vacuum
+    atoms.calc = FoundationCalculator(foundation_model(long_range={"kind": "latent_ewald"}), dtype="float64")
+    stress = atoms.get_stress()
+    assert np.abs(stress).max() > 1e-4
+    np.testing.assert_allclose(stress, atoms.calc.calculate_numerical_stress(atoms, d=1e-6), atol=1e-7)
 
 
 def test_foundation_model_batched_equals_single_and_skin_equals_rebuild():

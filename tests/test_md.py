@@ -74,6 +74,32 @@ def test_run_md_nvt_npt_write_trajectory_and_log(tmp_path):
             assert atoms.get_volume() != v0  # the barostat moved the cell
 
 
+def test_npt_keeps_the_neighbor_list_when_the_cell_changes():
+    runs = {}
+    for skin in (0.0, 1.0):  # skin 0: a fresh list at every step
+        atoms = cu_au_32()
+        atoms.calc = FoundationCalculator(pair_model(), skin=skin)
+        initialize_velocities(atoms, 600.0, seed=0)
+        dyn = make_dynamics(atoms, "npt", 2.0, 600.0, pressure_gpa=5.0)
+        frames = []
+
+        def record(atoms=atoms, frames=frames):
+            frames.append((atoms.get_potential_energy(), atoms.get_stress(), atoms.get_volume()))
+
+        dyn.attach(record)
+        dyn.run(30)
+        runs[skin] = frames, atoms.calc.neighbors.builds
+    (fresh, fresh_builds), (kept, kept_builds) = runs[0.0], runs[1.0]
+    volumes = [v for _, _, v in kept]
+    assert len(set(volumes)) == 31  # the barostat changed the cell at every step
+    print(f"NPT 30 steps: {kept_builds} neighbor-list builds with skin 1 Å, {fresh_builds} without; "
+          f"max |dE| {max(abs(a[0] - b[0]) for a, b in zip(fresh, kept)):.2g} eV")
+    assert fresh_builds == 31 and kept_builds <= 2
+    for (e0, s0, _), (e1, s1, _) in zip(fresh, kept):
+        assert abs(e0 - e1) <= 1e-12 * max(1.0, abs(e0))
+        np.testing.assert_allclose(s0, s1, rtol=0, atol=1e-12)
+
+
 def test_md_loads_a_saved_model_and_reports_speed(tmp_path, capsys):
     pair_model().save_pretrained(tmp_path / "model")
     structure = tmp_path / "cell.xyz"
