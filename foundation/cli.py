@@ -19,7 +19,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                     "later record missing one is invalid. Stress is only required of (and stored for) structures "
                     "periodic in all three directions. Invalid records (NaN/inf, missing label, unknown element, "
                     "atoms closer than 0.1 Å) stop the conversion naming file and record, unless --skip-invalid.")
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="extxyz, ASE db, OUTCAR, .aselmdb ... (anything ASE reads)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="extxyz, ASE db, OUTCAR, .aselmdb ... (anything ASE reads)")
     p.add_argument("--out", required=True, help="output directory (written atomically)")
     p.add_argument("--shard-size", type=int, default=10000, help="structures per LMDB shard (default 10000)")
     p.add_argument("--dataset-name", default=None, help="name recorded in the manifest (default: output dir name)")
@@ -42,7 +43,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
                                      "(name, split, structures, level of theory, license)")
     p.set_defaults(func=_run_list)
 
-    p = dsub.add_parser("generate", help="make a labelled multi-element corpus with EMT (metals) and GFN2-xTB (molecules)")
+    p = dsub.add_parser("generate",
+                        help="make a labelled multi-element corpus with EMT (metals) and GFN2-xTB (molecules)")
     p.add_argument("--preset", default="demo", help="corpus size preset: demo (default) or tiny")
     p.add_argument("--out", required=True, help="output directory; one converted dataset per part inside")
     p.add_argument("--seed", type=int, default=0)
@@ -93,7 +95,8 @@ def _run_push(args: argparse.Namespace) -> int:
     from .hub import push_folder
     sha = push_folder(args.model_dir, args.repo_id, revision=args.revision, private=args.private,
                       commit_message=args.message, token=args.token)
-    print(f"pushed {args.model_dir} to {args.repo_id}" + (f"@{args.revision}" if args.revision else "") + f": commit {sha}")
+    at = f"@{args.revision}" if args.revision else ""
+    print(f"pushed {args.model_dir} to {args.repo_id}{at}: commit {sha}")
     return 0
 
 

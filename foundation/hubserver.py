@@ -200,8 +200,8 @@ class HubHandler(BaseHTTPRequestHandler):
                     return getattr(self, f"_h_{name}")(**groups)
             raise HubError(404, f"no route for {method} {url.path}")
         except HubError as exc:
-            self._send_json({"error": exc.message, **exc.extra}, exc.status, {"X-Error-Code": exc.code} if exc.code else {},
-                            error=exc.message)
+            headers = {"X-Error-Code": exc.code} if exc.code else {}
+            self._send_json({"error": exc.message, **exc.extra}, exc.status, headers, error=exc.message)
 
     def _check_token(self) -> None:
         if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
@@ -358,7 +358,8 @@ class HubHandler(BaseHTTPRequestHandler):
         return f"http://{host}:{port}"
 
 
-def make_server(root: str | Path, port: int = 0, token: str | None = None, verbose: bool = False) -> ThreadingHTTPServer:
+def make_server(root: str | Path, port: int = 0, token: str | None = None,
+                verbose: bool = False) -> ThreadingHTTPServer:
     """A server bound to 127.0.0.1:``port`` (0 = any free port) storing repos under ``root``; not started."""
     handler = type("BoundHubHandler", (HubHandler,), {"store": HubStore(root), "token": token})
     server = ThreadingHTTPServer(("127.0.0.1", port), handler)

@@ -35,7 +35,8 @@ class MDSummary:
         return (f"{self.steps} steps x {self.atoms} atoms at {self.timestep_fs:g} fs in {self.wall_s:.2f} s: "
                 f"{self.ns_per_day:.4g} ns/day, {self.atom_steps_per_s:.4g} atom-steps/s; final T "
                 f"{self.final_temperature_k:.1f} K, |dEtot| {self.energy_drift_ev_per_atom:.3g} eV/atom"
-                + (f"; trajectory {self.trajectory}" if self.trajectory else "") + (f", log {self.log}" if self.log else ""))
+                + (f"; trajectory {self.trajectory}" if self.trajectory else "")
+                + (f", log {self.log}" if self.log else ""))
 
     def to_dict(self) -> dict:
         return asdict(self)

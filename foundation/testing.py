@@ -2,8 +2,9 @@
 
 Each ``check_*`` evaluates a model on ``ase.Atoms`` (graphs built with ``from_atoms`` at the model's r_max),
 raises ``AssertionError`` with the measured error when a property is violated, and returns the error.
-Symmetry tolerances are relative to max(1, max |reference|), finite-difference ones to max |reference|; pick ``tolerance(model)`` for symmetry checks
-(~1e-9 in float64, ~1e-4 in float32). Finite-difference checks need a float64 model.
+Symmetry tolerances are relative to max(1, max |reference|), finite-difference ones to max |reference|;
+pick ``tolerance(model)`` for symmetry checks (~1e-9 in float64, ~1e-4 in float32).
+Finite-difference checks need a float64 model.
 """
 from __future__ import annotations
 
@@ -203,7 +204,8 @@ def check_isolated_atoms(model, tol: float | None = None) -> float:
                 out = evaluate(model, [atoms], [h])[0]
                 errs.append(_compare(f"isolated {symbol} (head {head}) energy", out["energy"], e0,
                                      tol or tolerance(model)))
-                errs.append(_compare(f"isolated {symbol} forces", out["forces"], np.zeros((1, 3)), tol or tolerance(model)))
+                errs.append(_compare(f"isolated {symbol} forces", out["forces"], np.zeros((1, 3)),
+                                     tol or tolerance(model)))
     return max(errs)
 
 

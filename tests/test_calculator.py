@@ -215,8 +215,8 @@ def test_skin_neighbor_list_gives_the_rebuilt_list_and_rebuilds_only_when_needed
 
 def test_md_with_skin_equals_rebuilding_every_step():
     from ase import units
-    from ase.md.verlet import VelocityVerlet
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from ase.md.verlet import VelocityVerlet
     model = pair_model()
     traj = {}
     for skin in (0.0, 1.0):
@@ -225,7 +225,10 @@ def test_md_with_skin_equals_rebuilding_every_step():
         atoms.calc = FoundationCalculator(model, dtype="float64", skin=skin)
         dyn = VelocityVerlet(atoms, timestep=2 * units.fs)
         frames = []
-        dyn.attach(lambda: frames.append((atoms.get_potential_energy(), atoms.get_forces().copy())), interval=1)
+
+        def record(atoms=atoms, frames=frames):
+            frames.append((atoms.get_potential_energy(), atoms.get_forces().copy()))
+        dyn.attach(record, interval=1)
         dyn.run(30)
         traj[skin] = (frames, atoms.calc.neighbors.builds)
     (f0, b0), (f1, b1) = traj[0.0], traj[1.0]

@@ -83,9 +83,10 @@ def test_card_has_real_content_and_never_invents_metrics(tmp_path):
     assert result["dataset"]["name"] == "rmd17-ethanol"
     assert {m["type"]: m["value"] for m in result["metrics"]} == METRICS["rmd17-ethanol"]
     n_params = sum(p.numel() for p in model.parameters())
-    for needle in ("| elements | Cu, Au |", "| cutoff r_max | 4 Å |", f"| parameters | {n_params:,} |", "`pbe`, `r2scan`",
-                   "| rmd17-ethanol | 1,000 | PBE/def2-SVP | CC0 |", "| rmd17-ethanol | forces_mae_meV_per_A | 20.5 |",
-                   "## Intended use and limits", 'FoundationCalculator.from_pretrained("org/cu-au"', "@software{foundation"):
+    for needle in ("| elements | Cu, Au |", "| cutoff r_max | 4 Å |", f"| parameters | {n_params:,} |",
+                   "`pbe`, `r2scan`", "| rmd17-ethanol | 1,000 | PBE/def2-SVP | CC0 |",
+                   "| rmd17-ethanol | forces_mae_meV_per_A | 20.5 |", "## Intended use and limits",
+                   'FoundationCalculator.from_pretrained("org/cu-au"', "@software{foundation"):
         assert needle in card, needle
     assert not re.search(r"\{\{\w+\}\}", card)  # every placeholder filled
     bare = (model.save_pretrained(tmp_path / "b") / "README.md").read_text()
@@ -94,7 +95,7 @@ def test_card_has_real_content_and_never_invents_metrics(tmp_path):
 
 
 def test_card_says_what_acts_beyond_the_cutoff_and_whether_charge_is_an_input():
-    from foundation.hub import _long_range_text
+    from foundation.card import _long_range_text
     plain = _long_range_text(None, None)
     assert "no long-range charge head" in plain and "not an input" in plain
     ewald = _long_range_text({"kind": "latent_ewald", "sigma": 1.5}, 2)
@@ -105,7 +106,7 @@ def test_card_says_what_acts_beyond_the_cutoff_and_whether_charge_is_an_input():
 
 @pytest.mark.parametrize("elements", [["Cu", "Au"], ["H", "C", "O"], ["Si"], ["H"], ["Tc", "Re"], ["Li", "F"]])
 def test_card_example_structure_uses_only_the_model_elements(elements):
-    from foundation.hub import _example_structure
+    from foundation.card import _example_structure
     imp, build = _example_structure(elements)
     scope: dict = {}
     exec(imp + "\n" + build, scope)
@@ -265,14 +266,16 @@ def test_push_pull_revisions_offline_cache_and_tampering(tmp_path):
     assert _front_matter(res["card"])["model-index"][0]["results"][0]["metrics"][0]["value"] == 1.234
     assert 'FoundationCalculator.from_pretrained("org/pot"' in res["card"]
     # the server is gone: everything that was downloaded loads from the cache
-    offline = _run(_PRELUDE.format(tests=str(TESTS)) + _OFFLINE.format(sha1=res["sha1"]), {**env, "HF_HUB_OFFLINE": "1"})
+    offline = _run(_PRELUDE.format(tests=str(TESTS)) + _OFFLINE.format(sha1=res["sha1"]),
+                   {**env, "HF_HUB_OFFLINE": "1"})
     assert offline["main"] == res["e2"] and offline["v1"] == res["e1"] and offline["dev"] == res["e1"]
     assert offline["missing"][0] == "FileNotFoundError" and "HF_HUB_OFFLINE=1" in offline["missing"][1]
 
 
 def test_foundation_model_round_trip(tmp_path):
-    from foundation import FoundationModel
     from test_calculator import foundation_model
+
+    from foundation import FoundationModel
     model = foundation_model(seed=5)
     out = model.save_pretrained(tmp_path / "fm", metrics=METRICS, datasets=DATASETS)
     loaded = FoundationModel.from_pretrained(out)

@@ -8,8 +8,12 @@ import pytest
 
 hf = pytest.importorskip("huggingface_hub")
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download  # noqa: E402
-from huggingface_hub.errors import (HfHubHTTPError, RemoteEntryNotFoundError, RepositoryNotFoundError,  # noqa: E402
-                                    RevisionNotFoundError)
+from huggingface_hub.errors import (  # noqa: E402
+    HfHubHTTPError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
 from foundation.hubserver import git_blob_oid, serve_in_thread  # noqa: E402
 
@@ -38,7 +42,8 @@ def test_push_branches_tags_and_pinned_downloads(hub):
     with pytest.raises(HfHubHTTPError) as exc:
         api.create_repo("org/model")
     assert exc.value.response.status_code == 409
-    v1 = api.upload_folder(repo_id="org/model", folder_path=str(_folder(tmp / "v1", **{"w.txt": "one", "sub/x.txt": "x"})),
+    v1_dir = _folder(tmp / "v1", **{"w.txt": "one", "sub/x.txt": "x"})
+    v1 = api.upload_folder(repo_id="org/model", folder_path=str(v1_dir),
                            commit_message="v1").oid
     api.create_tag("org/model", tag="release-1", revision=v1)
     api.create_branch("org/model", branch="stable", revision=v1)
@@ -50,7 +55,8 @@ def test_push_branches_tags_and_pinned_downloads(hub):
     assert [(t.name, t.target_commit) for t in refs.tags] == [("release-1", v1)]
     assert api.model_info("org/model").sha == v2
     history = api.list_repo_commits("org/model")
-    assert [c.commit_id for c in history[:2]] == [v2, v1] and [c.title for c in history] == ["v2", "v1", "initial commit"]
+    assert [c.commit_id for c in history[:2]] == [v2, v1]
+    assert [c.title for c in history] == ["v2", "v1", "initial commit"]
     cache = tmp / "cache"
     for rev, text in ((None, "two"), (v1, "one"), ("stable", "one"), ("release-1", "one"), ("main", "two")):
         snap = snapshot_download("org/model", revision=rev, cache_dir=cache, endpoint=url)

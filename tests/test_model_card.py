@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from foundation.hub import example_head, usage_code
+from foundation.card import example_head, usage_code
 from foundation.hubserver import serve_in_thread
 
 TESTS = Path(__file__).resolve().parent

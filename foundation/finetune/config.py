@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from ..hub import is_repo_id
+from ..card import is_repo_id
 from ..recipe import load_recipe
 from ..train.config import TrainConfig
 

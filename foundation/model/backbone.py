@@ -13,8 +13,8 @@ Reads top to bottom (``forward``):
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
-from typing import Mapping, Sequence
 
 import torch
 from e3nn import o3
@@ -203,7 +203,8 @@ class FoundationModel(HubMixin, nn.Module):
         charge = getattr(batch, keys.TOTAL_CHARGE, None)  # e; missing (NaN) or absent = neutral
         charge = torch.zeros(num_graphs) if charge is None else torch.nan_to_num(charge.view(-1), nan=0.0)
         return {"pos": batch[keys.POSITIONS].to(device=device, dtype=dtype), "z": z, "batch": vec,
-                "total_charge": charge.to(device=device, dtype=dtype), "num_graphs": num_graphs, "head": head, "sender": edge_index[0], "receiver": edge_index[1],
+                "total_charge": charge.to(device=device, dtype=dtype), "num_graphs": num_graphs, "head": head,
+                "sender": edge_index[0], "receiver": edge_index[1],
                 "shifts": batch[keys.SHIFTS].to(device=device, dtype=dtype),
                 "cell": cell.to(device=device, dtype=dtype).view(-1, 3, 3), "pbc": pbc.to(device).view(-1, 3)}
 

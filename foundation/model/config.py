@@ -59,13 +59,14 @@ class ModelConfig:
         self.elements = list(self.elements)
         self.heads = list(self.heads)
         self.radial_mlp = list(self.radial_mlp)
-        self.atomic_energies = _per_head(self.atomic_energies, self.heads, [0.0] * len(self.elements), "atomic_energies")
+        zeros = [0.0] * len(self.elements)
+        self.atomic_energies = _per_head(self.atomic_energies, self.heads, zeros, "atomic_energies")
         self.scale = _per_head(self.scale, self.heads, 1.0, "scale")
         self.shift = _per_head(self.shift, self.heads, 0.0, "shift")
         self.validate()
 
     # ---------------------------------------------------------------------------------------------------
-    def validate(self) -> "ModelConfig":
+    def validate(self) -> ModelConfig:
         """Check every field; raise ValueError saying which field is wrong and what is allowed."""
         _check(len(self.elements) > 0, "elements is empty; give the chemical symbols the model covers, e.g. ['H', 'O']")
         bad = [s for s in self.elements if s not in atomic_numbers or s == "X"]
@@ -112,7 +113,7 @@ class ModelConfig:
         return json.loads(json.dumps(dataclasses.asdict(self)))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
         """Build from a dict; unknown keys are an error naming the closest valid field."""
         if not isinstance(data, dict):
             raise ValueError(f"a model config must be a dict (JSON object), got {type(data).__name__}")
@@ -134,7 +135,7 @@ class ModelConfig:
         return text
 
     @classmethod
-    def from_json(cls, text_or_path: str | Path) -> "ModelConfig":
+    def from_json(cls, text_or_path: str | Path) -> ModelConfig:
         """From JSON text or a path to a config.json file."""
         text = str(text_or_path)
         if not text.lstrip().startswith("{"):
@@ -149,7 +150,7 @@ class ModelConfig:
         return cls.from_dict(data)
 
     @classmethod
-    def preset(cls, name: str, elements: list[str], **overrides: Any) -> "ModelConfig":
+    def preset(cls, name: str, elements: list[str], **overrides: Any) -> ModelConfig:
         """A named preset (small, medium, large, student) for ``elements``, with field overrides."""
         from .presets import preset_fields
         fields = preset_fields(name)

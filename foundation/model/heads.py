@@ -14,7 +14,7 @@ Statistics live in the config; the buffers here are non-persistent copies rebuil
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,7 +49,8 @@ class HeadStatistics(nn.Module):
                 + self.shift[head] * presence)
 
 
-def update_statistics(config: ModelConfig, head: str | None, atomic_energies: Mapping[str, float] | Sequence[float] | None,
+def update_statistics(config: ModelConfig, head: str | None,
+                      atomic_energies: Mapping[str, float] | Sequence[float] | None,
                       scale: float | None, shift: float | None, avg_num_neighbors: float | None) -> None:
     """Write new statistics for one head (or every head when ``head`` is None) into ``config`` and validate.
 

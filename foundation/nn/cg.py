@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 from e3nn import o3
@@ -35,7 +35,7 @@ def conv_paths(l_in: int, max_ell: int) -> list[tuple[int, int, int]]:
     return sorted(paths, key=lambda p: (p[2], p[0], p[1]))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _w3j(l1: int, l2: int, l3: int) -> torch.Tensor:
     return o3.wigner_3j(l1, l2, l3, dtype=torch.float64)
 
@@ -110,7 +110,7 @@ def monomial_tuples(nu: int, d: int) -> list[tuple[int, ...]]:
     return list(itertools.combinations_with_replacement(range(d), nu))
 
 
-@lru_cache(maxsize=None)
+@cache
 def symmetric_basis(nu: int, max_ell: int, L: int) -> torch.Tensor:
     """``symmetrize(coupling_trees(nu, max_ell, L), nu)``: (2L+1, n_tuples, K_nu) float64, cached per process."""
     return symmetrize(coupling_trees(nu, max_ell, L), nu)

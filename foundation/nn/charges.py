@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import difflib
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,8 @@ DEFAULTS: dict[str, Any] = {
     "kind": "latent_ewald",     # "latent_ewald": molecules + periodic cells; "coulomb": molecules only
     "sigma": 1.0,               # Å, Gaussian smearing of the charges (erf(r / (sqrt(2) sigma)) / r)
     "kcut": None,               # 1/Å, k-space cutoff; None -> 6 / sigma (weight at the cutoff exp(-18) ~ 1.5e-8:
-                                # with 5 / sigma, k-vectors crossing the sphere under strain broke stress-vs-finite-strain at 1e-5)
+                                # with 5 / sigma, k-vectors crossing the sphere under strain broke
+                                # stress-vs-finite-strain at 1e-5)
     "pme_threshold": 1000,      # atoms; periodic structures this large use PME; None -> always Ewald
     "mesh_spacing": None,       # Å, PME mesh spacing; None -> min(sigma / 2, 0.9 pi / kcut)
     "interpolation_nodes": 7,   # PME interpolation nodes per axis, 3..7 (7: ~1e-7 relative error)

@@ -34,7 +34,7 @@ class PaddedNeighbors:
     width: int
 
     @staticmethod
-    def build(sender: torch.Tensor, receiver: torch.Tensor, num_nodes: int) -> "PaddedNeighbors":
+    def build(sender: torch.Tensor, receiver: torch.Tensor, num_nodes: int) -> PaddedNeighbors:
         """sender, receiver (E,) node indices (any edge order)."""
         degree = torch.bincount(receiver, minlength=num_nodes)
         width = int(degree.max()) if receiver.numel() else 0

@@ -23,7 +23,7 @@ class ElementGroups:
     slices: tuple[tuple[int, int, int], ...]
 
     @staticmethod
-    def from_sorted(z_sorted: torch.Tensor, num_elements: int) -> "ElementGroups":
+    def from_sorted(z_sorted: torch.Tensor, num_elements: int) -> ElementGroups:
         """z_sorted (n,) element indices in non-decreasing order."""
         counts = torch.bincount(z_sorted, minlength=num_elements).tolist()
         out, start = [], 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from model_factory import tiny_model
 from torch_geometric.data import Batch
 
-from model_factory import tiny_model
 from foundation import FoundationModel, ModelConfig, keys, testing
 from foundation.data import from_atoms
 

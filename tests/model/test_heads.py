@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 from ase import Atoms
-
 from model_factory import tiny_model
+
 from foundation import testing
 
 

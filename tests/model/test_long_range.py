@@ -3,9 +3,9 @@ import pytest
 import torch
 from ase import Atoms
 from ase.build import molecule
+from model_factory import tiny_model
 from torch_geometric.data import Batch
 
-from model_factory import tiny_model
 from foundation import ModelConfig, keys, testing
 from foundation.data.graph import from_atoms
 

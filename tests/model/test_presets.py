@@ -2,8 +2,8 @@
 import pytest
 import torch
 from ase.data import chemical_symbols
-
 from model_factory import ELEMENTS
+
 from foundation import FoundationModel, ModelConfig, testing
 from foundation.model import PRESETS
 

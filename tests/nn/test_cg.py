@@ -76,5 +76,6 @@ def test_coupling_trees_equivariant(L):
     d_out = o3.Irrep(L, (-1) ** L).D_from_matrix(rot)
     u = cg.coupling_trees(2, 3, L)
     a = torch.randn(16, dtype=torch.float64)
-    f = lambda v: torch.einsum("mabk,a,b->mk", u, v, v)
+    def f(v):
+        return torch.einsum("mabk,a,b->mk", u, v, v)
     assert torch.allclose(f(d16 @ a), d_out @ f(a), atol=1e-6)  # e3nn D_from_matrix is accurate to ~1e-7

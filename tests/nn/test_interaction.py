@@ -51,7 +51,8 @@ def test_matches_dense_message_formula():
     sh = o3.spherical_harmonics([0, 1, 2, 3], vec, normalize=True, normalization="component")
     table, path_of, counts = conv_table(2, 3)
     weights = block.radial(basis(vec.norm(dim=1))).view(len(send), -1, 4)
-    msg = torch.einsum("eb,abo,eac->eoc", sh, table, block.linear_up(h)[send]) * weights[:, torch.tensor(block.radial_index)[path_of]]
+    w = weights[:, torch.tensor(block.radial_index)[path_of]]
+    msg = torch.einsum("eb,abo,eac->eoc", sh, table, block.linear_up(h)[send]) * w
     agg = torch.zeros(5, msg.shape[1], 4, dtype=torch.float64).index_add(0, recv, msg)
     out, start = [], 0
     for l3, (count, w) in enumerate(zip(counts, block.linear)):

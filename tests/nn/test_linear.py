@@ -29,7 +29,8 @@ def test_irreps_linear_is_equivariant():
     lin = IrrepsLinear(2, 3, 6, torch.float64)
     d = o3.Irreps("0e+1o+2e").D_from_matrix(o3.rand_matrix(dtype=torch.float64))
     x = torch.randn(5, 9, 3, dtype=torch.float64)
-    rot = lambda v: torch.einsum("ij,njc->nic", d, v)
+    def rot(v):
+        return torch.einsum("ij,njc->nic", d, v)
     assert torch.allclose(lin(rot(x)), rot(lin(x)), atol=1e-6)
 
 
