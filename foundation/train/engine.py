@@ -60,7 +60,8 @@ def _load_only_needed_ops() -> None:
     build lock that a killed process leaves behind (``oplock.py``). Its one use, ``inference_all_reduce``,
     returns early for one rank: then it is not loaded at all; with more ranks it loads after ``oplock`` has made
     sure the lock is free (a stale one removed, a held one waited for with a limit)."""
-    import deepspeed.comm.torch as ds_torch
+    import importlib
+    ds_torch = importlib.import_module("deepspeed.comm.torch")   # ``deepspeed.comm.torch`` the attribute is torch
     if getattr(ds_torch.build_shm_op, "foundation_guarded", False):
         return
     original = ds_torch.build_shm_op

@@ -130,9 +130,9 @@ class Trainer:
             if i == len(micro) - 1 and engine.zero_stage == 0:   # gradients all-reduced, not yet applied
                 guard.check_gradients(engine.module, self.step + 1, lr, loss.properties)
             engine.step()
-        guard.check_weights(engine.module, self.step + 1, lr)
             sums += s.detach().cpu()
             atoms += int(b[keys.ATOMIC_NUMBERS].shape[0])
+        guard.check_weights(engine.module, self.step + 1, lr)
         self.schedule.step()
         if self.ema is not None:
             self.ema.update(engine.module)

@@ -41,8 +41,8 @@ def logged_steps(out: Path) -> list[int]:
 
 
 def pair_model():
-    from pair_model import PairPotential
     import torch
+    from pair_model import PairPotential
     torch.manual_seed(0)
     return PairPotential([28, 29], r_max=4.0)
 
