@@ -14,6 +14,8 @@ last finite ones and the model is not exported.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -23,7 +25,7 @@ class TrainingDiverged(ValueError):
 
 def _hint(lr: float) -> str:
     return (f"the learning rate was {lr:g}: lower optim.lr (or optim.grad_clip), or check the labels; the "
-            "checkpoints written before this step are intact and nothing was exported")
+            "checkpoints written before this step are intact and nothing non-finite was saved or exported")
 
 
 def _any_rank(flag: bool, reduce) -> bool:
@@ -34,9 +36,10 @@ def _any_rank(flag: bool, reduce) -> bool:
 def check_loss(sums: torch.Tensor, properties, step: int, lr: float, reduce) -> None:
     """``sums`` (P,): one micro-batch's loss terms in the order of ``properties``; raise if any is non-finite on
     any rank. ``step``: the optimizer step being taken (1-based)."""
-    bad = [p for p, s in zip(properties, sums.detach().cpu().tolist()) if not torch.isfinite(torch.tensor(s))]
+    values = sums.detach().cpu().tolist()
+    bad = [p for p, v in zip(properties, values) if not math.isfinite(v)]
     if _any_rank(bool(bad), reduce):
-        what = f"loss term(s) {bad} are {[float(sums[properties.index(p)]) for p in bad]}" if bad else \
+        what = f"loss term(s) {bad} are {[values[properties.index(p)] for p in bad]}" if bad else \
             "a loss term is non-finite on another rank"
         raise TrainingDiverged(f"training diverged at step {step}: {what}; {_hint(lr)}")
 

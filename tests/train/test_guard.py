@@ -64,11 +64,11 @@ class NaNGradient(PairPotential):
 
     def __init__(self):
         super().__init__([28, 29], r_max=4.0)
-        self.trap = torch.nn.Parameter(torch.zeros(()))
+        self.trap = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, batch, **kwargs):
         out = super().forward(batch, **kwargs)
-        out[keys.ENERGY] = out[keys.ENERGY] + torch.sqrt(self.trap ** 2)
+        out[keys.ENERGY] = out[keys.ENERGY] + torch.sqrt(self.trap ** 2).sum()
         return out
 
 
