@@ -87,8 +87,9 @@ def test_every_training_verb_refuses_an_out_dir_with_checkpoints(tmp_path, verb,
 @pytest.mark.multiprocess
 def test_second_run_names_the_pid_of_the_first_and_the_lock_dies_with_it(tmp_path, emt_data):
     out = tmp_path / "busy"
-    recipe = pair_recipe(tmp_path, out, emt_data, steps=6)
-    first = subprocess.Popen([sys.executable, str(RUNNER), str(recipe)], env=child_env(delay=0.3),
+    recipe = pair_recipe(tmp_path, out, emt_data, steps=20)
+    # 5 s per step: the first run is still training when the second has started up, however loaded the machine
+    first = subprocess.Popen([sys.executable, str(RUNNER), str(recipe)], env=child_env(delay=5.0),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not logged_steps(out) and first.poll() is None and time.time() < deadline:
@@ -106,4 +107,4 @@ def test_second_run_names_the_pid_of_the_first_and_the_lock_dies_with_it(tmp_pat
     third = subprocess.run([sys.executable, str(RUNNER), str(recipe), "--resume"], env=child_env(),
                            capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-2000:]
-    assert logged_steps(out)[-1] == 6
+    assert logged_steps(out)[-1] == 20
