@@ -45,10 +45,12 @@ def check_loss(sums: torch.Tensor, properties, step: int, lr: float, reduce) -> 
 
 
 def _first_bad(named) -> str | None:
-    for name, t in named:
-        if t is not None and not bool(torch.isfinite(t).all()):
-            return name
-    return None
+    """Name of the first non-finite tensor of ``named`` ((name, tensor or None) pairs), or None. One float64 sum
+    over all of them first (NaN/inf propagate into it), so the common all-finite case costs a single check."""
+    named = [(n, t.detach()) for n, t in named if t is not None]
+    if not named or math.isfinite(float(torch.stack([t.sum(dtype=torch.float64) for _, t in named]).sum())):
+        return None
+    return next((n for n, t in named if not bool(torch.isfinite(t).all())), None)
 
 
 def check_gradients(module: torch.nn.Module, step: int, lr: float, properties) -> None:
