@@ -24,7 +24,7 @@ class TrainingDiverged(ValueError):
 
 
 def _hint(lr: float) -> str:
-    return (f"the learning rate was {lr:g}: lower optim.lr (or optim.grad_clip), or check the labels; the "
+    return (f"optim.lr is {lr:g}: lower it (or optim.grad_clip), or check the labels; the "
             "checkpoints written before this step are intact and nothing non-finite was saved or exported")
 
 

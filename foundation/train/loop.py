@@ -125,14 +125,14 @@ class Trainer:
                 with engine.autocast():
                     pred[keys.HESSIAN_PRODUCTS] = loss.predict_hvp(engine.module, b, create_graph=True)
             s = loss.sums(pred, b)
-            guard.check_loss(s, loss.properties, self.step + 1, lr, engine.all_reduce_sum)
+            guard.check_loss(s, loss.properties, self.step + 1, self.config.optim.lr, engine.all_reduce_sum)
             engine.backward(Loss.combine(s, counts, coeffs) * self.world)
             if i == len(micro) - 1 and engine.zero_stage == 0:   # gradients all-reduced, not yet applied
-                guard.check_gradients(engine.module, self.step + 1, lr, loss.properties)
+                guard.check_gradients(engine.module, self.step + 1, self.config.optim.lr, loss.properties)
             engine.step()
             sums += s.detach().cpu()
             atoms += int(b[keys.ATOMIC_NUMBERS].shape[0])
-        guard.check_weights(engine.module, self.step + 1, lr)
+        guard.check_weights(engine.module, self.step + 1, self.config.optim.lr)
         self.schedule.step()
         if self.ema is not None:
             self.ema.update(engine.module)
