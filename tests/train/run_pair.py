@@ -1,4 +1,5 @@
-"""Train the test pair potential from a recipe, as a separate process (``python run_pair.py RECIPE [--resume]``).
+"""Train the test pair potential from a recipe, as a separate process
+(``python run_pair.py RECIPE [--resume | --overwrite]``).
 
 Used by the kill-and-resume and multi-rank tests (also under ``torchrun``). ``FOUNDATION_TEST_STEP_DELAY``
 (seconds) slows each training forward down so a test can kill the run at a step of its choosing.
@@ -32,11 +33,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_config(args.recipe, args.set)
     torch.manual_seed(1234)
-    run(config, model=SlowPair([28, 29], r_max=4.0), resume=args.resume)
+    again = {"overwrite": True} if args.overwrite else {}   # (keeps the runner usable on code without the flag)
+    run(config, model=SlowPair([28, 29], r_max=4.0), resume=args.resume, **again)
     return 0
 
 
