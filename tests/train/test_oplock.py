@@ -3,6 +3,7 @@ the op at all; where the op is loaded (several ranks) a stale lock is removed an
 limit, then named. Every child runs under a timeout, so a regression fails instead of hanging."""
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -44,7 +45,16 @@ def rank0_of_two(ext: Path, timeout: str = "900") -> subprocess.Popen:
                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), DS_ACCELERATOR="cpu",
                     FOUNDATION_OP_BUILD_TIMEOUT=timeout)
     return subprocess.Popen([sys.executable, "-c", TWO_RANKS], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL the child and what it started (a compiler it runs for the op build must not outlive the test)."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.mark.slow
@@ -74,8 +84,7 @@ def test_where_the_op_is_loaded_a_stale_lock_is_removed(tmp_path):
             time.sleep(0.1)
         assert proc.poll() is None, proc.stderr.read()[-2000:]   # still going: building, or waiting for rank 1
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        kill_group(proc)
         reader.join(10)
     assert any(f"removed the stale build lock {lock}" in line for line in lines), lines
 
@@ -90,7 +99,7 @@ def test_where_the_op_is_loaded_a_held_lock_is_named_after_a_bounded_wait(tmp_pa
         try:
             _, err = proc.communicate(timeout=240)
         finally:
-            proc.kill()
+            kill_group(proc)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
