@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .. import __version__, keys
 from .encoding import RECORD_VERSION
-from .graph import neighbor_list
+from .graph import MIN_DISTANCE, check_min_distance, neighbor_list
 from .labels import DEFAULT_SOURCES, read_labels
 from .manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest,
                        read_manifest, sha256_file, shard_entry, write_json_synced)
@@ -41,7 +41,6 @@ from .readers import iter_structures
 from .shards import SHARD_SCHEMA_VERSION, ShardWriter
 from .stats import MAX_Z, StatsAccumulator
 
-MIN_DISTANCE = 0.1  # Å
 SKIPPED_NAME = "skipped.json"
 
 
@@ -263,13 +262,10 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
         edge_index, unit = neighbor_list(positions, cell, pbc, r_max)
     except ValueError as exc:
         raise InvalidRecord(str(exc)) from None
-    if edge_index.shape[1]:
-        vec = positions[edge_index[1]] - positions[edge_index[0]] + unit @ cell
-        d = np.linalg.norm(vec, axis=1)
-        k = int(np.argmin(d))
-        if d[k] < MIN_DISTANCE:
-            raise InvalidRecord(f"atoms {edge_index[0, k]} and {edge_index[1, k]} (or a periodic image) are "
-                                f"{d[k]:.4f} Å apart, closer than {MIN_DISTANCE} Å")
+    try:
+        check_min_distance(positions, cell, edge_index, unit)
+    except ValueError as exc:
+        raise InvalidRecord(str(exc)) from None
     fields = {keys.ATOMIC_NUMBERS: numbers.astype(np.uint8), keys.POSITIONS: positions, keys.CELL: cell,
               keys.PBC: pbc}
     fields.update(labels)
