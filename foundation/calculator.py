@@ -182,15 +182,15 @@ class FoundationCalculator(Calculator):
         """The model input for ``atoms`` (``from_atoms`` + neighbor list at r_max, via the skin cache if asked)."""
         self._check_elements(atoms)
         data = from_atoms(atoms, None, with_labels=False, head=self.head_index, dtype=self.dtype)
-        if reuse_neighbors:
-            edge_index, unit = self.neighbors(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
-        else:
-            edge_index, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.r_max)
-        try:  # the same minimum-distance rule as `foundation data convert` (0 Å gave NaN, 0.05 Å nonsense)
+        try:  # invalid cells and the minimum-distance rule of `foundation data convert` (0 Å gave NaN)
+            if reuse_neighbors:
+                edge_index, unit = self.neighbors(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+            else:
+                edge_index, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.r_max)
             check_min_distance(atoms.positions, atoms.cell.array, edge_index, unit)
         except ValueError as exc:
-            raise ValueError(f"structure {atoms.get_chemical_formula()}: {exc}; the model is not defined there: "
-                             f"move the atoms apart") from None
+            raise ValueError(f"structure {atoms.get_chemical_formula()}: {exc}; the model cannot evaluate it: fix "
+                             f"the structure") from None
         data[keys.EDGE_INDEX] = torch.from_numpy(edge_index)
         data[keys.SHIFTS] = torch.from_numpy(unit @ atoms.cell.array).to(self.dtype)
         return data

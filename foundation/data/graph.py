@@ -45,6 +45,12 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_ma
     if pbc.any() and abs(np.linalg.det(cell)) < 1e-12 and np.any(np.abs(cell[pbc]).sum(1) < 1e-12):
         raise ValueError("periodic boundary conditions along a lattice vector of zero length; "
                          "set the cell or turn pbc off along that direction")
+    if pbc.any():
+        sv = np.linalg.svd(cell[pbc], compute_uv=False)
+        if sv.min() <= 1e-9 * sv.max():
+            raise ValueError(f"the periodic lattice vectors {np.round(cell[pbc], 6).tolist()} Å are coplanar or "
+                             f"parallel (zero cell volume); give three independent lattice vectors, or turn pbc "
+                             f"off along the dependent one")
     groups = _separated_groups(positions, cell, pbc, float(r_max))
     parts = [(idx, *_vesin_pairs(positions[idx], cell, pbc, float(r_max))) for idx in groups]
     send = np.concatenate([idx[s] for idx, s, _, _ in parts])

@@ -44,7 +44,8 @@ def test_generated_data_round_trips_exactly(tmp_path, emt_xyz):
     assert m["num_structures"] == 30 and m["num_atoms"] == sum(len(a) for a in frames)
     assert m["elements"] == ["Al", "Ni", "Cu"] and m["level_of_theory"] == "EMT"
     assert set(m["properties"]) == {"energy", "forces", "stress", "total_charge"}
-    assert m["properties"]["forces"] == {"unit": "eV/Å", "per_atom": True}
+    assert m["properties"]["forces"] == {"unit": "eV/Å", "per_atom": True, "count": 30}
+    assert sorted(m["files"]) == sorted([s["file"] for s in m["shards"]] + ["manifest.json"])
     for s in m["shards"]:
         assert sha256_file(out / s["file"]) == s["sha256"] and (out / s["file"]).stat().st_size == s["bytes"]
     prov = m["provenance"]
@@ -107,7 +108,6 @@ def _cell_atoms(symbols="Cu2", positions=((0, 0, 0), (1.8, 1.8, 0))):
 BAD_CASES = {
     "nan": (lambda: _labelled(_cell_atoms(), energy=np.nan), "NaN or inf"),
     "inf_forces": (lambda: _labelled(_cell_atoms(), forces=np.full((2, 3), np.inf)), "NaN or inf"),
-    "missing": (lambda: _labelled(_cell_atoms(), stress=False), "missing required label"),
     "close": (lambda: _labelled(_cell_atoms(positions=((0, 0, 0), (0.05, 0, 0)))), "closer than 0.1"),
 }
 
@@ -183,7 +183,7 @@ def test_failure_midway_leaves_nothing_and_keeps_old_dataset(tmp_path, emt_xyz, 
         return real(self, fields)
 
     monkeypatch.setattr(conv.ShardWriter, "append", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ValueError, match=r"could not write into .*disk full \(simulated\).*Nothing was changed"):
         convert([path], out, shard_size=4, progress=False)  # different arguments: would replace
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
@@ -244,8 +244,10 @@ def test_stress_is_required_only_of_fully_periodic_structures(tmp_path, molecule
     assert_round_trip(out, ase.io.read(tmp_path / "mix.xyz", ":"))
     from foundation.data.inspect import inspect
     assert "verified: 1 shards, 5 records" in inspect(out, verify=True)
-    # a fully periodic structure without stress, after one with it, is still missing a label
-    bad = frames + [_labelled(_cell_atoms(), stress=False)]
-    ase.io.write(tmp_path / "bad.xyz", bad)
+    # a fully periodic structure without stress, after one with it, is stored without it (counted in the manifest)
+    ase.io.write(tmp_path / "more.xyz", frames + [_labelled(_cell_atoms(), stress=False)])
+    out = convert([tmp_path / "more.xyz"], tmp_path / "ds2", progress=False)
+    assert keys.STRESS not in ShardedDataset(out).record(5) and read_manifest(out)["properties"]["stress"]["count"] == 3
+    # a label named with key_map stays required of every record
     with pytest.raises(ValueError, match=r"record 5: missing required label.*stress"):
-        convert([tmp_path / "bad.xyz"], tmp_path / "ds2", progress=False)
+        convert([tmp_path / "more.xyz"], tmp_path / "ds3", key_map={"stress": "stress"}, progress=False)
