@@ -130,10 +130,9 @@ def test_private_repos_need_the_token_for_every_read(tmp_path):
             with pytest.raises(RepositoryNotFoundError) as exc:
                 hf_hub_download("org/secret", "w.txt", endpoint=url, token=token, cache_dir=tmp_path / f"c{token}")
             assert exc.value.response.status_code in (401, 404)
-            for read in (lambda: anon.repo_info("org/secret"), lambda: anon.list_repo_files("org/secret"),
-                         lambda: anon.list_repo_refs("org/secret"), lambda: anon.list_repo_commits("org/secret")):
+            for read in ("repo_info", "list_repo_files", "list_repo_refs", "list_repo_commits"):
                 with pytest.raises(RepositoryNotFoundError):
-                    read()
+                    getattr(anon, read)("org/secret")
             with pytest.raises(RepositoryNotFoundError) as missing:
                 anon.repo_info("org/never-created")
             assert str(exc.value.response.status_code) == str(missing.value.response.status_code)
