@@ -407,3 +407,12 @@ def test_atoms_1e6_angstrom_apart_do_not_kill_the_calculator():
     proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert abs(float(proc.stdout.split()[-1])) < 1e-9
+
+
+@pytest.mark.parametrize("cell, message", [([[3, 0, 0], [0, 3, 0], [3, 3, 0]], "coplanar"), (None, "zero length")])
+def test_a_degenerate_periodic_cell_is_a_named_error(cell, message):
+    """Regression (issue 18.12): a coplanar cell gave vesin's raw RuntimeError ("box matrix is not invertible")."""
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.0]], cell=cell, pbc=True)
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    with pytest.raises(ValueError, match=f"structure Cu2: .*{message}.*fix the structure"):
+        atoms.get_potential_energy()

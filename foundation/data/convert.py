@@ -39,7 +39,8 @@ from .graph import MIN_DISTANCE, check_min_distance, neighbor_list
 from .labels import DEFAULT_SOURCES, read_labels
 from .manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest,
                        read_manifest, sha256_file, shard_entry, write_json_synced)
-from .outdir import SKIPPED_NAME, check_out, clean_orphans, make_temp_dir, old_dir_name, remove_written
+from .outdir import (SKIPPED_NAME, check_inputs_outside, check_replaceable, clean_orphans, make_temp_dir,
+                     old_dir_name, remove_written)
 from .readers import iter_structures
 from .shards import SHARD_SCHEMA_VERSION, ShardWriter
 from .stats import MAX_Z, StatsAccumulator
@@ -67,7 +68,7 @@ def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shar
                  "skip_invalid": bool(skip_invalid), "r_max": float(r_max), "level_of_theory": level_of_theory}
     sources = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
     fingerprint = _fingerprint(sources, arguments)
-    check_out(out, paths)
+    check_inputs_outside(out, paths)
     for line in clean_orphans(out):
         if progress:
             print(line)
@@ -75,6 +76,7 @@ def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shar
         if progress:
             print(f"{out} is up to date (same inputs and arguments); nothing to do")
         return out
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = make_temp_dir(out)
     try:
@@ -153,7 +155,7 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
 
 def _swap_in(tmp: Path, out: Path) -> None:
     """Rename ``tmp`` to ``out``; an existing ``out`` is renamed away first, and once the new one is in, the files
-    the previous conversion wrote are deleted (``check_out`` made sure there is nothing else)."""
+    the previous conversion wrote are deleted (``check_replaceable`` made sure there is nothing else)."""
     if out.exists():
         old = old_dir_name(out)
         os.rename(out, old)

@@ -110,13 +110,17 @@ def written_files(directory: Path) -> list[str]:
     return names + ([SKIPPED_NAME] if (directory / SKIPPED_NAME).is_file() else [])
 
 
-def check_out(out: Path, inputs: list[Path]) -> None:
-    """``ValueError`` unless ``out`` may be (re)placed: no input inside it, nothing in it convert did not write."""
+def check_inputs_outside(out: Path, inputs: list[Path]) -> None:
+    """``ValueError`` if an input file lies inside ``out`` (replacing ``out`` would delete it)."""
     target = out.resolve()
     for p in inputs:
         if p.resolve().is_relative_to(target):
             raise ValueError(f"input {p} lies inside --out {out}; converting would replace the folder holding it: "
                              f"choose an --out outside the inputs' folder")
+
+
+def check_replaceable(out: Path) -> None:
+    """``ValueError`` unless ``out`` is absent, empty, or holds only what a conversion wrote (its manifest)."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} exists and is not a directory; choose another path")
     if not out.is_dir() or not any(out.iterdir()):
