@@ -400,10 +400,11 @@ print(far.get_potential_energy() - sum(calc.get_potential_energy(a) for a in alo
 
 def test_atoms_1e6_angstrom_apart_do_not_kill_the_calculator():
     """Regression (issue 18.9): SIGFPE (exit -8) in the neighbor list; now two isolated atoms' energies."""
+    import os
     import subprocess
     import sys
     from pathlib import Path
-    env = {**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
     proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert abs(float(proc.stdout.split()[-1])) < 1e-9
