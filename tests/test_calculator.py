@@ -404,7 +404,7 @@ def test_atoms_1e6_angstrom_apart_do_not_kill_the_calculator():
     import subprocess
     import sys
     from pathlib import Path
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=180, env=env)
     assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
     assert abs(float(proc.stdout.split()[-1])) < 1e-9
