@@ -27,7 +27,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from torch_geometric.data import Batch, Data
 
 from . import keys
-from .data.graph import from_atoms, neighbor_list
+from .data.graph import check_min_distance, from_atoms, neighbor_list
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
           torch.float64: torch.float64}
@@ -182,10 +182,15 @@ class FoundationCalculator(Calculator):
         """The model input for ``atoms`` (``from_atoms`` + neighbor list at r_max, via the skin cache if asked)."""
         self._check_elements(atoms)
         data = from_atoms(atoms, None, with_labels=False, head=self.head_index, dtype=self.dtype)
-        if reuse_neighbors:
-            edge_index, unit = self.neighbors(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
-        else:
-            edge_index, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.r_max)
+        try:  # invalid cells and the minimum-distance rule of `foundation data convert` (0 Å gave NaN)
+            if reuse_neighbors:
+                edge_index, unit = self.neighbors(atoms.positions, atoms.cell.array, atoms.pbc, atoms.numbers)
+            else:
+                edge_index, unit = neighbor_list(atoms.positions, atoms.cell.array, atoms.pbc, self.r_max)
+            check_min_distance(atoms.positions, atoms.cell.array, edge_index, unit)
+        except ValueError as exc:
+            raise ValueError(f"structure {atoms.get_chemical_formula()}: {exc}; the model cannot evaluate it: fix "
+                             f"the structure") from None
         data[keys.EDGE_INDEX] = torch.from_numpy(edge_index)
         data[keys.SHIFTS] = torch.from_numpy(unit @ atoms.cell.array).to(self.dtype)
         return data

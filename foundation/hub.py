@@ -67,6 +67,8 @@ def read_config(model_dir: str | Path, verify: bool = True) -> dict:
         files = cfg.get("files") or {}
         if WEIGHTS_NAME not in files:
             raise ValueError(f"{path} lists no checksum for {WEIGHTS_NAME}; save the model again")
+        for name in files:
+            _check_listed_name(name, path)
         for name, expected in files.items():
             f = model_dir / name
             if not f.is_file():
@@ -75,6 +77,18 @@ def read_config(model_dir: str | Path, verify: bool = True) -> dict:
                 raise ValueError(f"{f} is corrupted or was modified: its SHA-256 does not match the one recorded in "
                                  f"{path}; delete it (and its cache entry) and download or save the model again")
     return cfg
+
+
+def _check_listed_name(name, config_path: Path) -> None:
+    """``ValueError`` unless ``name`` (a key of config.json's ``files``) is a plain relative path inside the model
+    folder: checked on the text alone, before any file is opened, so the refusal says nothing about what exists."""
+    from pathlib import PurePosixPath
+    parts = PurePosixPath(name).parts if isinstance(name, str) else ()
+    if (not parts or name.startswith("/") or any(p in ("", ".", "..") for p in parts)
+            or any(c in name for c in ("\\", ":", "\0"))):
+        raise ValueError(f"{config_path} lists a checksummed file {str(name)[:80]!r} that is not a plain relative "
+                         f"path inside the model folder; refusing to load this model: it was not written by "
+                         f"save_pretrained (re-download it from a trusted source, or save it again)")
 
 
 def resolve_model_dir(id_or_dir: str | Path, revision: str | None = None, cache_dir: str | Path | None = None,

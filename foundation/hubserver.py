@@ -10,6 +10,11 @@ Storage under ``--root``: ``{namespace}/{name}/`` holds ``refs.json`` (branches,
 (content-addressed by git blob sha1, the oid the Hub reports for regular files). Commits are immutable, so an
 old revision keeps serving the files it had.
 
+Access: with ``--token`` every write needs ``Authorization: Bearer TOKEN``, and so does every read of a private
+repo (info, tree, refs, commits, file downloads); without it a private repo is answered exactly like a missing one
+(404 ``RepoNotFound``), so its existence is not revealed. A server without ``--token`` refuses to create private
+repos.
+
 Run: ``python -m foundation.hubserver --port 8765 --root /tmp/hub [--token SECRET]``.
 """
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
+import hmac
 import json
 import re
 import threading
@@ -197,15 +203,26 @@ class HubHandler(BaseHTTPRequestHandler):
                     groups = {k: unquote(v) if v else v for k, v in match.groupdict().items()}
                     if m == "POST" and name not in ("validate_yaml",):
                         self._check_token()
+                    elif groups.get("repo") and self._hidden(groups["repo"]):  # a private repo, no valid token
+                        raise HubError(404, f"Repository {groups['repo']} not found", "RepoNotFound")
                     return getattr(self, f"_h_{name}")(**groups)
             raise HubError(404, f"no route for {method} {url.path}")
         except HubError as exc:
             headers = {"X-Error-Code": exc.code} if exc.code else {}
             self._send_json({"error": exc.message, **exc.extra}, exc.status, headers, error=exc.message)
 
+    def _authorized(self) -> bool:
+        given = self.headers.get("Authorization") or ""
+        return bool(self.token) and hmac.compare_digest(given.encode(), f"Bearer {self.token}".encode())
+
     def _check_token(self) -> None:
-        if self.token and self.headers.get("Authorization") != f"Bearer {self.token}":
+        if self.token and not self._authorized():
             raise HubError(401, "Invalid credentials in Authorization header")
+
+    def _hidden(self, repo: str) -> bool:
+        """True for a private repo read without the server's token: answered exactly like a missing repo."""
+        refs = self.store.repo_dir(repo, must_exist=False) / "refs.json"
+        return refs.is_file() and json.loads(refs.read_text()).get("private", False) and not self._authorized()
 
     def _send_json(self, obj, status: int = 200, headers: dict | None = None, error: str | None = None) -> None:
         data = json.dumps(obj).encode()
@@ -227,6 +244,9 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(400, "this server stores model repositories only")
         repo = f"{payload.get('organization') or 'user'}/{payload['name']}"
         private = payload.get("private", payload.get("visibility") == "private")
+        if private and not self.token:
+            raise HubError(400, "this server has no --token, so a private repo could not be protected; start it "
+                                "with --token SECRET to host private repos")
         try:
             self.store.create_repo(repo, bool(private))
         except HubError as exc:
@@ -379,7 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m foundation.hubserver", description=__doc__.splitlines()[0])
     p.add_argument("--port", type=int, default=8765, help="port on 127.0.0.1 (0 = pick a free one)")
     p.add_argument("--root", required=True, help="directory holding the repositories")
-    p.add_argument("--token", default=None, help="if set, writes need 'Authorization: Bearer TOKEN'")
+    p.add_argument("--token", default=None,
+                   help="if set, writes and reads of private repos need 'Authorization: Bearer TOKEN'")
     p.add_argument("--verbose", action="store_true", help="log every request")
     args = p.parse_args(argv)
     server = make_server(args.root, args.port, args.token, args.verbose)

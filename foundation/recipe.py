@@ -119,12 +119,34 @@ def read_recipe(path: str | Path, overrides: list[str] | None = None) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"recipe {str(path)!r} not found; recipes ship in recipes/*.yaml")
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as "
+                         f"UTF-8 YAML") from None
+    except OSError as exc:
+        raise ValueError(f"recipe {str(path)!r} cannot be read ({exc.strerror}); check the path and its "
+                         f"permissions") from None
+    try:
+        values = yaml.load(text, Loader=_StrictLoader) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"recipe {str(path)!r} is not valid YAML: {_yaml_problem(exc)}; fix the file") from None
     if not isinstance(values, dict):
         raise ValueError(f"recipe {str(path)!r} must be a YAML mapping of keys and sections (data:, optim: ...)")
     return apply_overrides(values, overrides)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that rejects a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"key {key!r} is given twice in one section",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:

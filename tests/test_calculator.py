@@ -373,3 +373,47 @@ def test_foundation_model_batched_equals_single_and_skin_equals_rebuild():
         r1 = cached.get_property("forces", atoms).copy()
         np.testing.assert_allclose(r0, r1, rtol=0, atol=1e-12)
     assert cached.neighbors.builds < fresh.neighbors.builds
+
+
+@pytest.mark.parametrize("gap", [0.0, 0.05])
+def test_coincident_atoms_are_refused_with_the_convert_rule(gap):
+    """Regression (issue 18.10): 0 Å gave a NaN energy and 0.05 Å a finite one, both silently."""
+    atoms = Atoms("CuAu", positions=[[0, 0, 0], [gap, 0, 0]])
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    with pytest.raises(ValueError, match=r"structure AuCu: atoms [01] and [01] .* closer than 0.1 Å; .*fix the str"):
+        atoms.get_potential_energy()
+    atoms.positions[1, 0] = 2.5
+    assert np.isfinite(atoms.get_potential_energy())
+
+
+_FAR_APART = """
+from ase import Atoms
+from test_calculator import pair_model
+from foundation.calculator import FoundationCalculator
+calc = FoundationCalculator(pair_model(), dtype="float64")
+far = Atoms("CuAu", positions=[[0, 0, 0], [1e6, 0, 0]])
+far.calc = calc
+alone = [Atoms(s, positions=[[0, 0, 0]]) for s in ("Cu", "Au")]
+print(far.get_potential_energy() - sum(calc.get_potential_energy(a) for a in alone))
+"""
+
+
+def test_atoms_1e6_angstrom_apart_do_not_kill_the_calculator():
+    """Regression (issue 18.9): SIGFPE (exit -8) in the neighbor list; now two isolated atoms' energies."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert abs(float(proc.stdout.split()[-1])) < 1e-9
+
+
+@pytest.mark.parametrize("cell, message", [([[3, 0, 0], [0, 3, 0], [3, 3, 0]], "coplanar"), (None, "zero length")])
+def test_a_degenerate_periodic_cell_is_a_named_error(cell, message):
+    """Regression (issue 18.12): a coplanar cell gave vesin's raw RuntimeError ("box matrix is not invertible")."""
+    atoms = Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.0]], cell=cell, pbc=True)
+    atoms.calc = FoundationCalculator(pair_model(), dtype="float64")
+    with pytest.raises(ValueError, match=f"structure Cu2: .*{message}.*fix the structure"):
+        atoms.get_potential_energy()

@@ -339,3 +339,27 @@ def test_wheel_ships_the_card_template(tmp_path):
     assert "foundation/model_card_template.md" in names
     template = zipfile.ZipFile(wheel).read("foundation/model_card_template.md").decode()
     assert template == (root / "model_cards" / "TEMPLATE.md").read_text()
+
+
+def test_checksummed_names_outside_the_model_folder_are_refused_unread(tmp_path, monkeypatch):
+    """Regression (issue 18.14): config.json listing '/etc/hostname' or '../x' made the loader hash that file, and
+    its error said whether the file existed. Now the name is refused before anything is opened, identically."""
+    import foundation.hub as hub
+    out = pair_model().save_pretrained(tmp_path / "m")
+    config = out / "config.json"
+    cfg = json.loads(config.read_text())
+    (tmp_path / "exists").write_text("secret")
+    opened = []
+    real = hub.sha256_file
+    monkeypatch.setattr(hub, "sha256_file", lambda p: opened.append(str(p)) or real(p))
+    messages = {}
+    for name in ("/etc/hostname", "../exists", "../missing", "sub/../../exists", "..\\exists", "./"):
+        config.write_text(json.dumps({**cfg, "files": {**cfg["files"], name: "0" * 64}}))
+        with pytest.raises(ValueError, match="not a plain relative path inside the model folder") as exc:
+            PairModel.from_pretrained(out)
+        messages[name] = str(exc.value).replace(name[:80], "NAME")
+        assert "secret" not in str(exc.value)
+    assert opened == []  # nothing hashed, not even the model's own weights
+    assert messages["../exists"] == messages["../missing"] == messages["/etc/hostname"]
+    config.write_text(json.dumps(cfg))
+    assert isinstance(PairModel.from_pretrained(out), PairModel)

@@ -114,3 +114,39 @@ def test_command_line_server_starts_and_serves(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def test_private_repos_need_the_token_for_every_read(tmp_path):
+    """Regression (issue 18.13): repo info, tree and file downloads of a private repo were served without a token."""
+    server, url = serve_in_thread(tmp_path / "hub", token="s3cret")
+    try:
+        api = HfApi(endpoint=url, token="s3cret")
+        api.create_repo("org/secret", private=True)
+        api.upload_folder(repo_id="org/secret", folder_path=str(_folder(tmp_path / "m", **{"w.txt": "weights"})))
+        api.create_repo("org/open")
+        api.upload_folder(repo_id="org/open", folder_path=str(_folder(tmp_path / "o", **{"w.txt": "open"})))
+        for token in (False, "wrong"):  # no token, a wrong token: the private repo looks like a missing one
+            anon = HfApi(endpoint=url, token=token)
+            with pytest.raises(RepositoryNotFoundError) as exc:
+                hf_hub_download("org/secret", "w.txt", endpoint=url, token=token, cache_dir=tmp_path / f"c{token}")
+            assert exc.value.response.status_code in (401, 404)
+            for read in ("repo_info", "list_repo_files", "list_repo_refs", "list_repo_commits"):
+                with pytest.raises(RepositoryNotFoundError):
+                    getattr(anon, read)("org/secret")
+            with pytest.raises(RepositoryNotFoundError) as missing:
+                anon.repo_info("org/never-created")
+            assert str(exc.value.response.status_code) == str(missing.value.response.status_code)
+            path = hf_hub_download("org/open", "w.txt", endpoint=url, token=token, cache_dir=tmp_path / f"o{token}")
+            assert open(path).read() == "open"  # public repos stay readable
+        path = hf_hub_download("org/secret", "w.txt", endpoint=url, token="s3cret", cache_dir=tmp_path / "ok")
+        assert open(path).read() == "weights" and api.repo_info("org/secret").private
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_server_without_token_refuses_private_repos(hub):
+    url, _ = hub
+    with pytest.raises(HfHubHTTPError, match="no --token") as exc:
+        HfApi(endpoint=url, token="t").create_repo("org/p", private=True)
+    assert exc.value.response.status_code == 400

@@ -76,3 +76,22 @@ def test_cli_reports_a_broken_recipe_in_one_line(tmp_path, capsys):
     assert main(["pretrain", str(path)]) == 2
     err = capsys.readouterr().err
     assert "broken.yaml" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"\xff\xfemax_steps: 3\n", r"not UTF-8 text \(byte 0"),
+    (b"max_steps: 3\noptim:\n  lr: 0.1\n  lr: 0.2\n", r"key 'lr' is given twice in one section at line 4"),
+    (b"max_steps: 3\nmax_steps: 30\n", r"key 'max_steps' is given twice"),
+])
+def test_undecodable_or_ambiguous_yaml_is_one_line_naming_the_file(tmp_path, capsys, content, message):
+    """Regression (issue 18.12): a non-UTF-8 recipe gave a bare codec error without the file; a repeated key was
+    silently replaced by its last value."""
+    from foundation.cli import main
+    path = tmp_path / "broken.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=message) as err:
+        read_recipe(path)
+    assert "broken.yaml" in str(err.value) and "\n" not in str(err.value)
+    assert main(["pretrain", str(path)]) == 2
+    out = capsys.readouterr().err.strip()
+    assert "broken.yaml" in out and len(out.splitlines()) == 1

@@ -1,30 +1,32 @@
 """``foundation data convert``: input files -> LMDB shards + ``manifest.json``, streamed, atomic, idempotent.
 
-Required labels: every label named with ``key_map`` (``--energy-key`` ...) plus every label the first valid
-record has; a later record without one of them is invalid ("missing required label"). Labels a later record
-has beyond that set are not stored. ``total_charge`` is always stored (default 0 e). Stress is defined only
-for structures periodic along all three lattice vectors: it is never required of (nor stored for) other
-structures, and for periodic ones it is required when ``key_map`` names it or the first valid periodic record
-has it.
+Labels are stored per record: each record keeps every label it has (a label some records lack is missing only
+there; training masks it) and the manifest counts the records holding each label. Labels named with ``key_map``
+(``--energy-key`` ...) are required: a record without one is invalid ("missing required label"). ``total_charge``
+is always stored (default 0 e). Stress is defined only for structures periodic along all three lattice vectors:
+it is never stored for other structures, nor required of them.
 
 Invalid records (NaN/inf values, a missing required label, an unknown element, two atoms closer than
 ``MIN_DISTANCE`` Å, unparsable frames) stop the conversion with a ``ValueError`` naming the file and record
 index; with ``skip_invalid=True`` they are left out and listed in ``skipped.json`` (file, record, reason).
 
-The dataset is written into ``<out>.tmp-XXXX`` next to ``out``, fsynced and renamed into place; an existing
-dataset at ``out`` is renamed away first and deleted after. On any error the temporary directory is removed,
-so ``out`` is either the old dataset, the new one, or absent - never half written. Re-running with the same
-inputs (by SHA-256) and arguments finds the dataset up to date and leaves it untouched.
+The dataset is written into ``<out>.tmp-<host>-<pid>-<start>-XXXX`` next to ``out``, fsynced and renamed into
+place; an existing dataset at ``out`` is renamed away first and, once the new one is in, the files it lists as
+written by convert are deleted. An ``out`` holding anything else, or an input inside ``out``, is refused before
+anything is written. On any error the temporary directory is removed, so ``out`` is either the old dataset, the
+new one, or absent - never half written; a full disk is a one-line ``ValueError`` naming the folder. Temporary
+folders of a killed conversion are removed by the next conversion into the same ``out`` once their writer is gone
+(``outdir``). Re-running with the same inputs (by SHA-256) and arguments finds the dataset up to date and leaves
+it untouched.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import errno
 import shutil
-import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -33,16 +35,16 @@ from tqdm import tqdm
 
 from .. import __version__, keys
 from .encoding import RECORD_VERSION
-from .graph import neighbor_list
+from .graph import MIN_DISTANCE, check_min_distance, neighbor_list
 from .labels import DEFAULT_SOURCES, read_labels
 from .manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest,
                        read_manifest, sha256_file, shard_entry, write_json_synced)
+from .outdir import (SKIPPED_NAME, check_inputs_outside, check_replaceable, clean_orphans, make_temp_dir,
+                     old_dir_name, remove_written)
 from .readers import iter_structures
 from .shards import SHARD_SCHEMA_VERSION, ShardWriter
 from .stats import MAX_Z, StatsAccumulator
 
-MIN_DISTANCE = 0.1  # Å
-SKIPPED_NAME = "skipped.json"
 
 
 class InvalidRecord(ValueError):
@@ -66,16 +68,17 @@ def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shar
                  "skip_invalid": bool(skip_invalid), "r_max": float(r_max), "level_of_theory": level_of_theory}
     sources = [{"file": p.name, "bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in paths]
     fingerprint = _fingerprint(sources, arguments)
+    check_inputs_outside(out, paths)
+    for line in clean_orphans(out):
+        if progress:
+            print(line)
     if _up_to_date(out, fingerprint):
         if progress:
             print(f"{out} is up to date (same inputs and arguments); nothing to do")
         return out
-    _check_replaceable(out)
+    check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
+    tmp = make_temp_dir(out)
     try:
         manifest = _write_dataset(paths, tmp, arguments, progress)
         manifest["provenance"] = {"tool": f"foundation {__version__}", "created": time.strftime(
@@ -84,10 +87,33 @@ def convert(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, *, shar
         write_json_synced(tmp / MANIFEST_NAME, manifest)
         fsync_dir(tmp)
         _swap_in(tmp, out)
-    except BaseException:
+    except BaseException as exc:
+        error = _write_error(exc, tmp, out)
         shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error from None
         raise
     return out
+
+
+def _write_error(exc: BaseException, tmp: Path, out: Path) -> ValueError | None:
+    """A one-line error for a failed write (disk full, I/O error) naming the folder and the fix, else None.
+
+    LMDB reports a full disk as "Input/output error": the free space of the file system decides."""
+    import lmdb
+    if not isinstance(exc, (OSError, lmdb.Error)) or isinstance(exc, FileNotFoundError):
+        return None
+    try:
+        st = os.statvfs(tmp.parent)
+        free = st.f_bavail * st.f_frsize
+    except OSError:
+        free = None
+    full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or (free is not None and free < 64 << 20)
+    what = (f"no space left on the file system of {tmp.parent} ({free if free is not None else '?'} bytes free)"
+            if full else f"could not write into {tmp.parent}")
+    return ValueError(f"{what} while writing the dataset for {out} ({type(exc).__name__}: {exc}); "
+                      f"{'free space' if full else 'check the disk'} or choose another --out. Nothing was changed "
+                      f"at {out}")
 
 
 def _check_arguments(inputs, shard_size, key_map, r_max) -> None:
@@ -127,18 +153,11 @@ def _up_to_date(out: Path, fingerprint: str) -> bool:
     return True
 
 
-def _check_replaceable(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} exists and is not a directory; choose another path")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST_NAME).is_file():
-        raise ValueError(f"--out {out} exists, is not empty and is not a converted dataset (no {MANIFEST_NAME}); "
-                         f"refusing to replace it: choose another path or remove it")
-
-
 def _swap_in(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed away first and deleted once the new one is in."""
+    """Rename ``tmp`` to ``out``; an existing ``out`` is renamed away first, and once the new one is in, the files
+    the previous conversion wrote are deleted (``check_replaceable`` made sure there is nothing else)."""
     if out.exists():
-        old = out.parent / f"{out.name}.old-{uuid.uuid4().hex[:8]}"
+        old = old_dir_name(out)
         os.rename(out, old)
         try:
             os.rename(tmp, out)
@@ -146,7 +165,7 @@ def _swap_in(tmp: Path, out: Path) -> None:
             os.rename(old, out)
             raise
         fsync_dir(out.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        remove_written(old)
     else:
         os.rename(tmp, out)
     fsync_dir(out.parent)
@@ -155,41 +174,43 @@ def _swap_in(tmp: Path, out: Path) -> None:
 class _State:
     """Everything accumulated while streaming records into shards."""
 
-    def __init__(self, directory: Path, shard_size: int, r_max: float):
+    def __init__(self, directory: Path, shard_size: int, r_max: float, key_map: Mapping[str, str]):
         self.directory, self.shard_size = directory, shard_size
-        self.required: list[str] | None = None      # labels every record must have (stress excluded)
-        self.stress_required: bool | None = None     # decided by the first valid fully periodic record
+        self.required = sorted(set(key_map) - {keys.STRESS})   # labels named with key_map: every record has them
+        self.stress_required = keys.STRESS in key_map          # ... stress only where defined (fully periodic)
+        self.counts: dict[str, int] = {}                       # records holding each label
+        self.shard_labels: set[str] = set()
         self.writer: ShardWriter | None = None
         self.shards: list[dict] = []
         self.skipped: list[dict] = []
         self.stats = StatsAccumulator(r_max)
         self.natoms_min, self.natoms_max, self.elements = None, 0, set()
 
-    def add(self, fields: dict[str, np.ndarray]) -> None:
+    def add(self, fields: dict[str, np.ndarray], labels: Mapping[str, np.ndarray]) -> None:
         if self.writer is None:
             self.writer = ShardWriter(self.directory / f"shard-{len(self.shards):05d}.lmdb")
         self.writer.append(fields)
+        for name in labels:
+            self.counts[name] = self.counts.get(name, 0) + 1
+        self.shard_labels.update(labels)
         n = len(fields[keys.ATOMIC_NUMBERS])
         self.natoms_min = n if self.natoms_min is None else min(self.natoms_min, n)
         self.natoms_max = max(self.natoms_max, n)
         if len(self.writer.natoms) >= self.shard_size:
             self.close_shard()
 
-    def properties(self) -> list[str]:
-        return sorted((self.required or []) + ([keys.STRESS] if self.stress_required else []))
-
     def close_shard(self) -> None:
         if self.writer is None:
             return
-        meta = self.writer.close(self.properties())
+        meta = self.writer.close(sorted(self.shard_labels))
         path = self.writer.path
-        self.writer = None
+        self.writer, self.shard_labels = None, set()
         self.elements.update(meta["elements"])
         self.shards.append(shard_entry(path, meta))
 
 
 def _write_dataset(paths: list[Path], directory: Path, arguments: dict, progress: bool) -> dict:
-    state = _State(directory, arguments["shard_size"], arguments["r_max"])
+    state = _State(directory, arguments["shard_size"], arguments["r_max"], arguments["key_map"])
     try:
         for path in paths:
             bar = tqdm(desc=f"convert {path.name}", unit=" structures", disable=None if progress else True)
@@ -202,7 +223,7 @@ def _write_dataset(paths: list[Path], directory: Path, arguments: dict, progress
                 except InvalidRecord as exc:
                     _invalid(path, index, str(exc), arguments["skip_invalid"], state)
                     continue
-                state.add(fields)
+                state.add(fields, labels)
                 state.stats.update(fields[keys.ATOMIC_NUMBERS], labels, edges)
             bar.close()
         state.close_shard()
@@ -247,15 +268,11 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
         raise InvalidRecord(f"missing required label: {exc.args[0]}") from None
     except ValueError as exc:
         raise InvalidRecord(f"bad label: {exc}") from None
-    if state.required is None:
-        state.required = sorted((set(labels) | set(key_map)) - {keys.STRESS})
-    if periodic and state.stress_required is None:
-        state.stress_required = keys.STRESS in labels
     need = state.required + ([keys.STRESS] if periodic and state.stress_required else [])
     missing = [k for k in need if k not in labels]
     if missing:
-        raise InvalidRecord(f"missing required label(s) {missing} (required: {need})")
-    labels = {k: labels[k] for k in need}
+        raise InvalidRecord(f"missing required label(s) {missing} (named with --*-key: {need})")
+    labels = {k: v for k, v in labels.items() if periodic or k != keys.STRESS}
     for name, value in labels.items():
         if not np.all(np.isfinite(value)):
             raise InvalidRecord(f"label {name!r} contains NaN or inf")
@@ -263,13 +280,10 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
         edge_index, unit = neighbor_list(positions, cell, pbc, r_max)
     except ValueError as exc:
         raise InvalidRecord(str(exc)) from None
-    if edge_index.shape[1]:
-        vec = positions[edge_index[1]] - positions[edge_index[0]] + unit @ cell
-        d = np.linalg.norm(vec, axis=1)
-        k = int(np.argmin(d))
-        if d[k] < MIN_DISTANCE:
-            raise InvalidRecord(f"atoms {edge_index[0, k]} and {edge_index[1, k]} (or a periodic image) are "
-                                f"{d[k]:.4f} Å apart, closer than {MIN_DISTANCE} Å")
+    try:
+        check_min_distance(positions, cell, edge_index, unit)
+    except ValueError as exc:
+        raise InvalidRecord(str(exc)) from None
     fields = {keys.ATOMIC_NUMBERS: numbers.astype(np.uint8), keys.POSITIONS: positions, keys.CELL: cell,
               keys.PBC: pbc}
     fields.update(labels)
@@ -277,7 +291,8 @@ def _prepare(atoms, key_map: Mapping[str, str], state: _State, r_max: float):
 
 
 def _manifest(state: _State, arguments: dict) -> dict:
+    files = [s["file"] for s in state.shards] + ([SKIPPED_NAME] if arguments["skip_invalid"] else [])
     return make_manifest(name=arguments["dataset_name"], level_of_theory=arguments["level_of_theory"],
                          statistics=state.stats.result(), shards=state.shards,
                          natoms=(state.natoms_min, state.natoms_max), elements=state.elements,
-                         properties=state.properties(), skipped=len(state.skipped))
+                         properties=state.counts, skipped=len(state.skipped), files=files + [MANIFEST_NAME])

@@ -17,6 +17,10 @@ from .. import keys
 from .labels import read_labels
 
 
+MIN_DISTANCE = 0.1  # Å: two atoms closer than this are rejected by `convert` and the calculator
+_VESIN_MAX_CELLS = 1e5  # vesin's cap on its cell-list bins; rescaling to it can leave a direction with 0 bins
+
+
 def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float
                   ) -> tuple[np.ndarray, np.ndarray]:
     """All ordered pairs (sender, receiver, image) with |r| < r_max, excluding an atom and itself in the same image.
@@ -25,24 +29,125 @@ def neighbor_list(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_ma
     pbc (3,) bool. Works for cells of any shape, including cells smaller than r_max (an atom then sees its
     own periodic images). Returns edge_index (2,E) int64 sorted by receiver then sender, and unit_shifts
     (E,3) float64 such that r = pos[recv] - pos[send] + unit_shifts @ cell.
+
+    Inputs are validated before the native neighbor list runs (it dies with SIGFPE on some extreme geometries):
+    non-finite values raise ``ValueError``; atoms far apart along a non-periodic direction are split into groups
+    that cannot interact, each searched on its own, so isolated atoms 10^6 Å apart get a correct (empty) list; a
+    cell too elongated for the cell list raises ``ValueError`` naming its face distances.
     """
     positions = np.ascontiguousarray(positions, dtype=np.float64)
     pbc = np.asarray(pbc, dtype=bool).reshape(3)
     cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
     if len(positions) == 0:
         return np.zeros((2, 0), np.int64), np.zeros((0, 3), np.float64)
+    if not (np.all(np.isfinite(positions)) and np.all(np.isfinite(cell)) and np.isfinite(r_max) and r_max > 0):
+        raise ValueError("positions, cell and cutoff must be finite (and the cutoff > 0); check the structure")
     if pbc.any() and abs(np.linalg.det(cell)) < 1e-12 and np.any(np.abs(cell[pbc]).sum(1) < 1e-12):
         raise ValueError("periodic boundary conditions along a lattice vector of zero length; "
                          "set the cell or turn pbc off along that direction")
-    nl = vesin.NeighborList(cutoff=float(r_max), full_list=True)
-    send, recv, unit = nl.compute(positions, cell if pbc.any() else np.zeros((3, 3)), pbc.tolist(), "ijS")
-    send = send.astype(np.int64)
-    recv = recv.astype(np.int64)
-    unit = unit.astype(np.float64)
-    keep = ~((send == recv) & ~unit.any(axis=1))
-    send, recv, unit = send[keep], recv[keep], unit[keep]
+    if pbc.any():
+        sv = np.linalg.svd(cell[pbc], compute_uv=False)
+        if sv.min() <= 1e-9 * sv.max():
+            raise ValueError(f"the periodic lattice vectors {np.round(cell[pbc], 6).tolist()} Å are coplanar or "
+                             f"parallel (zero cell volume); give three independent lattice vectors, or turn pbc "
+                             f"off along the dependent one")
+    groups = _separated_groups(positions, cell, pbc, float(r_max))
+    parts = [(idx, *_vesin_pairs(positions[idx], cell, pbc, float(r_max))) for idx in groups]
+    send = np.concatenate([idx[s] for idx, s, _, _ in parts])
+    recv = np.concatenate([idx[r] for idx, _, r, _ in parts])
+    unit = np.concatenate([u for _, _, _, u in parts])
     order = np.lexsort((unit[:, 2], unit[:, 1], unit[:, 0], send, recv))
     return np.stack([send[order], recv[order]]), unit[order]
+
+
+def closest_pair(positions: np.ndarray, cell: np.ndarray, edge_index: np.ndarray, unit_shifts: np.ndarray
+                 ) -> tuple[int, int, float] | None:
+    """(sender, receiver, distance Å) of the shortest edge of a neighbor list, or None without edges."""
+    if edge_index.shape[1] == 0:
+        return None
+    vec = positions[edge_index[1]] - positions[edge_index[0]] + unit_shifts @ cell
+    d = np.linalg.norm(vec, axis=1)
+    k = int(np.argmin(d))
+    return int(edge_index[0, k]), int(edge_index[1, k]), float(d[k])
+
+
+def check_min_distance(positions: np.ndarray, cell: np.ndarray, edge_index: np.ndarray, unit_shifts: np.ndarray,
+                       ) -> None:
+    """Raise ``ValueError`` when two atoms (or an atom and a periodic image) are closer than ``MIN_DISTANCE`` Å.
+
+    Used by ``convert`` (an invalid record) and the ASE calculator (a refused structure), on their neighbor lists.
+    """
+    pair = closest_pair(np.asarray(positions, np.float64), np.asarray(cell, np.float64).reshape(3, 3),
+                        edge_index, unit_shifts)
+    if pair is not None and pair[2] < MIN_DISTANCE:
+        raise ValueError(f"atoms {pair[0]} and {pair[1]} (or a periodic image) are {pair[2]:.4f} Å apart, closer "
+                         f"than {MIN_DISTANCE} Å")
+
+
+def _vesin_pairs(positions, cell, pbc, r_max):
+    """(send, recv, unit shifts) of one group of atoms from vesin, self pairs in the home image removed."""
+    _check_cell_list(positions, cell, pbc, r_max)
+    nl = vesin.NeighborList(cutoff=r_max, full_list=True)
+    send, recv, unit = nl.compute(positions, cell if pbc.any() else np.zeros((3, 3)), pbc.tolist(), "ijS")
+    send, recv, unit = send.astype(np.int64), recv.astype(np.int64), unit.astype(np.float64).reshape(-1, 3)
+    keep = ~((send == recv) & ~unit.any(axis=1))
+    return send[keep], recv[keep], unit[keep]
+
+
+def _free_axes(cell: np.ndarray, pbc: np.ndarray) -> np.ndarray:
+    """(k,3) orthonormal directions perpendicular to every periodic lattice vector (k = 3 - number periodic)."""
+    if not pbc.any():
+        return np.eye(3)
+    _, _, vt = np.linalg.svd(cell[pbc])
+    return vt[int(pbc.sum()):]
+
+
+def _separated_groups(positions, cell, pbc, r_max) -> list[np.ndarray]:
+    """Atom indices split where consecutive projections on a non-periodic axis differ by >= r_max.
+
+    Periodic images move only along periodic lattice vectors, perpendicular to these axes, so atoms of two
+    groups (and all their images) are at least r_max apart and have no pairs.
+    """
+    labels = np.zeros((len(positions), 0), np.int64)
+    for axis in _free_axes(cell, pbc):
+        p = positions @ axis
+        order = np.argsort(p, kind="stable")
+        gid = np.empty(len(p), np.int64)
+        gid[order] = np.concatenate([[0], np.cumsum(np.diff(p[order]) >= r_max)])
+        labels = np.column_stack([labels, gid])
+    if labels.shape[1] == 0 or not labels.any():
+        return [np.arange(len(positions))]
+    _, inverse = np.unique(labels, axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [np.flatnonzero(inverse == g) for g in range(int(inverse.max()) + 1)]
+
+
+def _check_cell_list(positions, cell, pbc, r_max) -> None:
+    """Raise ``ValueError`` where vesin's rescaling of its bins (capped at 1e5) would leave a direction with none.
+
+    Bins per direction: face distance / r_max (periodic) or extent of the atoms / r_max (non-periodic), at least
+    1; vesin scales them down keeping their ratios when the product exceeds the cap.
+    """
+    n = np.ones(3)
+    if pbc.any():
+        volume = abs(np.linalg.det(cell))
+        for i in np.flatnonzero(pbc):
+            j, k = [d for d in range(3) if d != i]
+            area = np.linalg.norm(np.cross(cell[j], cell[k]))
+            n[i] = max(1.0, np.trunc(volume / area / r_max)) if area > 0 and volume > 0 else 1.0
+    extent = np.ptp(positions, axis=0)
+    n[~pbc] = np.maximum(1.0, np.trunc(extent[~pbc] / r_max))
+    if np.prod(n) > _VESIN_MAX_CELLS:  # vesin's rescaling (cpu_cell_list.cpp), in the same floating-point steps
+        ratio_xy, ratio_yz = n[0] / n[1], n[1] / n[2]
+        z = np.trunc(np.cbrt(_VESIN_MAX_CELLS / (ratio_xy * ratio_yz * ratio_yz)))
+        y = np.trunc(ratio_yz * z)
+        scaled = np.array([np.trunc(ratio_xy * y), y, z])
+    else:
+        scaled = n
+    if scaled.min() < 1:
+        raise ValueError(f"cell too elongated for the neighbor list: {n.astype(int).tolist()} cutoff-sized bins "
+                         f"along its three directions (cell {np.round(cell, 3).tolist()} Å, cutoff {r_max} Å); "
+                         f"use a less elongated cell or turn pbc off along the long direction")
 
 
 def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float | None,

@@ -42,8 +42,9 @@ def summarize(manifest: dict) -> str:
         ("skipped records", _fmt(manifest.get("skipped"))),
     ])
     out += ["", "properties"]
-    out += _table([(k, _fmt(v.get("unit")), "per atom" if v.get("per_atom") else "per structure")
-                   for k, v in manifest["properties"].items()], ("name", "unit", "kind"))
+    out += _table([(k, _fmt(v.get("unit")), "per atom" if v.get("per_atom") else "per structure",
+                    _fmt(v.get("count")))
+                   for k, v in manifest["properties"].items()], ("name", "unit", "kind", "structures"))
     out += ["", "statistics"]
     out += _table([
         ("r_max (Å)", _fmt(stats.get("r_max"))), ("mean neighbors at r_max", _fmt(stats.get("avg_num_neighbors"))),
@@ -76,6 +77,8 @@ def verify_dataset(directory: str | os.PathLike, manifest: dict, progress: bool 
     bar = tqdm(total=manifest["num_structures"], desc="verify", unit=" structures",
                disable=None if progress else True)
     records = 0
+    n = manifest["num_structures"]  # labels not counted, or counted on every structure, must be in every record
+    everywhere = [k for k, v in manifest["properties"].items() if v.get("count", n) == n]
     for shard in manifest["shards"]:
         path = directory / shard["file"]
         if not path.is_file():
@@ -98,7 +101,7 @@ def verify_dataset(directory: str | os.PathLike, manifest: dict, progress: bool 
                 raise ValueError(f"shard {path}, record {i}: {n} atoms but the shard index says {natoms[i]}; "
                                  f"the shard is corrupted: re-convert it")
             periodic = bool(np.all(rec[keys.PBC]))  # stress exists only for fully periodic structures
-            missing = [k for k in manifest["properties"] if k not in rec and (k != keys.STRESS or periodic)]
+            missing = [k for k in everywhere if k not in rec and (k != keys.STRESS or periodic)]
             if missing:
                 raise ValueError(f"shard {path}, record {i}: missing properties {missing} listed in the manifest; "
                                  f"re-convert the dataset")

@@ -3,10 +3,12 @@
 Top-level keys (schema version ``MANIFEST_SCHEMA_VERSION``)::
 
     format, schema_version, name, level_of_theory, num_structures, num_atoms,
-    natoms {min, max, mean}, elements [symbols], properties {name: {unit, per_atom}},
+    natoms {min, max, mean}, elements [symbols], properties {name: {unit, per_atom, count}} (count: structures
+    holding the label; a label some structures lack is missing there, and the loss skips it),
     shards [{file, count, num_atoms, bytes, sha256}], statistics (stats.StatsAccumulator.result()),
-    skipped (records left out by --skip-invalid), provenance {tool, created, arguments, inputs
-    [{file, bytes, sha256}], fingerprint}
+    skipped (records left out by --skip-invalid), files (every file convert wrote into the folder, so that a
+    later conversion replaces exactly these), provenance {tool, created, arguments, inputs [{file, bytes, sha256}],
+    fingerprint}
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ def shard_entry(path: str | os.PathLike, meta: dict, **extra) -> dict:
 def make_manifest(*, name: str | None, level_of_theory: str | None, statistics: dict, shards: list[dict],
                   natoms: tuple[int, int], elements, properties, skipped: int = 0, **extra) -> dict:
     """A manifest dict (schema above) from its parts: ``statistics`` = ``StatsAccumulator.result()``, ``natoms`` =
-    (min, max) atoms per structure, ``elements`` atomic numbers, ``properties`` label names; ``extra`` (e.g.
+    (min, max) atoms per structure, ``elements`` atomic numbers, ``properties`` label names or {name: number of
+    structures holding it}; ``extra`` (e.g.
     ``provenance``) is appended."""
     from ase.data import chemical_symbols
 
@@ -59,7 +62,8 @@ def make_manifest(*, name: str | None, level_of_theory: str | None, statistics: 
             "level_of_theory": level_of_theory, "num_structures": n, "num_atoms": statistics["num_atoms"],
             "natoms": {"min": natoms[0], "max": natoms[1], "mean": statistics["num_atoms"] / n},
             "elements": [chemical_symbols[z] for z in sorted(elements)],
-            "properties": {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS}
+            "properties": {k: {"unit": keys.UNITS.get(k), "per_atom": k in keys.PER_ATOM_KEYS,
+                               **({"count": int(properties[k])} if isinstance(properties, dict) else {})}
                            for k in sorted(properties)},
             "units": {"positions": "Å", "cell": "Å"}, "shards": shards, "statistics": statistics,
             "skipped": skipped, **extra}

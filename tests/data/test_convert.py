@@ -44,7 +44,8 @@ def test_generated_data_round_trips_exactly(tmp_path, emt_xyz):
     assert m["num_structures"] == 30 and m["num_atoms"] == sum(len(a) for a in frames)
     assert m["elements"] == ["Al", "Ni", "Cu"] and m["level_of_theory"] == "EMT"
     assert set(m["properties"]) == {"energy", "forces", "stress", "total_charge"}
-    assert m["properties"]["forces"] == {"unit": "eV/Å", "per_atom": True}
+    assert m["properties"]["forces"] == {"unit": "eV/Å", "per_atom": True, "count": 30}
+    assert sorted(m["files"]) == sorted([s["file"] for s in m["shards"]] + ["manifest.json"])
     for s in m["shards"]:
         assert sha256_file(out / s["file"]) == s["sha256"] and (out / s["file"]).stat().st_size == s["bytes"]
     prov = m["provenance"]
@@ -107,7 +108,6 @@ def _cell_atoms(symbols="Cu2", positions=((0, 0, 0), (1.8, 1.8, 0))):
 BAD_CASES = {
     "nan": (lambda: _labelled(_cell_atoms(), energy=np.nan), "NaN or inf"),
     "inf_forces": (lambda: _labelled(_cell_atoms(), forces=np.full((2, 3), np.inf)), "NaN or inf"),
-    "missing": (lambda: _labelled(_cell_atoms(), stress=False), "missing required label"),
     "close": (lambda: _labelled(_cell_atoms(positions=((0, 0, 0), (0.05, 0, 0)))), "closer than 0.1"),
 }
 
@@ -183,7 +183,7 @@ def test_failure_midway_leaves_nothing_and_keeps_old_dataset(tmp_path, emt_xyz, 
         return real(self, fields)
 
     monkeypatch.setattr(conv.ShardWriter, "append", failing)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ValueError, match=r"could not write into .*disk full \(simulated\).*Nothing was changed"):
         convert([path], out, shard_size=4, progress=False)  # different arguments: would replace
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
@@ -244,8 +244,98 @@ def test_stress_is_required_only_of_fully_periodic_structures(tmp_path, molecule
     assert_round_trip(out, ase.io.read(tmp_path / "mix.xyz", ":"))
     from foundation.data.inspect import inspect
     assert "verified: 1 shards, 5 records" in inspect(out, verify=True)
-    # a fully periodic structure without stress, after one with it, is still missing a label
-    bad = frames + [_labelled(_cell_atoms(), stress=False)]
-    ase.io.write(tmp_path / "bad.xyz", bad)
+    # a fully periodic structure without stress, after one with it, is stored without it (counted in the manifest)
+    ase.io.write(tmp_path / "more.xyz", frames + [_labelled(_cell_atoms(), stress=False)])
+    out = convert([tmp_path / "more.xyz"], tmp_path / "ds2", progress=False)
+    assert keys.STRESS not in ShardedDataset(out).record(5) and read_manifest(out)["properties"]["stress"]["count"] == 3
+    # a label named with key_map stays required of every record
     with pytest.raises(ValueError, match=r"record 5: missing required label.*stress"):
-        convert([tmp_path / "bad.xyz"], tmp_path / "ds2", progress=False)
+        convert([tmp_path / "more.xyz"], tmp_path / "ds3", key_map={"stress": "stress"}, progress=False)
+
+
+def test_a_label_missing_on_the_first_record_is_kept_for_the_others(tmp_path):
+    """Regression (issue 18.4): energy missing on record 0 dropped energy for the whole dataset, silently."""
+    frames = emt_frames(5, seed=7)
+    first = frames[0]
+    first.calc = SinglePointCalculator(first, forces=first.get_forces(), stress=first.get_stress())
+    frames[3].info["dipole"] = [0.1, 0.2, 0.3]  # a label only one later record has is stored too
+    ase.io.write(tmp_path / "in.xyz", frames)
+    out = convert([tmp_path / "in.xyz"], tmp_path / "ds", progress=False)
+    ds = ShardedDataset(out)
+    assert keys.ENERGY not in ds.record(0)
+    assert [float(ds.record(i)[keys.ENERGY]) for i in range(1, 5)] == [a.get_potential_energy() for a in frames[1:]]
+    np.testing.assert_array_equal(ds.record(3)[keys.DIPOLE], [0.1, 0.2, 0.3])
+    props = read_manifest(out)["properties"]
+    assert {k: v["count"] for k, v in props.items()} == {"energy": 4, "forces": 5, "stress": 5, "dipole": 1,
+                                                          "total_charge": 5}
+    from foundation.data.inspect import inspect
+    assert "verified: 1 shards, 5 records" in inspect(out, verify=True)
+
+
+_FAR = """
+import sys
+from ase import Atoms
+from ase.calculators.singlepoint import SinglePointCalculator
+import ase.io
+atoms = Atoms("H2", positions=[[0, 0, 0], [1e6, 0, 0]])
+atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=[[0, 0, 0], [0, 0, 0]])
+ase.io.write(sys.argv[1], [atoms])
+from foundation.cli import main
+sys.exit(main(["data", "convert", sys.argv[1], "--out", sys.argv[2], "--skip-invalid"]))
+"""
+
+
+def test_atoms_1e6_angstrom_apart_convert_instead_of_sigfpe(tmp_path):
+    """Regression (issue 18.9): convert died with SIGFPE (exit 136 / -8), even with --skip-invalid."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _FAR, str(tmp_path / "far.xyz"), str(tmp_path / "ds")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    m = read_manifest(tmp_path / "ds")
+    assert m["num_structures"] == 1 and m["statistics"]["avg_num_neighbors"] == 0
+
+
+@pytest.mark.parametrize("cell, message", [([[3, 0, 0], [0, 3, 0], [3, 3, 0]], "coplanar or parallel"),
+                                           ([[3, 0, 0], [0, 3, 0], [0, 0, 0]], "zero length")])
+def test_a_degenerate_cell_is_one_line_naming_the_record(tmp_path, capsys, cell, message):
+    """Regression (issue 18.12): a coplanar periodic cell gave a raw RuntimeError traceback from vesin."""
+    bad = _labelled(Atoms("Cu2", positions=[[0, 0, 0], [1.5, 1.5, 1.0]], cell=cell, pbc=True))
+    path = _write_with_bad(tmp_path, bad, index=1)
+    assert main(["data", "convert", str(path), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "in.xyz, record 1:" in err and message in err and "--skip-invalid" in err
+
+
+def test_disk_full_is_one_line_naming_the_folder(tmp_path, emt_xyz, monkeypatch, capsys):
+    """Regression (issue 18.12): ENOSPC (here from writing the manifest to /dev/full) was a raw OSError."""
+    import foundation.data.convert as conv
+    real = conv.write_json_synced
+
+    def to_dev_full(path, obj):
+        return real("/dev/full", obj) if str(path).endswith("manifest.json") else real(path, obj)
+
+    monkeypatch.setattr(conv, "write_json_synced", to_dev_full)
+    assert main(["data", "convert", str(emt_xyz[0]), "--out", str(tmp_path / "ds")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no space left on the file system of" in err and "free space" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_full_file_system_is_one_line(tmp_path, emt_xyz):
+    """A real full disk: a 256 KiB tmpfs, where LMDB reports "Input/output error" (skipped where mount is denied)."""
+    import subprocess
+    import sys
+    mnt = tmp_path / "tiny"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        proc = subprocess.run([sys.executable, "-m", "foundation.cli", "data", "convert",
+                               str(data_file("rmd17/rmd17_aspirin_train_01.xyz.xz")), "--out", str(mnt / "ds")],
+                              capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1 and "no space left" in proc.stderr
+        assert os.listdir(mnt) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)

@@ -142,3 +142,47 @@ def test_edges_do_not_depend_on_the_float_dtype():
     for dtype in (torch.float32, torch.bfloat16):
         g = from_atoms(atoms, r_max, dtype=dtype)
         assert torch.equal(g.edge_index, ref.edge_index) and g.shifts.dtype == dtype
+
+
+_FAR_APART = """
+import numpy as np
+from foundation.data.graph import neighbor_list
+edges, unit = neighbor_list(np.array([[0, 0, 0], [1e6, 0, 0], [0, 1.5, 0]]), np.zeros((3, 3)), [False] * 3, 5.0)
+print(edges.tolist(), unit.tolist())
+"""
+
+
+def test_atoms_1e6_angstrom_apart_give_a_correct_list_not_sigfpe():
+    """Regression (issue 18.9): vesin's cell list died with SIGFPE (exit -8) on this geometry; run in a subprocess."""
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout.strip() == "[[2, 0], [0, 2]] [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]"
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_groups_far_apart_match_ase(seed):
+    """Molecules 10^5-10^6 Å apart (free, slab and wire boundary conditions) give exactly ASE's pairs."""
+    rng = np.random.default_rng(300 + seed)
+    parts = [molecule(name).positions + rng.uniform(-1e6, 1e6, 3) for name in ("H2O", "CH4", "C6H6")]
+    positions = np.concatenate(parts)
+    numbers = np.concatenate([molecule(n).numbers for n in ("H2O", "CH4", "C6H6")])
+    for pbc, cell in (([False] * 3, np.zeros((3, 3))), ([True, True, False], np.diag([7.0, 8.0, 0.0])),
+                      ([True, False, False], np.diag([6.0, 0.0, 0.0]))):
+        atoms = Atoms(numbers=numbers, positions=positions, cell=cell, pbc=pbc)
+        assert assert_matches_ase(atoms, r_max=4.0) > 0
+
+
+def test_cell_too_elongated_for_the_cell_list_is_a_named_error():
+    """A periodic cell that would leave vesin's cell list with zero bins along a direction raises ValueError."""
+    with pytest.raises(ValueError, match="cell too elongated for the neighbor list"):
+        neighbor_list(np.array([[0, 0, 0], [5.0, 0, 0]]), np.diag([2e6, 10.0, 10.0]), [True] * 3, 5.0)
+    # a long but workable cell still gives its pairs
+    edges, _ = neighbor_list(np.array([[0, 0, 0], [3.0, 0, 0]]), np.diag([1e6, 10.0, 10.0]), [True] * 3, 5.0)
+    assert sorted(map(tuple, edges.T.tolist())) == [(0, 1), (1, 0)]
+
+
+def test_non_finite_positions_are_a_named_error():
+    with pytest.raises(ValueError, match="must be finite"):
+        neighbor_list(np.array([[0, 0, 0], [np.nan, 0, 0]]), np.zeros((3, 3)), [False] * 3, 5.0)
