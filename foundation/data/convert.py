@@ -21,14 +21,14 @@ it untouched.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
-import errno
 import shutil
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -37,14 +37,28 @@ from .. import __version__, keys
 from .encoding import RECORD_VERSION
 from .graph import MIN_DISTANCE, check_min_distance, neighbor_list
 from .labels import DEFAULT_SOURCES, read_labels
-from .manifest import (MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, fsync_dir, make_manifest,
-                       read_manifest, sha256_file, shard_entry, write_json_synced)
-from .outdir import (SKIPPED_NAME, check_inputs_outside, check_replaceable, clean_orphans, make_temp_dir,
-                     old_dir_name, remove_written)
+from .manifest import (
+    MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
+    fsync_dir,
+    make_manifest,
+    read_manifest,
+    sha256_file,
+    shard_entry,
+    write_json_synced,
+)
+from .outdir import (
+    SKIPPED_NAME,
+    check_inputs_outside,
+    check_replaceable,
+    clean_orphans,
+    make_temp_dir,
+    old_dir_name,
+    remove_written,
+)
 from .readers import iter_structures
 from .shards import SHARD_SCHEMA_VERSION, ShardWriter
 from .stats import MAX_Z, StatsAccumulator
-
 
 
 class InvalidRecord(ValueError):

@@ -7,8 +7,8 @@ DataLoader workers); at most ``shards.OPEN_SHARDS.max_open`` stay open per proce
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 

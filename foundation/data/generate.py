@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 from ase import Atoms
@@ -191,7 +191,8 @@ def generate(preset: str, out: str | os.PathLike, seed: int = 0, shard_size: int
             with connect(source, use_lock_file=False) as db:
                 for atoms in tqdm(make(getattr(sizes, part), seed), total=getattr(sizes, part),
                                   desc=f"{part} [{theory}]"):
-                    db.write(atoms, config_type=atoms.info["config_type"], total_charge=int(atoms.info.get("charge", 0)))
+                    db.write(atoms, config_type=atoms.info["config_type"],
+                             total_charge=int(atoms.info.get("charge", 0)))
             convert([str(source)], str(out / part), shard_size=shard_size, dataset_name=f"{preset}-{part}",
                     level_of_theory=theory)
             paths[part] = out / part

@@ -5,7 +5,7 @@ gives the same edges, in the same order, wherever it comes from.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -15,7 +15,6 @@ from torch_geometric.data import Data
 
 from .. import keys
 from .labels import read_labels
-
 
 MIN_DISTANCE = 0.1  # Å: two atoms closer than this are rejected by `convert` and the calculator
 _VESIN_MAX_CELLS = 1e5  # vesin's cap on its cell-list bins; rescaling to it can leave a direction with 0 bins
@@ -220,6 +219,9 @@ def from_atoms(atoms: Atoms, r_max: float | None, *, key_map: Mapping[str, str] 
     Labels come from ``read_labels`` (calculator results or info/arrays; ``key_map`` renames). The total
     charge is taken from ``atoms.info["charge"]`` (or ``total_charge``), default 0.
     """
-    labels = read_labels(atoms, key_map) if with_labels else {keys.TOTAL_CHARGE: read_labels(atoms, {})[keys.TOTAL_CHARGE]}
+    if with_labels:
+        labels = read_labels(atoms, key_map)
+    else:
+        labels = {keys.TOTAL_CHARGE: read_labels(atoms, {})[keys.TOTAL_CHARGE]}
     return build_graph(atoms.numbers, atoms.positions, atoms.cell.array, atoms.pbc, r_max, labels,
                        head=head, dataset_index=dataset_index, dtype=dtype)

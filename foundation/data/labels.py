@@ -6,7 +6,7 @@ names. Returned arrays are float64 numpy in ASE units; a label that is not prese
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 from ase import Atoms
@@ -68,7 +68,8 @@ def read_labels(atoms: Atoms, key_map: Mapping[str, str] | None = None) -> dict[
                 break
         if value is None:
             if explicit:
-                raise KeyError(f"label {label!r} was asked for under key {explicit!r}, which this structure does not have "
+                raise KeyError(f"label {label!r} was asked for under key {explicit!r}, which this structure does "
+                               "not have "
                                f"(info keys: {sorted(atoms.info)}, array keys: {sorted(atoms.arrays)})")
             continue
         if label == keys.STRESS:

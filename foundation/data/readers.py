@@ -1,7 +1,8 @@
 """Stream structures out of input files, one at a time (never a whole file in memory).
 
-- extended XYZ (``.xyz``/``.extxyz``, optionally ``.gz``/``.bz2``/``.xz``): split into frames here and parsed frame by frame by ASE, so a bad
-  frame (unknown element, malformed line, truncated end) is reported with its index and the rest can go on;
+- extended XYZ (``.xyz``/``.extxyz``, optionally ``.gz``/``.bz2``/``.xz``): split into frames here and parsed
+  frame by frame by ASE, so a bad frame (unknown element, malformed line, truncated end)
+  is reported with its index and the rest can go on;
 - ASE databases (``.db``, ``.json``) and fairchem ``.aselmdb`` (ase-db-backends): row by row, with the row's
   key-value pairs in ``atoms.info`` and its per-atom data arrays in ``atoms.arrays``;
 - everything else ASE reads (VASP OUTCAR/vasprun.xml, CIF, ...): ``ase.io.iread``.
@@ -16,8 +17,8 @@ import gzip
 import io
 import lzma
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from ase import Atoms

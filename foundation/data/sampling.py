@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -187,7 +187,7 @@ class AtomBudgetBatchSampler:
         self._plan_cache: tuple[int, np.ndarray, np.ndarray] | None = None
 
     @classmethod
-    def from_dataset(cls, dataset, max_atoms: int, **kwargs) -> "AtomBudgetBatchSampler":
+    def from_dataset(cls, dataset, max_atoms: int, **kwargs) -> AtomBudgetBatchSampler:
         """A sampler over ``dataset.natoms``; mixing sizes/probabilities taken from a ``MixedDataset``."""
         if not hasattr(dataset, "natoms"):
             raise ValueError(f"{type(dataset).__name__} has no `natoms` attribute (atoms per structure)")

@@ -11,8 +11,8 @@ import json
 import os
 import struct
 from collections import OrderedDict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import lmdb
 import numpy as np

@@ -11,7 +11,7 @@ stoichiometry) the minimum-norm solution is returned and ``e0_rank`` < number of
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class StatsAccumulator:
         self.update(numbers, labels, count)
         return count or 0
 
-    def merge(self, other: "StatsAccumulator") -> "StatsAccumulator":
+    def merge(self, other: StatsAccumulator) -> StatsAccumulator:
         """Add the sums of another accumulator (e.g. from a worker process)."""
         for name, value in vars(other).items():
             if name == "r_max":

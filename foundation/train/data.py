@@ -185,12 +185,12 @@ def fill_elements(atomic_energies: dict, elements: list[str]) -> dict:
 
 
 def label_counts(manifest: dict) -> dict[str, int]:
-    """{label: structures carrying it} of a converted dataset: the manifest's per-label counts when it records
-    them (``label_counts``), else every label listed in ``properties`` counted for every structure."""
-    if isinstance(manifest.get("label_counts"), dict):
-        return {str(k): int(v) for k, v in manifest["label_counts"].items()}
+    """{label: structures carrying it} of a converted dataset: the per-label ``count`` of the manifest's
+    ``properties`` when recorded, else (manifests written before per-label counts) every structure."""
     total = int(manifest.get("num_structures") or sum(int(s.get("count", 0)) for s in manifest.get("shards", [])))
-    return {str(p): total for p in manifest.get("properties") or []}
+    props = manifest.get("properties") or []
+    info = props if isinstance(props, dict) else dict.fromkeys(props, {})
+    return {str(k): int(v["count"]) if isinstance(v, dict) and "count" in v else total for k, v in info.items()}
 
 
 def check_loss_labels(config: TrainConfig) -> None:

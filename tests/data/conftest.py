@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import pytest
-
 from data_helpers import emt_frames
 
 

@@ -2,7 +2,6 @@
 from pathlib import Path
 
 import numpy as np
-import pytest
 from ase.build import bulk
 from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator

@@ -8,6 +8,7 @@ import pytest
 from ase import Atoms
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
+from data_helpers import data_file, emt_frames
 
 from foundation import keys
 from foundation.cli import main
@@ -15,8 +16,6 @@ from foundation.data.convert import convert
 from foundation.data.dataset import ShardedDataset
 from foundation.data.labels import read_labels
 from foundation.data.manifest import read_manifest, sha256_file
-
-from data_helpers import data_file, emt_frames
 
 
 def assert_round_trip(out, frames):

@@ -16,8 +16,6 @@ from foundation.data import ShardedDataset, from_atoms
 from foundation.data.convert import convert
 from foundation.data.shards import ShardWriter
 
-from data_helpers import emt_frames
-
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, emt_xyz):

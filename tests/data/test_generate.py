@@ -21,7 +21,7 @@ def corpus(tmp_path_factory):
 
 def test_parts_are_converted_datasets_with_manifests(corpus):
     assert set(corpus) == {"metals", "molecules", "heldout"}
-    for part, path in corpus.items():
+    for path in corpus.values():
         manifest = json.loads((path / "manifest.json").read_text())
         ds = ShardedDataset(path, r_max=5.0)
         assert len(ds) == manifest["num_structures"] > 0

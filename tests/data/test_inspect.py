@@ -1,6 +1,5 @@
 """inspect: the summary table, and --verify catching every kind of damage with file and record."""
 import json
-import shutil
 
 import pytest
 

@@ -9,13 +9,12 @@ import time
 from pathlib import Path
 
 import ase.io
+from data_helpers import emt_frames
 
 from foundation.cli import main
 from foundation.data.convert import convert
 from foundation.data.manifest import read_manifest
 from foundation.data.outdir import clean_orphans, host_tag
-
-from data_helpers import emt_frames
 
 # a conversion that announces its temporary folder and then writes slowly (or waits for a release file)
 _SLOW = """

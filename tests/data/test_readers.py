@@ -3,12 +3,11 @@ import ase.io
 import numpy as np
 import pytest
 from ase.db import connect
+from data_helpers import emt_frames
 
 from foundation import keys
 from foundation.data.labels import read_labels
 from foundation.data.readers import iter_structures
-
-from data_helpers import emt_frames
 
 
 def _same(a, b):

@@ -109,7 +109,8 @@ def test_mixing_probabilities():
     assert np.allclose(mixing_probabilities(sizes, temperature=1e6), [1 / 3] * 3, atol=1e-4)
     assert np.allclose(mixing_probabilities(sizes, weights=[2, 1, 1]), [0.5, 0.25, 0.25])
     assert np.allclose(mixing_probabilities([5, 0, 5], temperature=3.0), [0.5, 0, 0.5])
-    for bad in ({"weights": [1, 1]}, {"weights": [1, -1, 1]}, {"temperature": 0}, {"weights": [1, 1, 1], "temperature": 2}):
+    bads = ({"weights": [1, 1]}, {"weights": [1, -1, 1]}, {"temperature": 0}, {"weights": [1, 1, 1], "temperature": 2})
+    for bad in bads:
         with pytest.raises(ValueError):
             mixing_probabilities(sizes, **bad)
     with pytest.raises(ValueError, match="dataset 1 is empty"):
@@ -165,7 +166,7 @@ def test_resume_mid_epoch_and_across_epoch_boundary(replicas):
     ref = [[_epoch(s, e) for e in range(3)] for s in _ranks(nat, replicas, **kw)]
     for stop_epoch, stop_after in [(0, 5), (1, 0), (1, len(ref[0][1])), (2, len(ref[0][2]) - 1)]:
         states = []
-        for r, sampler in enumerate(_ranks(nat, replicas, **kw)):
+        for sampler in _ranks(nat, replicas, **kw):
             sampler.set_epoch(stop_epoch)
             it = iter(sampler)
             for _ in range(stop_after):

@@ -79,10 +79,10 @@ def test_missing_truncated_and_foreign_files(tmp_path):
     data = (tmp_path / "s.lmdb").read_bytes()
     (tmp_path / "t.lmdb").write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match="t.lmdb"):
-        ShardReader(tmp_path / "t.lmdb").natoms
+        _ = ShardReader(tmp_path / "t.lmdb").natoms
     (tmp_path / "junk.lmdb").write_bytes(b"not an lmdb file" * 1000)
     with pytest.raises(ValueError, match="junk.lmdb"):
-        ShardReader(tmp_path / "junk.lmdb").metadata
+        _ = ShardReader(tmp_path / "junk.lmdb").metadata
 
 
 def test_writer_refuses_existing_file(tmp_path):

@@ -1,11 +1,10 @@
 """Dataset statistics: least-squares reference energies, neighbor counts, force RMS, per-atom energy."""
 import numpy as np
 from ase.neighborlist import neighbor_list as ase_neighbor_list
+from data_helpers import emt_frames
 
 from foundation import keys
 from foundation.data.stats import StatsAccumulator, fit_reference_energies, statistics_from_manifest
-
-from data_helpers import emt_frames
 
 
 def _synthetic(rng, count=60):

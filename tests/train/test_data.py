@@ -77,4 +77,6 @@ def test_a_loss_term_no_training_structure_is_labelled_with_is_refused(tmp_path,
     tdata.check_loss_labels(cfg)
     counts = tdata.label_counts({"properties": ["energy"], "shards": [{"count": 3}, {"count": 2}]})
     assert counts == {"energy": 5}
-    assert tdata.label_counts({"label_counts": {"energy": 4, "stress": 0}}) == {"energy": 4, "stress": 0}
+    per_label = {"num_structures": 5, "properties": {"energy": {"unit": "eV", "count": 4},
+                                                     "stress": {"unit": "eV/Å^3", "count": 0}}}
+    assert tdata.label_counts(per_label) == {"energy": 4, "stress": 0}
