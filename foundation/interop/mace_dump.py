@@ -176,6 +176,21 @@ def coupling_bases(model, state: dict) -> dict:
     return bases
 
 
+def w3j_signature(l_top: int = 6) -> dict:
+    """{"a,b,c": [flat index, value]} of the largest entry of e3nn's wigner_3j(a, b, c), a, b, c <= l_top: the
+    importer compares with its own e3nn to learn the sign convention of the generalised CG (U) matrices."""
+    import torch
+    from e3nn import o3
+    out = {}
+    for a in range(l_top + 1):
+        for b in range(l_top + 1):
+            for c in range(abs(a - b), min(a + b, l_top) + 1):
+                w = o3.wigner_3j(a, b, c, dtype=torch.float64).flatten()
+                i = int(w.abs().argmax())
+                out[f"{a},{b},{c}"] = [i, float(w[i])]
+    return out
+
+
 def dump_model(model, out_dir: str | os.PathLike, source: dict | None = None) -> Path:
     """Write ``model``'s state_dict and hyperparameters into ``out_dir`` (created; files replaced)."""
     out = Path(out_dir)
@@ -184,6 +199,7 @@ def dump_model(model, out_dir: str | os.PathLike, source: dict | None = None) ->
     hyper["source"] = source or {}
     state = dict(model.state_dict())
     hyper["coupling_bases"] = coupling_bases(model, state)
+    hyper["w3j_signature"] = w3j_signature()
     write_safetensors(state, out / "model.safetensors")
     (out / "hyper.json").write_text(json.dumps(hyper, indent=1) + "\n")
     return out

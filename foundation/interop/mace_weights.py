@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..model.config import ModelConfig
-from ..nn.cg import conv_paths, symmetric_basis, symmetrize
+from ..nn.cg import conv_paths, coupling_trees, symmetric_basis, symmetrize
 from ..nn.radial import SILU_NORM
 
 
@@ -51,30 +51,51 @@ def _linear_blocks(flat: torch.Tensor, blocks: list[tuple[int, int]], key: str) 
     return out
 
 
+def w3j_signs(signature: dict) -> dict:
+    """{(a, b, c): +-1}: sign of the dumping e3nn's wigner_3j(a, b, c) relative to ours, from hyper.json."""
+    from ..nn.cg import _w3j
+    signs = {}
+    for key, (index, value) in signature.items():
+        a, b, c = (int(x) for x in key.split(","))
+        ours = float(_w3j(a, b, c).flatten()[int(index)])
+        if abs(ours - value) <= 1e-9 * max(1.0, abs(value)):
+            continue
+        if abs(ours + value) <= 1e-9 * max(1.0, abs(value)):
+            signs[(a, b, c)] = -1
+        else:
+            from .mace_hyper import refuse
+            refuse(f"e3nn wigner_3j({a}, {b}, {c}) convention", "differs from ours beyond a sign")
+    return signs
+
+
 def contraction_weights(u_mace: torch.Tensor, w_mace: torch.Tensor, nu: int, max_ell: int, L: int,
                         key: str) -> torch.Tensor:
-    """mace weights (N_el, K_mace, C) on U_mace -> ours (N_el, K_ours, C) on ``symmetric_basis(nu, max_ell, L)``.
-
-    Solves U_ours_sym X = U_mace_sym (float64, least squares) and checks that the residual vanishes.
-    """
+    """mace weights (N_el, K_mace, C) on U_mace (2L+1, d, ..., d, K_mace) -> ours (N_el, K_ours, C) on
+    ``symmetric_basis(nu, max_ell, L)``: a signed permutation when the symmetrised columns agree up to sign
+    (exact), otherwise a least-squares change of basis U_ours_sym X = U_mace_sym with a residual check."""
     u = u_mace.to(torch.float64)
-    u = u.unsqueeze(0) if L == 0 else u  # mace drops the M axis for L = 0
+    base = symmetric_basis(nu, max_ell, L)
     if not bool(u.abs().max() > 0):  # a coupling with no allowed tree: mace keeps an empty weight
-        return w_mace.new_zeros(w_mace.shape[0], symmetric_basis(nu, max_ell, L).shape[-1], w_mace.shape[-1])
+        return w_mace.new_zeros(w_mace.shape[0], base.shape[-1], w_mace.shape[-1])
     mace_sym = symmetrize(u, nu).reshape(-1, u.shape[-1])  # (M * tuples, K_mace)
-    ours = symmetric_basis(nu, max_ell, L).reshape(-1, symmetric_basis(nu, max_ell, L).shape[-1])
-    if ours.shape == mace_sym.shape and torch.allclose(ours, mace_sym, rtol=0, atol=1e-6 * ours.abs().max()):
-        x = torch.eye(ours.shape[1], dtype=torch.float64)
-    else:
-        x = torch.linalg.lstsq(ours, mace_sym).solution  # (K_ours, K_mace)
-        residual = (ours @ x - mace_sym).abs().max()
-        if residual > 1e-5 * mace_sym.abs().max():
-            raise ValueError(f"{key}: mace's U matrix (nu={nu}, L={L}) spans a space the backbone's product basis "
-                             f"does not (residual {float(residual):.2e}); this contraction cannot be imported")
+    ours = base.reshape(-1, base.shape[-1])
+    tol = 1e-9 * float(mace_sym.abs().max())
+    if ours.shape == mace_sym.shape:
+        same = ((ours - mace_sym).abs() <= tol).all(dim=0)
+        flipped = ((ours + mace_sym).abs() <= tol).all(dim=0)
+        if bool((same | flipped).all()):
+            sign = torch.where(same, 1.0, -1.0).to(torch.float64)
+            return w_mace.to(torch.float64) * sign.view(1, -1, 1)
+    x = torch.linalg.lstsq(ours, mace_sym, driver="gelsd").solution  # (K_ours, K_mace)
+    residual = (ours @ x - mace_sym).abs().max()
+    if residual > 1e-10 * mace_sym.abs().max():
+        raise ValueError(f"{key}: mace's U matrix (nu={nu}, L={L}) spans a space the backbone's product basis "
+                         f"does not (residual {float(residual):.2e}); this contraction cannot be imported")
     return torch.einsum("ok,ekc->eoc", x, w_mace.to(torch.float64))
 
 
-def _contractions(tensors: dict, cfg: ModelConfig, layer: int, l_out: int, n_el: int, bases: dict) -> dict:
+def _contractions(tensors: dict, cfg: ModelConfig, layer: int, l_out: int, n_el: int, bases: dict,
+                  signs: dict) -> dict:
     """Product-basis weights of one layer. ``bases[U key]`` is "unreduced" (mace's unreduced generalised CG, the
     backbone's own basis: the dumper verified it and dropped the buffer) or "stored" (the U is in the dump)."""
     out, c = {}, cfg.num_channels
@@ -95,9 +116,12 @@ def _contractions(tensors: dict, cfg: ModelConfig, layer: int, l_out: int, n_el:
             if tuple(w.shape) != (n_el, k_mace, c):
                 raise ValueError(f"model.safetensors tensor {wkey!r} has shape {tuple(w.shape)}, expected "
                                  f"({n_el}, {k_mace}, {c})")
-            key = f"products.{layer}.weights.L{L}_nu{nu}"
-            out[key] = w if basis == "unreduced" else contraction_weights(_get(tensors, ukey), w, nu, cfg.max_ell,
-                                                                          L, wkey)
+            if basis == "unreduced":  # mace's own trees, rebuilt with the dumping e3nn's w3j signs
+                u = coupling_trees(nu, cfg.max_ell, L, signs)
+            else:
+                u = _get(tensors, ukey)
+                u = u.unsqueeze(0) if L == 0 else u  # mace drops the M axis for L = 0
+            out[f"products.{layer}.weights.L{L}_nu{nu}"] = contraction_weights(u, w, nu, cfg.max_ell, L, wkey)
     return out
 
 
@@ -152,6 +176,9 @@ def convert_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hyper: dic
     c, n_el, n_heads = cfg.num_channels, len(cfg.elements), len(cfg.heads)
     act = hyper["interactions"][0].get("radial_act_constant") or SILU_NORM
     ratio = act / SILU_NORM
+    if "w3j_signature" not in hyper:
+        raise ValueError("hyper.json has no w3j_signature; re-dump the model with this foundation's mace_dump.py")
+    signs = w3j_signs(hyper["w3j_signature"])
     out = {"embedding.weight": _get(tensors, "node_embedding.linear.weight", (n_el, c)).reshape(n_el, c)}
     for t in range(cfg.num_layers):
         last = t == cfg.num_layers - 1
@@ -166,7 +193,7 @@ def convert_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hyper: dic
             w = _get(tensors, f"{pre}.skip_tp.weight")
             for l, m in enumerate(_linear_blocks(w, [(c * n_el, c)] * (min(l_in, l_out) + 1), f"{pre}.skip_tp.weight")):
                 out[f"skips.{t}.weights.{l}"] = m.reshape(c, n_el, c).permute(1, 0, 2)
-        out.update(_contractions(tensors, cfg, t, l_out, n_el, hyper.get("coupling_bases", {})))
+        out.update(_contractions(tensors, cfg, t, l_out, n_el, hyper.get("coupling_bases", {}), signs))
         lin = _get(tensors, f"products.{t}.linear.weight")
         for l, m in enumerate(_linear_blocks(lin, [(c, c)] * (l_out + 1), f"products.{t}.linear.weight")):
             out[f"product_linears.{t}.weights.{l}"] = m
