@@ -26,8 +26,8 @@ from .mace_hyper import config_from_hyper
 from .mace_weights import convert_state
 
 DUMPER = Path(__file__).with_name("mace_dump.py")
-MACE_CITATION = ("@inproceedings{batatia2022mace,\n  title = {{MACE}: Higher Order Equivariant Message Passing Neural "
-                 "Networks for Fast and Accurate Force Fields},\n  author = {Batatia, Ilyes and Kov{\\'a}cs, D{\\'a}vid "
+MACE_CITATION = ("@inproceedings{batatia2022mace,\n  title = {{MACE}: Higher Order Equivariant Message Passing "
+                 "Neural Networks for Fast and Accurate Force Fields},\n  author = {Batatia, Ilyes and Kov{\\'a}cs, D{\\'a}vid "
                  "P{\\'e}ter and Simm, Gregor N. C. and Ortner, Christoph and Cs{\\'a}nyi, G{\\'a}bor},\n  booktitle = "
                  "{Advances in Neural Information Processing Systems},\n  year = {2022}\n}")
 MP_CITATION = ("@article{batatia2023foundation,\n  title = {A foundation model for atomistic materials chemistry},\n"

@@ -85,7 +85,8 @@ def _interaction(block) -> dict:
     info = {"class": type(block).__name__, "irreps_in": str(block.node_feats_irreps),
             "target_irreps": str(block.target_irreps), "hidden_irreps": str(block.hidden_irreps),
             "sh_irreps": str(block.edge_attrs_irreps),
-            "edge_irreps": str(getattr(block, "edge_irreps", block.node_feats_irreps)), "avg_num_neighbors": _float(block.avg_num_neighbors),
+            "edge_irreps": str(getattr(block, "edge_irreps", block.node_feats_irreps)),
+            "avg_num_neighbors": _float(block.avg_num_neighbors),
             "radial_mlp": sizes, "radial_act_constant": _act_constant(mlp),
             "has_skip_tp": hasattr(block, "skip_tp"), "has_density": hasattr(block, "density_fn"),
             "conv_tp_instructions": [list(i[:5]) for i in getattr(block.conv_tp, "instructions", [])]}

@@ -169,7 +169,8 @@ def config_from_hyper(hyper: dict) -> ModelConfig:
         refuse(f"avg_num_neighbors {sorted(avg)} per layer", "one value for every layer")
     heads = [str(h) for h in hyper["heads"]]
     last = hyper["readouts"][-1]
-    if last["class"] != "NonLinearReadoutBlock" or any(r["class"] != "LinearReadoutBlock" for r in hyper["readouts"][:-1]):
+    linear = [r["class"] for r in hyper["readouts"][:-1]]
+    if last["class"] != "NonLinearReadoutBlock" or any(name != "LinearReadoutBlock" for name in linear):
         refuse(str([r["class"] for r in hyper["readouts"]]), "readouts must be linear, then one NonLinearReadoutBlock")
     hidden = sum(m for m, _, _ in parse_irreps(last["hidden_irreps"]))
     energies, scale, shift = _heads_stats(hyper, heads, len(numbers))
