@@ -26,10 +26,12 @@ from .mace_hyper import config_from_hyper
 from .mace_weights import convert_state
 
 DUMPER = Path(__file__).with_name("mace_dump.py")
-MACE_CITATION = ("@inproceedings{batatia2022mace,\n  title = {{MACE}: Higher Order Equivariant Message Passing "
-                 "Neural Networks for Fast and Accurate Force Fields},\n  author = {Batatia, Ilyes and Kov{\\'a}cs, D{\\'a}vid "
-                 "P{\\'e}ter and Simm, Gregor N. C. and Ortner, Christoph and Cs{\\'a}nyi, G{\\'a}bor},\n  booktitle = "
-                 "{Advances in Neural Information Processing Systems},\n  year = {2022}\n}")
+MACE_CITATION = "\n".join([
+    "@inproceedings{batatia2022mace,",
+    "  title = {{MACE}: Higher Order Equivariant Message Passing Neural Networks for Fast and Accurate Force Fields},",
+    "  author = {Batatia, Ilyes and Kov{\\'a}cs, D{\\'a}vid P{\\'e}ter and Simm, Gregor N. C. and Ortner, Christoph "
+    "and Cs{\\'a}nyi, G{\\'a}bor},",
+    "  booktitle = {Advances in Neural Information Processing Systems},", "  year = {2022}", "}"])
 MP_CITATION = ("@article{batatia2023foundation,\n  title = {A foundation model for atomistic materials chemistry},\n"
                "  author = {Batatia, Ilyes and others},\n  journal = {arXiv:2401.00096},\n  year = {2023}\n}")
 # sha256 of published mace-torch files. ACEsuit publishes none; these two are pinned in a public third-party

@@ -173,7 +173,7 @@ def _interaction(tensors: dict, cfg: ModelConfig, t: int, act_ratio: float, hype
 
 def convert_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hyper: dict) -> dict[str, torch.Tensor]:
     """The backbone's state_dict for ``cfg`` from mace's tensors (float64 math, cast to cfg.dtype at the end)."""
-    c, n_el, n_heads = cfg.num_channels, len(cfg.elements), len(cfg.heads)
+    c, n_el = cfg.num_channels, len(cfg.elements)
     act = hyper["interactions"][0].get("radial_act_constant") or SILU_NORM
     ratio = act / SILU_NORM
     if "w3j_signature" not in hyper:
