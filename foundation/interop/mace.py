@@ -139,6 +139,8 @@ def import_mace(source: str | Path, out: str | Path, mace_python: str | None = N
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         dump = source
         if source.is_file():
+            from ..hub import sha256_file
+            _license({"file": source.name, "sha256": sha256_file(source)}, license)  # fail before dumping
             if not mace_python:
                 raise ValueError(f"{source} is a mace .model file (a pickle, never opened here): pass --mace-python "
                                  "PYTHON of a mace-torch environment to dump it, or pass a dump directory")

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: mace_dump.py MODEL.model OUT_DIR", file=sys.stderr)
         return 2
     os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    here = Path(__file__).resolve().parent  # holds foundation's mace.py: keep it from shadowing mace-torch
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     try:
         import mace  # noqa: F401
         import torch
