@@ -12,6 +12,11 @@ and shift are set to non-trivial values. For each family OUT/<family>/ gets the 
 hyper.json (``foundation/interop/mace_dump.py``, loaded by path) and reference.json: per structure (a triclinic
 4-element periodic cell, a Cu-Au cell, a molecule) mace's ``MACECalculator`` energy (eV), forces (eV/Å) and
 stress (eV/Å³, 3x3), and the same three as one mixed batch through the mace model itself.
+
+``--model-file small.model --name trained`` makes the fixture of an existing model instead (the one in
+tests/interop/fixtures/trained was trained here by ``mace_run_train --model MACE --num_channels 8 --max_L 1
+--r_max 4.5 --num_radial_basis 8 --max_num_epochs 3`` on 34 EMT Cu-Au cells, docs/interop.md); structures
+use the model's own elements in place of the ones it lacks.
 """
 from __future__ import annotations
 
@@ -108,6 +113,22 @@ def structures():
     return {"triclinic": tri, "cuau": cuau, "molecule": mol}
 
 
+def adapted(frames: dict, zs: list[int]) -> dict:
+    """The structures with elements the model lacks replaced by its own (cyclically); a molecule that changes
+    elements is stretched x2.2 so that metal atoms do not sit at C-H distances."""
+    out = {}
+    for name, atoms in frames.items():
+        atoms = atoms.copy()
+        missing = sorted({int(z) for z in atoms.numbers} - set(zs))
+        if missing:
+            sub = {z: zs[k % len(zs)] for k, z in enumerate(missing)}
+            atoms.numbers = [sub.get(int(z), int(z)) for z in atoms.numbers]
+            if not atoms.pbc.any():
+                atoms.positions *= 2.2
+        out[name] = atoms
+    return out
+
+
 def references(path: Path, model, dtype: str, head: str | None) -> dict:
     """MACECalculator per structure and the mixed batch through the model."""
     from mace import data as mace_data
@@ -116,7 +137,8 @@ def references(path: Path, model, dtype: str, head: str | None) -> dict:
     kwargs = {"head": head} if head else {}
     calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype=dtype, **kwargs)
     out = {"structures": {}}
-    frames = structures()
+    zs = [int(z) for z in model.atomic_numbers.tolist()]
+    frames = adapted(structures(), zs)
     for name, atoms in frames.items():
         atoms = atoms.copy()
         atoms.calc = calc
@@ -127,7 +149,7 @@ def references(path: Path, model, dtype: str, head: str | None) -> dict:
             "energy": float(atoms.get_potential_energy()), "forces": atoms.get_forces().tolist(),
             "stress": np.asarray(stress).tolist()}
     heads = list(model.heads)
-    table = AtomicNumberTable(ZS)
+    table = AtomicNumberTable(zs)
     graphs = []
     for atoms in frames.values():
         config = mace_data.config_from_atoms(atoms, head_name=head or heads[0])
@@ -157,13 +179,30 @@ def make(name: str, fam: dict, out_root: Path, dumper) -> None:
     print(f"{name}: {out} ({size / 1024:.0f} kB)")
 
 
+def from_file(path: Path, name: str, out_root: Path, dumper) -> None:
+    """Fixture of an existing .model file (e.g. one trained here with mace_run_train), float64 references."""
+    torch.set_default_dtype(torch.float64)
+    model = torch.load(path, weights_only=False, map_location="cpu")
+    out = out_root / name
+    dumper.dump_model(model, out, {"file": path.name, "sha256": dumper.sha256_of(path)})
+    ref = references(path, model, "float64", None)
+    ref["family"] = name
+    (out / "reference.json").write_text(json.dumps(ref) + "\n")
+    print(f"{name}: {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1024:.0f} kB)")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "tests" / "interop" / "fixtures"))
     parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--model-file", default=None, help="dump this .model file instead (fixture --name)")
+    parser.add_argument("--name", default="trained", help="fixture name for --model-file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     dumper = load_dumper()
+    if args.model_file:
+        from_file(Path(args.model_file), args.name, Path(args.out), dumper)
+        return 0
     for name in args.families.split(","):
         make(name, FAMILIES[name], Path(args.out), dumper)
     return 0

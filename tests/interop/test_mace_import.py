@@ -23,7 +23,7 @@ from foundation.interop.mace import import_mace
 from foundation.model.backbone import FoundationModel
 
 FIXTURES = Path(__file__).parent / "fixtures"
-FAMILIES = ["mp0", "mp0_float32", "off23", "mp0b3", "mpa0"]
+FAMILIES = ["mp0", "mp0_float32", "off23", "mp0b3", "mpa0", "trained"]
 TOL = {"float64": 1e-8, "float32": 1e-5}
 
 
