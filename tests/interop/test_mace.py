@@ -101,3 +101,18 @@ def test_out_must_be_new(tmp_path):
     with pytest.raises(ValueError, match="not empty"):
         import_mace(FIXTURE, out, license="mit")
     assert (out / "keep.txt").read_text() == "x"
+
+
+def test_imported_model_extends_elements(tmp_path):
+    """Fine-tuning surgery on an imported density/ZBL/Agnesi model: a new element leaves old predictions intact."""
+    from foundation.finetune.surgery import extend_elements
+    model = FoundationModel.from_pretrained(import_mace(FIXTURE.parent / "mp0b3", tmp_path / "m", license="mit"))
+    bigger = extend_elements(model, ["Fe"])
+    assert bigger.config.pair_repulsion["covalent_radii"][-1] == pytest.approx(1.32)
+    atoms = Atoms("CuAuO", positions=[[0, 0, 0], [0, 0, 2.0], [1.5, 0, 1.0]])
+    energies = []
+    for m in (model, bigger):
+        atoms.calc = FoundationCalculator(m)
+        energies.append(atoms.get_potential_energy())
+    assert abs(energies[0] - energies[1]) < 1e-10
+    assert bigger.hub_metadata["license"] == "mit"
