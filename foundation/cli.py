@@ -221,6 +221,22 @@ def _run_import_mace(args: argparse.Namespace) -> int:
     return import_mace(args)
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a saved model to another code's format (mace-torch .model)")
+    esub = p.add_subparsers(dest="format", required=True)
+    m = esub.add_parser("mace", help="a saved model (imported mace model or its fine-tune) -> mace-torch .model, "
+                                     "built by --mace-python's mace-torch")
+    m.add_argument("model", help="saved model directory")
+    m.add_argument("--out", required=True, help="new .model file")
+    m.add_argument("--mace-python", required=True, help="python of a mace-torch environment")
+    m.set_defaults(func=_run_export_mace)
+
+
+def _run_export_mace(args: argparse.Namespace) -> int:
+    from .interop.mace_export import main as export_mace
+    return export_mace(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -233,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_import]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_import,
+             _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:

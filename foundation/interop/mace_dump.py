@@ -4,6 +4,8 @@ Runs in the user's mace-torch environment (torch + mace-torch + the standard lib
 ``foundation``, which lives in another environment with another e3nn):
 
     <mace-venv>/bin/python mace_dump.py MODEL.model OUT_DIR
+    <mace-venv>/bin/python mace_dump.py --build EXPORT_DIR OUT.model     (``foundation export mace``'s last step)
+    <mace-venv>/bin/python mace_dump.py --environment                    (w3j signature, silu constant as JSON)
 
 It is the only place where a mace ``.model`` pickle is loaded, in that separate process. OUT_DIR receives
 ``model.safetensors`` (every tensor of the state_dict, written with a small safetensors writer so that the
@@ -45,6 +47,24 @@ def write_safetensors(tensors: dict, path: Path) -> None:
         f.write(text)
         for blob in blobs:
             f.write(blob)
+
+
+def read_safetensors(path: Path) -> dict:
+    """{name: torch.Tensor} from a safetensors file (the format ``write_safetensors`` writes)."""
+    import numpy as np
+    import torch
+    types = {"F64": np.float64, "F32": np.float32, "I64": np.int64, "I32": np.int32, "BOOL": np.bool_}
+    data = Path(path).read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = info["data_offsets"]
+        array = np.frombuffer(data[8 + size + start:8 + size + stop], dtype=types[info["dtype"]])
+        out[name] = torch.from_numpy(array.copy()).reshape(info["shape"])
+    return out
 
 
 def _float(x) -> float:
@@ -206,6 +226,48 @@ def dump_model(model, out_dir: str | os.PathLike, source: dict | None = None) ->
     return out
 
 
+def environment() -> dict:
+    """This mace environment's w3j signature and e3nn silu normalisation constant (for ``foundation export``)."""
+    import torch
+    from e3nn import nn as e3nn_nn
+    act = e3nn_nn.Activation("1x0e", [torch.nn.functional.silu])
+    return {"w3j_signature": w3j_signature(), "act_constant": _act_constant(act)}
+
+
+def build_from_export(dump_dir: Path, out_file: Path) -> None:
+    """Build a mace ScaleShiftMACE from ``foundation export``'s hyper.json, load its tensors, save a .model."""
+    import numpy as np
+    import torch
+    from e3nn import o3
+    from mace import modules
+    spec = json.loads((dump_dir / "export.json").read_text())
+    torch.set_default_dtype(getattr(torch, spec["dtype"]))
+    model = modules.ScaleShiftMACE(
+        r_max=spec["r_max"], num_bessel=spec["num_bessel"], num_polynomial_cutoff=spec["p"], max_ell=spec["max_ell"],
+        interaction_cls=modules.interaction_classes[spec["interaction"]],
+        interaction_cls_first=modules.interaction_classes[spec["interaction_first"]],
+        num_interactions=spec["num_interactions"], num_elements=len(spec["atomic_numbers"]),
+        hidden_irreps=o3.Irreps(spec["hidden_irreps"]), MLP_irreps=o3.Irreps(spec["MLP_irreps"]),
+        atomic_energies=np.asarray(spec["atomic_energies"]), avg_num_neighbors=spec["avg_num_neighbors"],
+        atomic_numbers=spec["atomic_numbers"], correlation=spec["correlation"], gate=torch.nn.functional.silu,
+        radial_MLP=spec["radial_MLP"], use_reduced_cg=False, pair_repulsion=spec["pair_repulsion"],
+        distance_transform=spec["distance_transform"], atomic_inter_scale=spec["scale"],
+        atomic_inter_shift=spec["shift"], heads=spec["heads"])
+    state = model.state_dict()
+    tensors = read_safetensors(dump_dir / "model.safetensors")
+    unknown = sorted(set(tensors) - set(state))
+    if unknown:
+        raise ValueError(f"exported tensors {unknown[:5]} have no place in the mace model")
+    ratio = spec["act_constant_foundation"] / _act_constant(model.interactions[0].conv_tp_weights)
+    for key, value in tensors.items():
+        value = value.to(state[key].dtype)
+        if ".conv_tp_weights.layer" in key and not key.endswith("layer0.weight") or key.endswith("linear_2.weight"):
+            value = value * ratio  # foundation's exact silu constant -> this e3nn's Monte-Carlo one
+        state[key] = value.reshape(state[key].shape)
+    model.load_state_dict(state, strict=True)
+    torch.save(model, out_file)
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -216,6 +278,9 @@ def sha256_of(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    mode = argv.pop(0) if argv and argv[0] in ("--environment", "--build") else "--dump"
+    if mode == "--environment" and not argv:
+        argv = ["-", "-"]
     if len(argv) != 2:
         print("usage: mace_dump.py MODEL.model OUT_DIR", file=sys.stderr)
         return 2
@@ -229,6 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mace_dump: this Python ({sys.executable}) cannot import mace-torch ({err}); run the dumper with "
               "the python of a mace-torch environment (bash scripts/setup_mace_venv.sh DIR)", file=sys.stderr)
         return 3
+    if mode == "--environment":
+        print(json.dumps(environment()))
+        return 0
+    if mode == "--build":
+        build_from_export(Path(argv[0]), Path(argv[1]))
+        print(f"mace_dump: wrote {argv[1]}")
+        return 0
     path = Path(argv[0])
     model = torch.load(str(path), map_location="cpu", weights_only=False)
     if isinstance(model, dict) and "model" in model:
