@@ -206,6 +206,42 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("import", help="import another code's model exactly (mace-torch) as an ordinary saved model")
+    isub = p.add_subparsers(dest="format", required=True)
+    m = isub.add_parser("mace", help="a mace-torch .model file (dumped by --mace-python's mace-torch, never unpickled "
+                                     "here) or a dump directory -> config.json + model.safetensors + card")
+    m.add_argument("source", help="mace .model file (needs --mace-python) or a dump directory (hyper.json + "
+                                  "model.safetensors from foundation/interop/mace_dump.py)")
+    m.add_argument("--out", required=True, help="new output directory")
+    m.add_argument("--mace-python", default=None, help="python of a mace-torch environment "
+                                                       "(bash scripts/setup_mace_venv.sh DIR -> DIR/bin/python)")
+    m.add_argument("--license", default=None, help="license of the weights (required unless the file's sha256 is a "
+                                                   "published file foundation knows); recorded in the card")
+    m.set_defaults(func=_run_import_mace)
+
+
+def _run_import_mace(args: argparse.Namespace) -> int:
+    from .interop.mace import main as import_mace
+    return import_mace(args)
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export a saved model to another code's format (mace-torch .model)")
+    esub = p.add_subparsers(dest="format", required=True)
+    m = esub.add_parser("mace", help="a saved model (imported mace model or its fine-tune) -> mace-torch .model, "
+                                     "built by --mace-python's mace-torch")
+    m.add_argument("model", help="saved model directory")
+    m.add_argument("--out", required=True, help="new .model file")
+    m.add_argument("--mace-python", required=True, help="python of a mace-torch environment")
+    m.set_defaults(func=_run_export_mace)
+
+
+def _run_export_mace(args: argparse.Namespace) -> int:
+    from .interop.mace_export import main as export_mace
+    return export_mace(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -218,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_import,
+             _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -206,7 +206,8 @@ class HubMixin:
                              "upgrade foundation") from exc
         model = cls(config)
         load_state_dict_strict(model, model_dir / WEIGHTS_NAME)
-        model.hub_metadata = {k: cfg[k] for k in ("metrics", "datasets", "license", "description") if k in cfg}
+        model.hub_metadata = {k: cfg[k] for k in ("metrics", "datasets", "license", "description", "citation",
+                                                  "provenance") if k in cfg}
         return model.to(device).eval()
 
     def push_to_hub(self, repo_id: str, revision: str | None = None, private: bool = False,

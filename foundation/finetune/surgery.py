@@ -62,12 +62,24 @@ def head_axes(config: ModelConfig) -> dict[str, int]:
     return _varying_axes(ModelConfig.from_dict(config.to_dict()), ModelConfig.from_dict(probe))
 
 
+def with_elements(fields: dict, added: list[str]) -> dict:
+    """Config fields with ``added`` elements appended: E0 0 eV in every head, and the per-element covalent radii
+    of a distance transform / pair repulsion (imported mace models) from ASE's table, as mace-torch uses."""
+    from ase.data import atomic_numbers, covalent_radii
+    fields = dict(fields)
+    fields["elements"] = list(fields["elements"]) + list(added)
+    fields["atomic_energies"] = {h: list(v) + [0.0] * len(added) for h, v in fields["atomic_energies"].items()}
+    for key in ("distance_transform", "pair_repulsion"):
+        if fields.get(key):
+            radii = [float(covalent_radii[atomic_numbers[s]]) for s in added]
+            fields[key] = {**fields[key], "covalent_radii": list(fields[key]["covalent_radii"]) + radii}
+    return fields
+
+
 def element_axes(config: ModelConfig) -> dict[str, int]:
     """{parameter name: element axis} of the per-element weights (embedding, skips, product basis ...)."""
     spare = next(s for s in ("Og", "Ts", "Lv", "Mc") if s not in config.elements)
-    probe = config.to_dict()
-    probe.update(elements=config.elements + [spare],
-                 atomic_energies={h: v + [0.0] for h, v in config.atomic_energies.items()})
+    probe = with_elements(config.to_dict(), [spare])
     return _varying_axes(ModelConfig.from_dict(config.to_dict()), ModelConfig.from_dict(probe))
 
 
@@ -147,10 +159,7 @@ def extend_elements(model: FoundationModel, new_elements: list[str], seed: int =
         raise ValueError(f"elements {known} are already in the model ({cfg.elements}); add only new elements")
     if not new_elements:
         return model
-    new = cfg.to_dict()
-    new.update(elements=cfg.elements + list(new_elements),
-               atomic_energies={h: v + [0.0] * len(new_elements) for h, v in cfg.atomic_energies.items()})
-    out = _build(ModelConfig.from_dict(new), model, seed)
+    out = _build(ModelConfig.from_dict(with_elements(cfg.to_dict(), list(new_elements))), model, seed)
     axes = element_axes(cfg)
     old_scales, new_scales = _module_scales(model), _module_scales(out)
     old_state, state = model.state_dict(), out.state_dict()

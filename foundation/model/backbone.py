@@ -26,6 +26,7 @@ from ..nn.charges import LongRangeHead
 from ..nn.electrostatics import strained_cell
 from ..nn.interaction import Interaction, PaddedNeighbors
 from ..nn.linear import ChargeEmbedding, ElementEmbedding, ElementGroups, ElementLinear, IrrepsLinear
+from ..nn.pair import AgnesiTransform, ZBLRepulsion
 from ..nn.radial import BesselCutoff
 from ..nn.readout import LinearReadout, NonLinearReadout
 from ..nn.symmetric_contraction import SymmetricContraction
@@ -56,14 +57,23 @@ class FoundationModel(HubMixin, nn.Module):
         self.embedding = ElementEmbedding(n_el, c, dtype)
         self.charge_embedding = ChargeEmbedding(config.max_total_charge, c, dtype) if config.max_total_charge else None
         self.radial_basis = BesselCutoff(config.r_max, config.num_bessel, config.num_poly_cutoff)
+        self.distance_transform = AgnesiTransform(config.distance_transform) if config.distance_transform else None
+        self.pair_repulsion = ZBLRepulsion(config.pair_repulsion) if config.pair_repulsion else None
+        self.register_buffer("numbers", torch.tensor(config.atomic_numbers), persistent=False)
+        # mace's non-residual first block: no skip; a per-element linear map of the messages instead
+        self.plain_first = config.first_interaction == "plain"
+        self.element_mix = ElementLinear(config.max_ell, n_el, c, c, dtype) if self.plain_first else None
+        density = config.interaction_norm == "density"
         self.interactions, self.skips = nn.ModuleList(), nn.ModuleList()
         self.products, self.product_linears, self.readouts = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for t in range(config.num_layers):
             last = t == config.num_layers - 1
             l_in = 0 if t == 0 else config.max_L
             l_out = 0 if last else config.max_L
-            self.interactions.append(Interaction(l_in, config.max_ell, c, config.num_bessel, config.radial_mlp, dtype))
-            self.skips.append(ElementLinear(min(l_in, l_out), n_el, c, c, dtype))
+            self.interactions.append(Interaction(l_in, config.max_ell, c, config.num_bessel, config.radial_mlp, dtype,
+                                                 density))
+            self.skips.append(nn.Identity() if t == 0 and self.plain_first
+                              else ElementLinear(min(l_in, l_out), n_el, c, c, dtype))
             self.products.append(SymmetricContraction(config.max_ell, l_out, config.correlation, n_el, c, dtype))
             self.product_linears.append(IrrepsLinear(l_out, c, c, dtype))
             self.readouts.append(NonLinearReadout(c, config.readout_mlp, n_heads, dtype) if last
@@ -127,7 +137,9 @@ class FoundationModel(HubMixin, nn.Module):
         sender, receiver = g["sender"], g["receiver"]
         vectors = pos[receiver] - pos[sender] + shifts
         lengths = torch.linalg.norm(vectors, dim=-1)
-        edge_feats = self.radial_basis(lengths)
+        z_send, z_recv = g["z"][sender], g["z"][receiver]
+        transformed = None if self.distance_transform is None else self.distance_transform(lengths, z_send, z_recv)
+        edge_feats = self.radial_basis(lengths, transformed)
         sh = o3.spherical_harmonics(list(range(cfg.max_ell + 1)), vectors, normalize=True, normalization="component")
         coordination = torch.zeros_like(pos[:, 0]).index_add(0, receiver, self.radial_basis.envelope(lengths))
 
@@ -140,16 +152,24 @@ class FoundationModel(HubMixin, nn.Module):
         if self.charge_embedding is not None:  # the structure's total charge, on every atom (zero when neutral)
             h = h + self.charge_embedding(g["total_charge"])[g["batch"][order]].unsqueeze(1)
         readout = 0.0
-        for interaction, skip, product, linear, read in zip(self.interactions, self.skips, self.products,
-                                                            self.product_linears, self.readouts):
-            sc = skip(h, groups)
+        for t, (interaction, skip, product, linear, read) in enumerate(zip(
+                self.interactions, self.skips, self.products, self.product_linears, self.readouts)):
             a = interaction(h, sh, edge_feats, nbrs, cfg.avg_num_neighbors)
-            h = _add_prefix(linear(product(a, groups)), sc)
+            if t == 0 and self.plain_first:
+                h = linear(product(self.element_mix(a, groups), groups))
+            else:
+                h = _add_prefix(linear(product(a, groups)), skip(h, groups))
             readout = readout + read(h[:, 0, :])
         readout = readout[rank]  # back to input atom order, (n, H)
         head = g["head"][g["batch"]]
-        iso = self._isolated_readouts(groups)[g["z"], head]
         own = readout.gather(1, head.unsqueeze(1)).squeeze(1)
+        if self.pair_repulsion is not None:
+            number = self.numbers.to(pos.dtype)
+            own = own + self.pair_repulsion(lengths, receiver, pos.shape[0], z_send, z_recv, number[z_send],
+                                            number[z_recv])
+        if self.config.energy_form == "mace":
+            return self.statistics.mace_node_energies(g["z"], head, own), h[:, 0, :][rank]
+        iso = self._isolated_readouts(groups)[g["z"], head]
         return self.statistics.node_energies(g["z"], head, own, iso, coordination), h[:, 0, :][rank]
 
     def _isolated_readouts(self, groups: ElementGroups) -> torch.Tensor:
@@ -162,8 +182,8 @@ class FoundationModel(HubMixin, nn.Module):
         single = ElementGroups(tuple((e, k, k + 1) for k, e in enumerate(present)))
         h = self.embedding(z)
         readout = 0.0
-        for skip, read in zip(self.skips, self.readouts):
-            h = skip(h, single)[:, :1]
+        for t, (skip, read) in enumerate(zip(self.skips, self.readouts)):
+            h = h.new_zeros(h.shape[0], 1, h.shape[2]) if t == 0 and self.plain_first else skip(h, single)[:, :1]
             readout = readout + read(h[:, 0, :])
         n_heads = len(self.config.heads)
         full = torch.zeros(len(self.config.elements), n_heads, dtype=self.dtype, device=z.device)

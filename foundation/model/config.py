@@ -30,6 +30,14 @@ class ModelConfig:
     atomic_energies: {head: [E0 per element]}; scale/shift: {head: float}; None means 0 / 1 / 0 for every head.
     max_total_charge: 0 = no charge embedding; k > 0 embeds each structure's integer total charge in [-k, k] (e)
         into every atom's initial features, so that charged and neutral states of one geometry differ.
+    energy_form: "faded" (isolated atoms get exactly E0, ``model.heads``) or "mace" (mace-torch's
+        e_i = E0 + scale * (readouts + pair) + shift for every atom; imported mace models).
+    first_interaction: "residual" (skip connection in every layer) or "plain" (mace's RealAgnosticInteractionBlock
+        in layer 1: no skip, a per-element linear map after the message aggregation).
+    interaction_norm: "average" (messages / avg_num_neighbors) or "density" (mace's Density blocks: a learned
+        per-node density tanh(MLP(edge_feats)) summed over neighbours, messages / (density + 1)).
+    distance_transform: None or {"kind": "agnesi", "q", "p", "a", "covalent_radii": [Å per element]}.
+    pair_repulsion: None or {"kind": "zbl", "p", "a_exp", "a_prefactor", "c": [4], "covalent_radii": [Å per el.]}.
     long_range: None, or the long-range charge head's settings (``foundation.nn.charges.DEFAULTS``: kind
         "latent_ewald" | "coulomb", sigma, kcut, pme_threshold, ...); validated and filled with defaults.
     """
@@ -53,6 +61,11 @@ class ModelConfig:
     dtype: str = "float64"
     long_range: dict | None = None
     max_total_charge: int = 0
+    energy_form: str = "faded"
+    first_interaction: str = "residual"
+    interaction_norm: str = "average"
+    distance_transform: dict | None = None
+    pair_repulsion: dict | None = None
     foundation_version: str = __version__
 
     def __post_init__(self) -> None:
@@ -101,6 +114,12 @@ class ModelConfig:
         _check(self.dtype in DTYPES, f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         _check(isinstance(self.max_total_charge, int) and 0 <= self.max_total_charge <= 16,
                f"max_total_charge must be an integer 0..16 (0 = no charge embedding), got {self.max_total_charge!r}")
+        for name, allowed in (("energy_form", ("faded", "mace")), ("first_interaction", ("residual", "plain")),
+                              ("interaction_norm", ("average", "density"))):
+            _check(getattr(self, name) in allowed, f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        from ..nn.pair import check_distance_transform, check_pair_repulsion
+        check_distance_transform(self.distance_transform, len(self.elements))
+        check_pair_repulsion(self.pair_repulsion, len(self.elements))
         if self.long_range is not None:
             _check(isinstance(self.long_range, dict), f"long_range must be None or a dict, got {self.long_range!r}")
             from ..nn.charges import long_range_config

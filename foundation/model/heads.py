@@ -49,6 +49,12 @@ class HeadStatistics(nn.Module):
                 + self.shift[head] * presence)
 
 
+    def mace_node_energies(self, z: torch.Tensor, head: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+        """mace-torch's assembly (``energy_form="mace"``): E0[h, z_i] + scale[h] * readout_i + shift[h] (n,) eV,
+        for every atom, isolated or not; readout (n,) includes a pair repulsion when there is one."""
+        return self.e0[head, z] + self.scale[head] * readout + self.shift[head]
+
+
 def update_statistics(config: ModelConfig, head: str | None,
                       atomic_energies: Mapping[str, float] | Sequence[float] | None,
                       scale: float | None, shift: float | None, avg_num_neighbors: float | None) -> None:

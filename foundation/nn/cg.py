@@ -45,13 +45,15 @@ def path_cg(l1: int, l2: int, l3: int) -> torch.Tensor:
     return math.sqrt(2 * l3 + 1) * _w3j(l1, l2, l3)
 
 
-def coupling_trees(nu: int, max_ell: int, L: int) -> torch.Tensor:
+def coupling_trees(nu: int, max_ell: int, L: int, signs: dict | None = None) -> torch.Tensor:
     """Generalised CG of every left-to-right coupling tree of nu copies of 0e+...+max_ell ending in irrep L.
 
     Returns U of shape (2L+1, D, ..., D, K) (nu copies of D = (max_ell+1)^2), one column per tree, built from
     chained w3j(l_out, l_left, l_right) * sqrt(2 l_out + 1) (MACE's ``U_matrix_real``, unreduced: K = 1, 4, 23
     for L=0; 1, 6, 51 for L=1; 1, 7, 65 for L=2 at max_ell=3 and nu = 1, 2, 3). Intermediate irreps keep
     their parity, so e.g. 1o x 1o -> 1e is an allowed intermediate but not a final L=1 (odd) output.
+    ``signs[(l_out, l_left, l_r)] = -1`` flips a w3j symbol: e3nn 0.4.4 (mace-torch's pin) and e3nn >= 0.5
+    differ in the sign of some odd-sum symbols such as w3j(1, 2, 2) (``interop.mace_weights``).
     """
     d = irreps_dim(max_ell)
     trees = []  # (l, parity, tensor (2l+1, d^k))
@@ -59,6 +61,7 @@ def coupling_trees(nu: int, max_ell: int, L: int) -> torch.Tensor:
         g = torch.zeros(2 * l + 1, d, dtype=torch.float64)
         g[:, block(l)] = torch.eye(2 * l + 1, dtype=torch.float64)
         trees.append((l, (-1) ** l, g))
+    signs = signs or {}
     for level in range(nu - 1):
         last = level == nu - 2
         new = []
@@ -67,7 +70,7 @@ def coupling_trees(nu: int, max_ell: int, L: int) -> torch.Tensor:
                 for l_out in range(abs(l_left - l_r), l_left + l_r + 1):
                     if last and (l_out != L or p_left * (-1) ** l_r != (-1) ** L):
                         continue  # only the final level is filtered; the tree order is unchanged
-                    c = _w3j(l_out, l_left, l_r) * math.sqrt(2 * l_out + 1)  # (o, a, b)
+                    c = _w3j(l_out, l_left, l_r) * (math.sqrt(2 * l_out + 1) * signs.get((l_out, l_left, l_r), 1))
                     g = torch.einsum("oab,ax->oxb", c, g_left)  # (o, d^k, 2 l_r + 1)
                     full = torch.zeros(g.shape[0], g.shape[1], d, dtype=torch.float64)
                     full[:, :, block(l_r)] = g

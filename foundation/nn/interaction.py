@@ -61,7 +61,7 @@ class Interaction(nn.Module):
     """
 
     def __init__(self, l_in: int, max_ell: int, channels: int, num_bessel: int, radial_hidden: list[int],
-                 dtype: torch.dtype):
+                 dtype: torch.dtype, density: bool = False):
         super().__init__()
         self.l_in, self.max_ell, self.channels = l_in, max_ell, channels
         paths = conv_paths(l_in, max_ell)  # sorted by (l3, l1, l2)
@@ -80,6 +80,9 @@ class Interaction(nn.Module):
         self.radial = RadialMLP([num_bessel, *radial_hidden, len(paths) * channels], dtype)
         self.linear = nn.ParameterList(
             [nn.Parameter(torch.randn(c * channels, channels, dtype=dtype)) for c in self.counts])
+        # mace's Density blocks: per-node density sum_j tanh((b(r_ij) . w / sqrt(num_bessel))^2) replaces the
+        # average neighbour count as the normaliser: messages / (density + 1)
+        self.density = nn.Parameter(torch.randn(num_bessel, 1, dtype=dtype)) if density else None
 
     def forward(self, h: torch.Tensor, sh: torch.Tensor, edge_feats: torch.Tensor, nbrs: PaddedNeighbors,
                 avg_num_neighbors: float) -> torch.Tensor:
@@ -104,8 +107,16 @@ class Interaction(nn.Module):
             x = weights[g].transpose(0, 1).contiguous().unsqueeze(2) * h_send[l1].unsqueeze(0)  # (P_g, nK, d1, C)
             out = torch.bmm(coupling, x.view(p * n, k * d1, c))  # (P_g n, d3, C)
             per_l3[l3].append(out.view(p, n, d3, c))
+        norm = avg_num_neighbors
+        if self.density is not None:
+            edge_density = torch.tanh((edge_feats @ (self.density / math.sqrt(self.density.shape[0]))).pow(2))
+            norm = 1.0  # the density divides below
         result = []
         for l3, (parts, w) in enumerate(zip(per_l3, self.linear)):
             x = torch.cat(parts, dim=0).permute(1, 2, 0, 3).reshape(n, 2 * l3 + 1, -1)  # (n, d3, P_l3 C)
-            result.append(x @ (w / (math.sqrt(self.counts[l3] * c) * avg_num_neighbors)))
-        return torch.cat(result, dim=1)
+            result.append(x @ (w / (math.sqrt(self.counts[l3] * c) * norm)))
+        out = torch.cat(result, dim=1)
+        if self.density is not None:
+            density = nbrs.pad(edge_density).view(n, k).sum(dim=1) if k else out.new_zeros(n)
+            out = out / (density + 1.0).view(n, 1, 1)
+        return out

@@ -49,9 +49,10 @@ class BesselCutoff(nn.Module):
              - p * (p + 1.0) / 2.0 * x.pow(p + 2))
         return f * (x < 1.0).to(r.dtype)
 
-    def forward(self, r: torch.Tensor) -> torch.Tensor:
-        """r (E,) Å, positive -> (E, num_bessel)."""
-        r1 = r.unsqueeze(-1)
+    def forward(self, r: torch.Tensor, r_basis: torch.Tensor | None = None) -> torch.Tensor:
+        """r (E,) Å, positive -> (E, num_bessel). ``r_basis`` (E,): a transformed length for the Bessel basis
+        (mace's distance transforms); the envelope always sees r."""
+        r1 = (r if r_basis is None else r_basis).unsqueeze(-1)
         bessel = self.prefactor * torch.sin(self.freq.to(r.dtype) * r1) / r1
         return bessel * self.envelope(r).unsqueeze(-1)
 

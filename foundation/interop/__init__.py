@@ -1,0 +1,1 @@
+"""Import and export of other codes' models (mace-torch), never unpickling in this process."""
