@@ -201,6 +201,24 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    export = sub.add_parser("export", help="write a model in a format that runs without foundation")
+    esub = export.add_subparsers(dest="export_command", required=True)
+    p = esub.add_parser("torchscript", help="one TorchScript file for one head (loads with plain torch: "
+                                            "torch.jit.load; used by LAMMPS' ML-IAP class)")
+    p.add_argument("model", metavar="MODEL", help="Hub repo id or saved model directory")
+    p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p.add_argument("--head", default=None, help="readout head, fixed in the file (default: the model's first)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default: the model's dtype")
+    p.set_defaults(func=_run_export)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .integrations.artifact import main
+    print(main(args.model, args.out, head=args.head, dtype=args.dtype))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -213,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,6 @@ Outputs: ``energy`` (B,) eV, ``energies`` (n,) eV per atom, ``forces`` (n,3) eV/
 ``compute_stress`` is True (the default), ``stress`` (B,3,3) eV/Å³ (ASE sign) and ``virials`` (B,3,3) eV = -stress V.
 Structures without a periodic direction get zero stress and virials (as in a batched ``FoundationModel`` call).
 """
-from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -16,6 +15,7 @@ from torch import Tensor, nn
 from ..model.backbone import FoundationModel
 from .scripted import ShortRange
 from .scripted_lr import ScriptLongRange
+
 
 class DeployedModel(nn.Module):
     """``DeployedModel(model, head_index, dtype)``: one head of ``model`` as a TorchScript-ready module."""
@@ -30,13 +30,13 @@ class DeployedModel(nn.Module):
         table = torch.full((119,), -1, dtype=torch.long)
         table[torch.tensor(cfg.atomic_numbers)] = torch.arange(len(cfg.elements))
         self.register_buffer("element_index", table)
-        self.atomic_numbers: List[int] = list(cfg.atomic_numbers)
+        self.atomic_numbers: list[int] = list(cfg.atomic_numbers)
         self.r_max = float(cfg.r_max)
         self.num_layers = int(cfg.num_layers)
         self.compute_stress = True
         self.dtype_name = cfg.dtype
 
-    def forward(self, inputs: Dict[str, Tensor]) -> Dict[str, Tensor]:
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
         for name in ["pos", "atomic_numbers", "edge_index", "shifts"]:
             if name not in inputs:
                 raise ValueError("artifact input has no '" + name + "'; give pos (n,3), atomic_numbers (n,), "
@@ -98,7 +98,7 @@ class DeployedModel(nn.Module):
                              "of this model; it covers atomic numbers " + str(self.atomic_numbers))
         return z
 
-    def total_charge(self, inputs: Dict[str, Tensor], num_graphs: int, dtype: torch.dtype) -> Tensor:
+    def total_charge(self, inputs: dict[str, Tensor], num_graphs: int, dtype: torch.dtype) -> Tensor:
         """(B,) e from inputs['total_charge']; required when the model embeds it."""
         if "total_charge" not in inputs:
             if self.embeds_charge:
@@ -131,7 +131,7 @@ class DeployedModel(nn.Module):
 
     @torch.jit.export
     def pair_forces(self, atomic_numbers: Tensor, vectors: Tensor, sender: Tensor, receiver: Tensor,
-                    num_local: int) -> Tuple[Tensor, Tensor]:
+                    num_local: int) -> tuple[Tensor, Tensor]:
         """For LAMMPS: nodes = local atoms then ghosts, edge vectors (E,3) Å = pos[receiver] - pos[sender].
 
         Returns (energies (num_local,) eV of the local atoms, dE/dvectors (E,3) eV/Å of their summed energy).
@@ -146,18 +146,18 @@ class DeployedModel(nn.Module):
         charge = torch.zeros(z.shape[0], dtype=dtype, device=vec.device)
         node_energy, _ = self.short_range(z, vec, sender.long(), receiver.long(), charge)
         local = node_energy[:num_local]
-        grad: List[Optional[Tensor]] = torch.autograd.grad([local.sum()], [vec], allow_unused=True)
+        grad: list[Tensor | None] = torch.autograd.grad([local.sum()], [vec], allow_unused=True)
         return local.detach(), -_negated_or_zeros(grad[0], vec)
 
 
-def _negated_or_zeros(grad: Optional[Tensor], like: Tensor) -> Tensor:
+def _negated_or_zeros(grad: Tensor | None, like: Tensor) -> Tensor:
     """-grad, or zeros shaped like ``like`` when the output does not depend on it."""
     if grad is None:
         return torch.zeros_like(like)
     return -grad
 
 
-def _ints(values: Tensor) -> List[int]:
+def _ints(values: Tensor) -> list[int]:
     """A 1-d integer tensor as a list (for error messages)."""
-    out: List[int] = values.long().tolist()
+    out: list[int] = values.long().tolist()
     return out

@@ -9,7 +9,6 @@ float64 artifact reproduces the model to rounding. The convolution sums messages
 (the Python model uses a padded neighbour table); both are the same sum. Long-range charges: ``scripted_lr``.
 """
 import math
-from typing import List, Tuple
 
 import torch
 from e3nn import o3
@@ -56,8 +55,8 @@ class PerElement(nn.Module):
         self.register_buffer("weight", weights.detach().clone())
         self.l_max = weights.shape[0] - 1
 
-    def forward(self, x: Tensor, slices: List[Tuple[int, int, int]]) -> Tensor:
-        pieces: List[Tensor] = []
+    def forward(self, x: Tensor, slices: list[tuple[int, int, int]]) -> Tensor:
+        pieces: list[Tensor] = []
         for e, start, stop in slices:
             xs = x[start:stop]
             if self.l_max == 0:
@@ -103,7 +102,7 @@ class ScriptInteraction(nn.Module):
         for g, ((l1, l3), l2s) in enumerate(zip(block.groups, block.group_l2)):
             groups.append(PathGroup(getattr(block, f"cg_{g}"), l1, l3, len(l2s), offset))
             offset += len(l2s)
-        self.groups = nn.ModuleList(groups)
+        self.groups, self.num_paths = nn.ModuleList(groups), offset
         self.linear = nn.ModuleList([
             Dense(w / (math.sqrt(count * block.channels) * avg_num_neighbors), False)
             for count, w in zip(block.counts, block.linear)])
@@ -113,14 +112,14 @@ class ScriptInteraction(nn.Module):
         radial = edge_feats
         for layer in self.radial:
             radial = layer(radial)
-        radial = radial.view(edge_feats.shape[0], -1, c)
+        radial = radial.view(edge_feats.shape[0], self.num_paths, c)
         h_send = self.linear_up(h)[sender]
-        per_l3: List[List[Tensor]] = []
+        per_l3: list[list[Tensor]] = []
         for _ in range(self.max_ell + 1):
             per_l3.append([])
         for group in self.groups:
             per_l3[group.l3].append(group(sh, radial, h_send, receiver, n))
-        result: List[Tensor] = []
+        result: list[Tensor] = []
         for l3, linear in enumerate(self.linear):
             x = torch.cat(per_l3[l3], dim=1).permute(0, 2, 1, 3).reshape(n, 2 * l3 + 1, -1)  # (n, d3, P_l3 C)
             result.append(linear(x))
@@ -142,7 +141,7 @@ class ScriptProduct(nn.Module):
         for nu in range(3):
             self.register_buffer(f"coeff{nu + 1}", coeffs[nu].clone() if nu < len(coeffs) else torch.zeros(0))
 
-    def forward(self, a: Tensor, slices: List[Tuple[int, int, int]]) -> Tensor:
+    def forward(self, a: Tensor, slices: list[tuple[int, int, int]]) -> Tensor:
         if len(slices) == 0:
             return a.new_zeros(0, (self.l_out + 1) * (self.l_out + 1), a.shape[-1])
         at = a.permute(1, 2, 0).contiguous()  # (d, C, n)
@@ -156,7 +155,7 @@ class ScriptProduct(nn.Module):
                 triples = pairs.index_select(0, self.trip_prefix) * at.index_select(0, self.trip_last)
                 mono.append(triples.transpose(0, 1))
                 coeffs.append(self.coeff3)
-        pieces: List[Tensor] = []
+        pieces: list[Tensor] = []
         for e, start, stop in slices:
             out = torch.bmm(coeffs[0][e], mono[0][:, :, start:stop])
             for k in range(1, len(mono)):
@@ -185,7 +184,7 @@ class ScriptLayer(nn.Module):
             self.register_buffer("w_out", torch.zeros(0))
 
     def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, sender: Tensor, receiver: Tensor,
-                slices: List[Tuple[int, int, int]]) -> Tuple[Tensor, Tensor]:
+                slices: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
         sc = self.skip(h, slices)
         a = self.interaction(h, sh, edge_feats, sender, receiver)
         h = self.linear(self.product(a, slices))
@@ -233,7 +232,7 @@ class ShortRange(nn.Module):
         return f * (x < 1.0).to(r.dtype)
 
     def forward(self, z: Tensor, vectors: Tensor, sender: Tensor, receiver: Tensor, charge_per_atom: Tensor
-                ) -> Tuple[Tensor, Tensor]:
+                ) -> tuple[Tensor, Tensor]:
         """z (n,) element index, vectors (E,3) Å = pos[receiver] - pos[sender] + shifts, charge_per_atom (n,) e."""
         lengths = torch.linalg.norm(vectors, dim=-1)
         r1 = lengths.unsqueeze(-1)
@@ -244,8 +243,8 @@ class ShortRange(nn.Module):
         order = torch.argsort(z, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
-        counts: List[int] = torch.bincount(z, minlength=self.num_elements).tolist()
-        slices: List[Tuple[int, int, int]] = []
+        counts: list[int] = torch.bincount(z, minlength=self.num_elements).tolist()
+        slices: list[tuple[int, int, int]] = []
         start = 0
         for e, c in enumerate(counts):
             if c > 0:

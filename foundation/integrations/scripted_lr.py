@@ -6,7 +6,6 @@ scripted here): a periodic structure with at least ``pme_threshold`` atoms, whic
 PME, is an error that says so. K = ``COULOMB_CONSTANT`` eV·Å/e².
 """
 import math
-from typing import List
 
 import torch
 from torch import Tensor, nn
@@ -67,7 +66,8 @@ class ScriptLongRange(nn.Module):
         """Latent Ewald (k-space only, |k| <= kcut, k = 0 dropped) of one cell (3,3) Å, per atom: (n,) eV."""
         volume = torch.linalg.det(cell).abs()
         reciprocal = 2.0 * math.pi * torch.linalg.inv(cell).transpose(0, 1)
-        nmax: List[int] = torch.floor(self.kcut * torch.linalg.norm(cell.detach(), dim=1) / (2.0 * math.pi)).long().tolist()
+        lengths = torch.linalg.norm(cell.detach(), dim=1)
+        nmax: list[int] = torch.floor(self.kcut * lengths / (2.0 * math.pi)).long().tolist()
         axes = [torch.arange(-m, m + 1, device=cell.device, dtype=cell.dtype) for m in nmax]
         grid = torch.meshgrid(axes[0], axes[1], axes[2], indexing="ij")
         n = torch.stack([grid[0], grid[1], grid[2]], dim=-1).reshape(-1, 3)
