@@ -5,8 +5,8 @@
 the product-basis coefficients T_e = sum_k U W[e] of every element, the head's readout weights, the isolated-atom
 readouts R_iso[z] and the head's E0 / scale / shift. The computation is the backbone's, step by step
 (``foundation.model.backbone``): nodes sorted by element, per-element GEMMs, the same contraction order, so a
-float64 artifact reproduces the model to rounding. The convolution sums messages per receiver with ``index_add``
-(the Python model uses a padded neighbour table); both are the same sum. Long-range charges: ``scripted_lr``.
+float64 artifact reproduces the model to rounding, with the same padded neighbour table for the convolution.
+Long-range charges: ``scripted_lr``.
 """
 import math
 
@@ -77,15 +77,35 @@ class PathGroup(nn.Module):
         self.register_buffer("table", table.detach().clone())
         self.l1, self.l3, self.paths, self.offset = l1, l3, paths, offset
 
-    def forward(self, sh: Tensor, radial: Tensor, h_send: Tensor, receiver: Tensor, n: int) -> Tensor:
-        """sh (E, D_Y), radial (E, P_tot, C), h_send (E, D_in, C) -> summed messages (n, P, d3, C)."""
-        d1, d3 = 2 * self.l1 + 1, 2 * self.l3 + 1
-        coupling = (sh @ self.table).view(-1, self.paths, d1, d3)
+    def forward(self, sh: Tensor, radial: Tensor, h_send: Tensor, n: int, k: int) -> Tensor:
+        """On the padded (n, K) neighbour table: sh (nK, D_Y), radial (nK, P_tot, C), h_send (nK, D_in, C)
+        -> messages summed per receiver (P, n, d3, C), one batched GEMM over neighbours and m1."""
+        p, d1, d3, c = self.paths, 2 * self.l1 + 1, 2 * self.l3 + 1, radial.shape[-1]
+        coupling = (sh @ self.table).view(n, k, p, d1, d3).permute(2, 0, 4, 1, 3).reshape(p * n, d3, k * d1)
         h = h_send[:, self.l1 * self.l1:(self.l1 + 1) * (self.l1 + 1)]
-        weights = radial[:, self.offset:self.offset + self.paths]  # (E, P, C)
-        msg = torch.einsum("epmk,emc->epkc", coupling, h) * weights.unsqueeze(2)
-        out = torch.zeros(n, self.paths, d3, msg.shape[-1], dtype=msg.dtype, device=msg.device)
-        return out.index_add(0, receiver, msg)
+        weights = radial[:, self.offset:self.offset + p].transpose(0, 1).contiguous()  # (P, nK, C)
+        x = weights.unsqueeze(2) * h.unsqueeze(0)  # (P, nK, d1, C)
+        return torch.bmm(coupling, x.reshape(p * n, k * d1, c)).view(p, n, d3, c)
+
+
+def padded_neighbors(sender: Tensor, receiver: Tensor, n: int) -> tuple[Tensor, Tensor, int]:
+    """Edges in a (n, K) table per receiver (``nn.interaction.PaddedNeighbors``): slot (E,) of each edge in the
+    flat table, sender (nK,) of each slot (0 when empty), K = the largest in-degree."""
+    degree = torch.bincount(receiver, minlength=n)
+    width = int(degree.max()) if receiver.numel() > 0 else 0
+    order = torch.argsort(receiver, stable=True)
+    start = torch.cumsum(degree, 0) - degree
+    slot = torch.empty_like(receiver)
+    slot[order] = torch.arange(receiver.numel(), device=receiver.device) - start[receiver[order]]
+    index = receiver * width + slot
+    send = torch.zeros(n * width, dtype=sender.dtype, device=sender.device).index_copy(0, index, sender)
+    return index, send, width
+
+
+def pad(x: Tensor, index: Tensor, rows: int) -> Tensor:
+    """Edge values (E, ...) -> (rows = nK, ...) with zeros in empty slots."""
+    shape = [rows] + list(x.shape[1:])
+    return torch.zeros(shape, dtype=x.dtype, device=x.device).index_copy(0, index, x)
 
 
 class ScriptInteraction(nn.Module):
@@ -107,21 +127,27 @@ class ScriptInteraction(nn.Module):
             Dense(w / (math.sqrt(count * block.channels) * avg_num_neighbors), False)
             for count, w in zip(block.counts, block.linear)])
 
-    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, sender: Tensor, receiver: Tensor) -> Tensor:
+    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, index: Tensor, send: Tensor, k: int) -> Tensor:
+        """h (n, D_in, C), sh (E, D_Y), edge_feats (E, num_bessel), padded table (``padded_neighbors``)."""
         n, c = h.shape[0], self.channels
-        radial = edge_feats
+        rows = n * k
+        small = rows <= 1.25 * edge_feats.shape[0]  # little padding: run the MLP on padded rows (MLP(0) = 0)
+        radial = pad(edge_feats, index, rows) if small else edge_feats
         for layer in self.radial:
             radial = layer(radial)
-        radial = radial.view(edge_feats.shape[0], self.num_paths, c)
-        h_send = self.linear_up(h)[sender]
+        if not small:
+            radial = pad(radial, index, rows)
+        radial = radial.view(rows, self.num_paths, c)
+        sh_pad = pad(sh, index, rows)
+        h_send = self.linear_up(h)[send]
         per_l3: list[list[Tensor]] = []
         for _ in range(self.max_ell + 1):
             per_l3.append([])
         for group in self.groups:
-            per_l3[group.l3].append(group(sh, radial, h_send, receiver, n))
+            per_l3[group.l3].append(group(sh_pad, radial, h_send, n, k))
         result: list[Tensor] = []
         for l3, linear in enumerate(self.linear):
-            x = torch.cat(per_l3[l3], dim=1).permute(0, 2, 1, 3).reshape(n, 2 * l3 + 1, -1)  # (n, d3, P_l3 C)
+            x = torch.cat(per_l3[l3], dim=0).permute(1, 2, 0, 3).reshape(n, 2 * l3 + 1, -1)  # (n, d3, P_l3 C)
             result.append(linear(x))
         return torch.cat(result, dim=1)
 
@@ -183,10 +209,10 @@ class ScriptLayer(nn.Module):
             self.register_buffer("w_in", (read.weight[:, head] * read.scale).detach().clone())
             self.register_buffer("w_out", torch.zeros(0))
 
-    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, sender: Tensor, receiver: Tensor,
+    def forward(self, h: Tensor, sh: Tensor, edge_feats: Tensor, index: Tensor, send: Tensor, k: int,
                 slices: list[tuple[int, int, int]]) -> tuple[Tensor, Tensor]:
         sc = self.skip(h, slices)
-        a = self.interaction(h, sh, edge_feats, sender, receiver)
+        a = self.interaction(h, sh, edge_feats, index, send, k)
         h = self.linear(self.product(a, slices))
         if sc.shape[1] == h.shape[1]:
             h = h + sc
@@ -250,13 +276,13 @@ class ShortRange(nn.Module):
             if c > 0:
                 slices.append((e, start, start + c))
                 start += c
-        send, recv = rank[sender], rank[receiver]
+        index, send, k = padded_neighbors(rank[sender], rank[receiver], z.shape[0])
         h = self.embedding[z[order]].unsqueeze(1)
         if self.max_charge > 0:
             h = h + self.charge_embedding(charge_per_atom[order]).unsqueeze(1)
         readout = torch.zeros(z.shape[0], dtype=vectors.dtype, device=vectors.device)
         for layer in self.layers:
-            h, r = layer(h, sh, edge_feats, send, recv, slices)
+            h, r = layer(h, sh, edge_feats, index, send, k, slices)
             readout = readout + r
         readout = readout[rank]
         presence = torch.tanh(coordination)
