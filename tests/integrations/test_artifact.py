@@ -74,6 +74,7 @@ def assert_matches(artifact, model, atoms, head=None, charge: float = 0.0, tol: 
         assert float(out["stress"].abs().max()) == 0.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["small", "medium", "large", "student"])
 def test_every_preset_matches_the_calculator(preset):
     fields = preset_fields(preset)
@@ -161,6 +162,7 @@ def test_stress_can_be_switched_off_and_float32_export(tmp_path):
     assert "stress" not in out and "virials" not in out and out["forces"].dtype == torch.float32
 
 
+@pytest.mark.slow
 def test_cli_export_and_the_torch_only_example_without_foundation(tmp_path, capsys):
     model = make_model(max_L=1, max_total_charge=1)
     model.save_pretrained(tmp_path / "model")
