@@ -194,3 +194,20 @@ def test_cli_export_and_the_torch_only_example_without_foundation(tmp_path, caps
         np.testing.assert_allclose(got["forces"], atoms.get_forces(), atol=1e-10, rtol=0)
         if atoms.pbc.any():
             np.testing.assert_allclose(got["stress"], atoms.get_stress(voigt=False), atol=1e-10, rtol=0)
+
+
+@pytest.mark.slow
+def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
+    """docs/deploy.md's torch-only block on a Si model exported as model.pt; its energy is the calculator's."""
+    import re
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if 'torch.jit.load("model.pt")' in b]
+    model = make_model(max_L=0)
+    export_torchscript(model, tmp_path / "model.pt")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "docs/deploy.md", "exec"), scope)
+    atoms = scope["atoms"]
+    atoms.calc = FoundationCalculator(model)
+    assert abs(float(scope["out"]["energy"][0]) - atoms.get_potential_energy()) < 1e-10
+    assert "tensor" in capsys.readouterr().out
