@@ -227,14 +227,27 @@ def _run_import_mace(args: argparse.Namespace) -> int:
 
 
 def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export a saved model to another code's format (mace-torch .model)")
-    esub = p.add_subparsers(dest="format", required=True)
+    export = sub.add_parser("export", help="write a model in a format that runs without foundation")
+    esub = export.add_subparsers(dest="export_command", required=True)
+    p = esub.add_parser("torchscript", help="one TorchScript file for one head (loads with plain torch: "
+                                            "torch.jit.load; used by LAMMPS' ML-IAP class)")
+    p.add_argument("model", metavar="MODEL", help="Hub repo id or saved model directory")
+    p.add_argument("--out", required=True, help="output file, e.g. model.pt")
+    p.add_argument("--head", default=None, help="readout head, fixed in the file (default: the model's first)")
+    p.add_argument("--dtype", choices=["float32", "float64"], default=None, help="default: the model's dtype")
+    p.set_defaults(func=_run_export)
     m = esub.add_parser("mace", help="a saved model (imported mace model or its fine-tune) -> mace-torch .model, "
                                      "built by --mace-python's mace-torch")
     m.add_argument("model", help="saved model directory")
     m.add_argument("--out", required=True, help="new .model file")
     m.add_argument("--mace-python", required=True, help="python of a mace-torch environment")
     m.set_defaults(func=_run_export_mace)
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from .integrations.artifact import main
+    print(main(args.model, args.out, head=args.head, dtype=args.dtype))
+    return 0
 
 
 def _run_export_mace(args: argparse.Namespace) -> int:

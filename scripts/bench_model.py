@@ -165,8 +165,8 @@ def interleaved(runners: dict, request: dict) -> dict:
         for i in range(timing["repeats"]):
             for side in (names if i % 2 == 0 else names[::-1]):
                 per_call[side].append(runners[side].repeat(w, timing["min_time"]))
-        if len(names) == 2:  # median over adjacent (A, B) repeats of B's time / A's time: robust to load drift
-            a, b = (per_call[n] for n in names)
+        if len(names) >= 2:  # median over adjacent (A, B) repeats of B's time / A's time: robust to load drift
+            a, b = per_call[names[0]], per_call[names[1]]
             out[names[0]][w + "_paired_ratio"] = statistics.median(tb / ta for ta, tb in zip(a, b))
         for side in names:
             med, info = statistics.median(per_call[side]), infos[side]["workloads"][w]
@@ -269,14 +269,17 @@ def fmt(x: float | None) -> str:
 def print_table(rows: list[dict], file=sys.stdout) -> None:
     """One line per (case, workload): ours, mace, ours/mace of the medians (>1: we are faster), and the
     median of the per-repeat ratios of adjacent (ours, mace) repeats."""
-    head = f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7} {'paired':>7}  unit"
+    head = (f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7} {'paired':>7} "
+            f"{'script':>10} {'s/mace':>7}  unit")
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
         ratio = f"{r['ours'] / r['mace']:.2f}x" if r.get("mace") and r.get("ours") else "-"
         paired = f"{r['paired']:.2f}x" if r.get("paired") else "-"
+        script = f"{r['script'] / r['mace']:.2f}x" if r.get("mace") and r.get("script") else "-"
         print(f"{r['preset']:<8} {r['L']:>2} {r['workload']:<10} {fmt(r.get('ours')):>10} "
-              f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7}  {r['unit']}", file=file)
+              f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7} {fmt(r.get('script')):>10} {script:>7}  {r['unit']}",
+              file=file)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -296,6 +299,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smoke test: 8 channels, 1 repeat, no min time")
     p.add_argument("--json", default=None, help="write all results and metadata to this JSON file")
     p.add_argument("--mace-reduced-cg", action="store_true", help="mace use_reduced_cg=True (CLI default False)")
+    p.add_argument("--artifact", action="store_true", help="also time the TorchScript artifact (column 'script'; "
+                                                           "inference workloads only)")
     return p.parse_args(argv)
 
 
@@ -323,6 +328,9 @@ def main(argv=None) -> int:
         torch.manual_seed(0)
         case = {"preset": preset, "hyper": hyper, "load_before": os.getloadavg()}
         runners = {"ours": LocalRunner(side)}
+        if args.artifact:
+            from _artifact_side import ScriptSide
+            runners["script"] = LocalRunner(ScriptSide(preset, {**overrides, **extra}, args.dtype))
         if args.mace_python:
             from _mace_worker import WorkerClient  # scripts/ is on sys.path: this file's folder
             runners["mace"] = WorkerClient(args.mace_python, args.threads)
@@ -337,7 +345,8 @@ def main(argv=None) -> int:
             rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
                          "ours": case["ours"][w]["throughput"],
                          "mace": case.get("mace", {}).get(w, {}).get("throughput"),
-                         "paired": case["ours"].get(w + "_paired_ratio")})
+                         "paired": case["ours"].get(w + "_paired_ratio"),
+                         "script": case.get("script", {}).get(w, {}).get("throughput")})
         print(f"{preset} L={hyper['max_L']}: params ours {case['ours']['params']}, mace "
               f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",
               flush=True)

@@ -173,7 +173,7 @@ def test_the_docs_example_runs(tmp_path, monkeypatch, capsys):
 
     from foundation import FoundationModel, ModelConfig
     text = (Path(__file__).resolve().parents[2] / "docs" / "deploy.md").read_text()
-    (block,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "import torch_sim" in b]
     monkeypatch.chdir(tmp_path)
     torch.manual_seed(0)
     config = ModelConfig.preset("student", elements=["Si"], num_channels=8, radial_mlp=[8], dtype="float64")
