@@ -201,6 +201,21 @@ def _run_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_learn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("learn", help="active learning (DP-GEN style): committee MD from your structures, label the "
+                                     "frames where the committee disagrees with any ASE calculator, fine-tune, repeat")
+    _add_recipe_arguments(p, "recipes/learn_cuau_emt.yaml", "--set stop.max_iterations=2 --set committee.size=4")
+    p.add_argument("--resume", action="store_true", help="continue the run in out_dir (labels are never recomputed)")
+    p.add_argument("--overwrite", action="store_true", help="delete out_dir and start again")
+    p.set_defaults(func=_run_learn)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from .learn.run import main as learn
+    print(learn(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -213,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_learn]
 
 
 def main(argv: list[str] | None = None) -> int:
