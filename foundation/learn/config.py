@@ -15,6 +15,8 @@ top, as in every recipe: ``max_steps``, ``optim``, ``loss``, ``data.max_atoms`` 
   (``farthest``: farthest-point in a pair-distance descriptor; ``time``: evenly in time order).
 - ``stop``: when the accurate fraction of an exploration reaches ``accurate_fraction``, or after ``max_iterations``.
 - ``test``: held-out labelled ``files``, and/or ``md_frames`` frames of labeller MD from the structures.
+- ``threads``: torch CPU threads for the whole run (None: torch's default). Small models run fastest on 1 thread,
+  above all on a loaded machine.
 """
 from __future__ import annotations
 
@@ -115,6 +117,7 @@ class LearnConfig(TrainConfig):
     """A ``TrainConfig`` (each member's fine-tune) plus the loop's sections (module docstring)."""
     out_dir: str = "runs/learn"
     valid_every: int = 1000
+    threads: int | None = None
     base: LearnBaseSection = field(default_factory=LearnBaseSection)
     structures: list[Any] = field(default_factory=list)
     labeller: dict[str, Any] = field(default_factory=dict)
@@ -159,6 +162,7 @@ class LearnConfig(TrainConfig):
         check(0 < self.stop.accurate_fraction <= 1, "stop.accurate_fraction", "must be in (0, 1]")
         check(self.init.rattle_copies >= 0, "init.rattle_copies", "must be >= 0")
         check(self.test.md_frames >= 0, "test.md_frames", "must be >= 0")
+        check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 (or null: torch's default)")
         return self
 
 

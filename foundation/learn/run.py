@@ -165,6 +165,9 @@ def learn(config: LearnConfig, resume: bool = False, overwrite: bool = False, lo
     from ..model import FoundationModel
     from .committee import CommitteeModel
     from .report import finish
+    if config.threads:
+        import torch
+        torch.set_num_threads(config.threads)
     structures = build_structures(config.structures)
     teacher = load_teacher(config.labeller)
     out = prepare_out_dir(config, resume, overwrite)
@@ -213,5 +216,5 @@ def main(recipe: str, overrides: list[str] | None = None, resume: bool = False, 
     """``foundation learn``: load the recipe, run the loop, return a summary."""
     config = load_learn_config(recipe, overrides)
     report = learn(config, resume=resume, overwrite=overwrite)
-    return f"{len(report['iterations'])} iterations, {report['labels_total']} labels; committee in {report['model']}; " \
-           f"report {Path(config.out_dir) / 'learn_report.json'}"
+    return (f"{len(report['iterations'])} iterations, {report['labels_total']} labels; committee in "
+            f"{report['model']}; report {Path(config.out_dir) / 'learn_report.json'}")
