@@ -44,6 +44,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--test-frames", type=int, default=60)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe key")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="only merge result files of runs with one seed each (run in parallel) into --json")
     return p.parse_args(argv)
 
 
@@ -135,8 +137,20 @@ def summary(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def merge(paths: list[str], target: Path) -> dict:
+    """One result file from several (e.g. one seed each, run as parallel processes); prints the table."""
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    merged = {"meta": {"parts": [p["meta"] for p in parts]}, "results": [r for p in parts for r in p["results"]]}
+    target.write_text(json.dumps(merged, indent=2) + "\n")
+    print(summary(merged["results"]))
+    return merged
+
+
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.merge:
+        merge(args.merge, Path(args.json or Path(args.out) / "bench_learn.json"))
+        return 0
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
     torch.set_num_threads(1)

@@ -59,7 +59,8 @@ def test_readme_names_every_subcommand():
     assert not missing, f"README.md's command table does not name {missing}"
 
 
-COMMAND = re.compile(r"foundation(?:\.cli)? (pretrain|finetune|distill|learn) (recipes/[^\s`]+\.yaml)((?: --set [^\s`]+)*)")
+COMMAND = re.compile(r"foundation(?:\.cli)? (pretrain|finetune|distill|learn) (recipes/[^\s`]+\.yaml)"
+                     r"((?: --set [^\s`]+)*)")
 
 
 def _loaders() -> dict:

@@ -130,7 +130,9 @@ def _label_chunk(teacher: Teacher, chunk: Sequence[Atoms], k, seed, stress, tole
 
 def _plain(a: Atoms, info: dict) -> Atoms:
     out = Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc)
-    out.info.update({k: info.get(k, d) for k, d in zip(_INFO, ("onpolicy", -1, 0.0, -1))})
+    # plain Python values (frames read back from extxyz carry numpy scalars, which JSON cannot write)
+    out.info.update({k: cast(info.get(k, d)) for k, d, cast in zip(_INFO, ("onpolicy", -1, 0.0, -1),
+                                                                    (str, int, float, int))})
     return out
 
 

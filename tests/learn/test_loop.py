@@ -76,6 +76,21 @@ def test_failing_labeller_frames_are_recorded_and_cached(tmp_path, monkeypatch):
     assert again == got and not calls
 
 
+def test_frames_read_back_from_extxyz_label(tmp_path):
+    """Explored frames are stored as extxyz (info read back as numpy scalars) and labelled after a resume."""
+    from foundation.distill.teacher import load_teacher
+    from foundation.learn.loop import label, read_frames, write_frames
+    frames = [cuau(s) for s in range(2)]
+    for k, a in enumerate(frames):
+        a.info.update(max_devi_f=0.1, run=0, md_step=5 * k, temperature_K=300.0)
+    write_frames(tmp_path / "explore.extxyz", frames)
+    back = read_frames(tmp_path / "explore.extxyz")
+    assert [a.info["md_step"] for a in back] == [0, 5]
+    c = config(tmp_path)
+    got = label(c, load_teacher(c.labeller), back, tmp_path / "labels", log=None)
+    assert got["labelled"] == 2 and not got["failed"]
+
+
 def test_selection_window_and_diverse_pick():
     frames = [cuau(s) for s in range(12)]
     for a, d in zip(frames, np.linspace(0.0, 0.55, 12)):
