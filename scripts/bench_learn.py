@@ -40,7 +40,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="write the results here (default OUT/bench_learn.json)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--committee", type=int, default=4, help="members K")
-    p.add_argument("--iterations", type=int, default=3)
+    p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--test-frames", type=int, default=60)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any recipe key")
     p.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
