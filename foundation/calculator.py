@@ -122,7 +122,9 @@ class SkinNeighborList:
 
 class FoundationCalculator(Calculator):
     """ASE calculator: energy, free_energy (eV), forces (eV/Å), stress (eV/Å³, Voigt; cells with a periodic
-    direction, module docstring), energies (per atom, eV), and charges (e) / dipole (e·Å) when the model outputs them.
+    direction, module docstring), energies (per atom, eV), and charges (e) / dipole (e·Å) when the model outputs them;
+    on a committee (``foundation.learn.CommitteeModel``) the members' mean plus ``energy_uncertainty`` (eV),
+    ``forces_uncertainty`` (n,) (eV/Å) and ``max_devi_f`` (eV/Å).
 
     ``model``: a module with ``config.r_max``/``config.elements``/``config.heads`` called as
     ``model(batch, compute_forces=True, compute_stress=...)``. The calculator works on its own copy of it, moved to
@@ -155,7 +157,8 @@ class FoundationCalculator(Calculator):
         probe = Atoms(numbers=[atomic_numbers[self.elements[0]] if self.elements else 1])
         out = self._forward([self.graph(probe, reuse_neighbors=False)], stress=False)
         optional = [name for key, name in ((keys.NODE_ENERGY, "energies"), (keys.CHARGES, "charges"),
-                                           (keys.DIPOLE, "dipole")) if key in out]
+                                           (keys.DIPOLE, "dipole"), (keys.ENERGY_UNCERTAINTY,) * 2,
+                                           (keys.FORCES_UNCERTAINTY,) * 2, (keys.MAX_DEVI_F,) * 2) if key in out]
         return ["energy", "free_energy", "forces", "stress", *optional]
 
     @classmethod
@@ -211,7 +214,7 @@ class FoundationCalculator(Calculator):
         for key, value in out.items():
             arr = value.cpu().double().numpy()
             for i, res in enumerate(results):
-                if key in (keys.FORCES, keys.NODE_ENERGY, keys.CHARGES):
+                if key in (keys.FORCES, keys.NODE_ENERGY, keys.CHARGES, keys.FORCES_UNCERTAINTY):
                     res[{keys.NODE_ENERGY: "energies"}.get(key, key)] = arr[bounds[i]:bounds[i + 1]]
                 elif key == keys.ENERGY:
                     res["energy"] = res["free_energy"] = float(arr[i])
@@ -219,6 +222,8 @@ class FoundationCalculator(Calculator):
                     res["stress"] = full_3x3_to_voigt_6_stress(arr[i])
                 elif key == keys.DIPOLE:
                     res["dipole"] = arr[i].reshape(3)
+                elif key in (keys.ENERGY_UNCERTAINTY, keys.MAX_DEVI_F):   # a committee (foundation.learn)
+                    res[key] = float(arr[i])
         return results
 
     # --- ASE interface --------------------------------------------------------------------------------

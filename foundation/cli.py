@@ -133,7 +133,7 @@ def _run_md(args: argparse.Namespace) -> int:
 
 def _add_recipe_arguments(p: argparse.ArgumentParser, example: str, set_example: str) -> None:
     """The RECIPE.yaml positional, the repeatable ``--set KEY=VALUE`` and ``--resume``/``--overwrite`` shared by
-    pretrain/finetune/distill."""
+    pretrain/finetune/distill/learn."""
     p.add_argument("recipe", metavar="RECIPE.yaml", help=f"e.g. {example}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a recipe value, e.g. {set_example} (repeatable)")
@@ -255,6 +255,19 @@ def _run_export_mace(args: argparse.Namespace) -> int:
     return export_mace(args)
 
 
+def _add_learn(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("learn", help="active learning (DP-GEN style): committee MD from your structures, label the "
+                                     "frames where the committee disagrees with any ASE calculator, fine-tune, repeat")
+    _add_recipe_arguments(p, "recipes/learn_cuau_emt.yaml", "--set stop.max_iterations=2 --set committee.size=4")
+    p.set_defaults(func=_run_learn)
+
+
+def _run_learn(args: argparse.Namespace) -> int:
+    from .learn.run import main as learn
+    print(learn(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="foundation", description=__doc__.splitlines()[0])
     from . import __version__
@@ -267,8 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_import,
-             _add_export]
+_COMMANDS = [_add_data, _add_push, _add_md, _add_pretrain, _add_evaluate, _add_finetune, _add_distill, _add_learn,
+             _add_import, _add_export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -155,6 +155,23 @@ def load_state_dict_strict(module: torch.nn.Module, weights: str | Path) -> None
     module.load_state_dict(state, strict=True)
 
 
+# Model classes a config.json may name (``model_info.class``) besides the one ``from_pretrained`` is called on:
+# ``FoundationModel.from_pretrained`` of a saved committee returns the ``CommitteeModel`` (module to import it from).
+SAVED_CLASSES = {"CommitteeModel": "foundation.learn.committee"}
+
+
+def _saved_class(cls: type, cfg: dict, model_dir: Path) -> type:
+    """The class to load ``cfg`` with: ``cls``, or the committee class it names when ``cls`` is ``FoundationModel``."""
+    import importlib
+    name = (cfg.get("model_info") or {}).get("class") or cls.__name__
+    if name == cls.__name__ or (name not in SAVED_CLASSES and cls.__name__ not in SAVED_CLASSES):
+        return cls
+    if name in SAVED_CLASSES and cls.__name__ == "FoundationModel":
+        return getattr(importlib.import_module(SAVED_CLASSES[name]), name)
+    raise ValueError(f"{model_dir / CONFIG_NAME} holds a {name}, not a {cls.__name__}; load it with "
+                     f"{name}.from_pretrained (FoundationModel.from_pretrained loads either)")
+
+
 class HubMixin:
     """Adds ``save_pretrained`` / ``from_pretrained`` / ``push_to_hub`` to an ``nn.Module`` with ``self.config``."""
 
@@ -198,6 +215,7 @@ class HubMixin:
         """A model from a saved directory or a Hub repo id (snapshot in the standard HF cache), in eval mode."""
         model_dir = resolve_model_dir(id_or_dir, revision, cache_dir, local_files_only, token)
         cfg = read_config(model_dir, verify=True)
+        cls = _saved_class(cls, cfg, model_dir)
         try:
             config = cls.config_class.from_dict(cfg["model_config"])
         except (TypeError, ValueError, KeyError) as exc:

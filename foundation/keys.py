@@ -38,6 +38,9 @@ NODE_ENERGY = "energies"             # (n,) float, eV, per-atom energies (refere
 VIRIALS = "virials"                  # (B, 3, 3) float, eV, = -stress * volume
 CHARGE_EXCESS = "charge_excess"      # (B,) float, e, sum of the raw latent charges - total charge (long-range
                                      # head): what the total-charge constraint removed; a loss property, target 0
+ENERGY_UNCERTAINTY = "energy_uncertainty"   # (B,) float, eV, committee spread of the energy (learn/committee)
+FORCES_UNCERTAINTY = "forces_uncertainty"   # (n,) float, eV/Å, committee spread of each atom's force
+MAX_DEVI_F = "max_devi_f"                   # (B,) float, eV/Å, max over atoms of the force spread (DP-GEN)
 
 LABEL_KEYS = (ENERGY, FORCES, STRESS, CHARGES, DIPOLE, HESSIAN_VECTORS, HESSIAN_PRODUCTS)
 PER_ATOM_KEYS = (FORCES, CHARGES, HESSIAN_VECTORS, HESSIAN_PRODUCTS)

@@ -1,7 +1,8 @@
 """Molecular dynamics with a ``foundation`` model: the library behind ``foundation md``.
 
 ASE integrators: NVE velocity Verlet, NVT Langevin, NPT isotropic Martyna–Tobias–Klein (Nosé–Hoover chains).
-Writes an ASE trajectory and a text log (time ps, Etot/Epot/Ekin eV per atom, T K), and reports speed as
+Writes an ASE trajectory and a text log (time ps, Etot/Epot/Ekin eV per atom, T K), with a committee
+(``foundation.learn``) also ``LOG.devi``: the force deviation per frame (``DeviationLogger``), and reports speed as
 ns/day and atom-steps/s (wall clock of the integration only, model loading excluded).
 """
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 from ase import Atoms, units
+
+from . import keys
 
 ENSEMBLES = ("nve", "nvt", "npt")
 
@@ -80,6 +83,25 @@ def initialize_velocities(atoms: Atoms, temperature_k: float, seed: int = 0) -> 
         vd.ZeroRotation(atoms)
 
 
+class DeviationLogger:
+    """Per frame of MD with a committee calculator, DP-GEN's model deviation: step, time (ps), max / min / mean
+    over atoms of the force deviation (eV/Å), energy uncertainty (eV); one line per call, to ``path``."""
+
+    def __init__(self, dyn, atoms: Atoms, path: Path):
+        self.dyn, self.atoms, self.path = dyn, atoms, Path(path)
+        self.path.write_text(f"# {'step':>8s} {'time_ps':>10s} {'max_devi_f':>12s} {'min_devi_f':>12s} "
+                             f"{'avg_devi_f':>12s} {'energy_unc':>12s}\n")
+
+    def __call__(self) -> None:
+        calc = self.atoms.calc
+        calc.get_property("forces", self.atoms)   # results of the current positions
+        devi, res = calc.results[keys.FORCES_UNCERTAINTY], calc.results
+        with self.path.open("a") as fh:
+            fh.write(f"{self.dyn.nsteps:10d} {self.dyn.get_time() / (1000 * units.fs):10.4f} "
+                     f"{res[keys.MAX_DEVI_F]:12.6f} {devi.min():12.6f} {devi.mean():12.6f} "
+                     f"{res[keys.ENERGY_UNCERTAINTY]:12.6f}\n")
+
+
 def run_md(atoms: Atoms, steps: int, temperature_k: float, ensemble: str = "nve", timestep_fs: float = 1.0, *,
            trajectory: str | Path | None = None, log: str | Path | None = None, interval: int = 10, seed: int = 0,
            friction_per_fs: float = 0.01, pressure_gpa: float = 0.0, init_velocities: bool = True) -> MDSummary:
@@ -99,6 +121,8 @@ def run_md(atoms: Atoms, steps: int, temperature_k: float, ensemble: str = "nve"
         from ase.md import MDLogger
         dyn.attach(MDLogger(dyn, atoms, str(log), header=True, stress=False, peratom=True, mode="w"),
                    interval=interval)
+    if log is not None and keys.MAX_DEVI_F in getattr(atoms.calc, "implemented_properties", ()):  # a committee
+        dyn.attach(DeviationLogger(dyn, atoms, Path(str(log) + ".devi")), interval=interval)
     traj = None
     if trajectory is not None:
         from ase.io.trajectory import Trajectory

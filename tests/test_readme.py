@@ -59,14 +59,17 @@ def test_readme_names_every_subcommand():
     assert not missing, f"README.md's command table does not name {missing}"
 
 
-COMMAND = re.compile(r"foundation(?:\.cli)? (pretrain|finetune|distill) (recipes/[^\s`]+\.yaml)((?: --set [^\s`]+)*)")
+COMMAND = re.compile(r"foundation(?:\.cli)? (pretrain|finetune|distill|learn) (recipes/[^\s`]+\.yaml)"
+                     r"((?: --set [^\s`]+)*)")
 
 
 def _loaders() -> dict:
     from foundation.distill import load_distill_config
     from foundation.finetune import load_finetune_config
+    from foundation.learn.config import load_learn_config
     from foundation.train import load_config
-    return {"pretrain": load_config, "finetune": load_finetune_config, "distill": load_distill_config}
+    return {"pretrain": load_config, "finetune": load_finetune_config, "distill": load_distill_config,
+            "learn": load_learn_config}
 
 
 def test_every_recipe_command_shown_loads():

@@ -21,9 +21,12 @@ SMALL_DISTILL = ["configurations.md_steps=0", "configurations.rattle_copies=1", 
                  "onpolicy.md_steps=4", "onpolicy.interval=2", "onpolicy.seeds=1", "onpolicy.pick=2",
                  "onpolicy.steps=1", "report.speed_steps=2", "report.speed_repeats=1", "report.nve_steps=2",
                  "seeds.max_structures=2", "seeds.max_reference=2"]
+SMALL_LEARN = ["base.build.max_steps=2", "base.build.md_steps=0", "base.build.rattle_copies=1", "committee.size=2",
+               "init.rattle_copies=0", "explore.steps=4", "explore.interval=2", "explore.temperatures=[600.0]",
+               "stop.max_iterations=1", "test.md_frames=2"]
 SIZES = {"pretrain_small": [], "finetune_demo_cuau": ["replay.samples=20"], "finetune_mlearn_si": ["replay.samples=20"],
          "finetune_rmd17_aspirin": [], "finetune_charges_xtb": [], "distill_own_model": SMALL_DISTILL,
-         "distill_sevenn_si": SMALL_DISTILL, "bench/rmd17": [], "bench/mlearn_si": []}
+         "distill_sevenn_si": SMALL_DISTILL, "bench/rmd17": [], "bench/mlearn_si": [], "learn_cuau_emt": SMALL_LEARN}
 
 
 def test_the_table_names_every_shipped_recipe():
@@ -82,7 +85,7 @@ def test_recipe_runs_as_shipped(workspace, name, monkeypatch, capsys):
         pytest.importorskip("sevenn")
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(workspace)
-    verb = {"finetune": "finetune", "distill": "distill"}.get(name.split("_")[0], "pretrain")
+    verb = {"finetune": "finetune", "distill": "distill", "learn": "learn"}.get(name.split("_")[0], "pretrain")
     recipe = RECIPES / f"{name}.yaml"
     assert cli([verb, str(recipe), *_sets(name)]) == 0
     import yaml

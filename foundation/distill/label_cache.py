@@ -90,19 +90,49 @@ def build_label_cache(teacher: Teacher, seeds: Sequence[Atoms], settings: Config
 
 def label_frames(teacher: Teacher, frames: Sequence[Atoms], cache_dir: str | os.PathLike, *, hvp_vectors: int = 2,
                  seed: int = 0, stress: bool = True, shard_size: int = 256, r_max: float = 5.0,
-                 log: Callable[[str], None] | None = print) -> Path:
-    """``frames`` (e.g. on-policy picks) labelled by ``teacher`` into a cached dataset; returns its directory."""
+                 log: Callable[[str], None] | None = print, tolerate_failures: bool = False) -> Path:
+    """``frames`` (e.g. on-policy picks) labelled by ``teacher`` into a cached dataset; returns its directory.
+
+    ``tolerate_failures``: a frame whose labelling raises (or gives NaN/inf) is left out and recorded in the
+    manifest's ``failed`` list ({"frame": index in ``frames``, "error": message}; ``skipped`` counts them) instead
+    of stopping the run; when every frame fails, ``NoLabels`` (a ValueError carrying ``failures``) is raised. The
+    failures are cached like labels: a resumed run does not call the teacher on them again."""
     if not frames:
         raise ValueError("label_frames: no frames given")
     frames = [_plain(a, a.info) for a in frames]
     key = cache_key(teacher, seeds_digest(frames), None, hvp_vectors, seed, stress)
     return _cached(teacher, key, lambda: frames, Path(cache_dir), hvp_vectors, seed, stress, shard_size, r_max,
-                   log, {"frames": len(frames)})
+                   log, {"frames": len(frames)}, tolerate_failures)
+
+
+class NoLabels(ValueError):
+    """Every frame of a ``label_frames(..., tolerate_failures=True)`` call failed; ``failures`` lists why."""
+
+    def __init__(self, failures: list[dict]):
+        self.failures = failures
+        first = failures[0]["error"] if failures else "no frames"
+        super().__init__(f"the labeller failed on all {len(failures)} frames (first error: {first})")
+
+
+def _label_chunk(teacher: Teacher, chunk: Sequence[Atoms], k, seed, stress, tolerate: bool, offset: int):
+    """(labelled frames, their labels, failures) of one chunk; without ``tolerate`` the teacher's error propagates."""
+    if not tolerate:
+        return list(chunk), teacher.label(chunk, hvp_vectors=k, seed=seed, stress=stress), []
+    kept, labels, failed = [], [], []
+    for i, atoms in enumerate(chunk):
+        try:
+            labels += teacher.label([atoms], hvp_vectors=k, seed=seed, stress=stress)
+            kept.append(atoms)
+        except Exception as exc:   # any labeller error (SCF not converged, NaN, ...): record it and go on
+            failed.append({"frame": offset + i, "error": f"{type(exc).__name__}: {exc}"})
+    return kept, labels, failed
 
 
 def _plain(a: Atoms, info: dict) -> Atoms:
     out = Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc)
-    out.info.update({k: info.get(k, d) for k, d in zip(_INFO, ("onpolicy", -1, 0.0, -1))})
+    # plain Python values (frames read back from extxyz carry numpy scalars, which JSON cannot write)
+    out.info.update({k: cast(info.get(k, d)) for k, d, cast in zip(_INFO, ("onpolicy", -1, 0.0, -1),
+                                                                    (str, int, float, int))})
     return out
 
 
@@ -129,7 +159,7 @@ def is_complete(directory: Path, key: str) -> bool:
                for s in manifest["shards"])
 
 
-def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, log, extra) -> Path:
+def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, log, extra, tolerate=False) -> Path:
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
     final = cache_dir / f"labels-{key[:20]}"
@@ -144,7 +174,7 @@ def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, l
         partial = cache_dir / f"labels-{key[:20]}.partial"
         partial.mkdir(parents=True, exist_ok=True)
         frames = _configurations(partial, make, log)
-        shards = []
+        shards, failed = [], []
         for c, lo in enumerate(range(0, len(frames), shard_size)):
             chunk = frames[lo:lo + shard_size]
             path = partial / f"shard-{c:05d}.lmdb"
@@ -152,10 +182,17 @@ def _cached(teacher, key, make, cache_dir, k, seed, stress, shard_size, r_max, l
                 if log:
                     log(f"teacher labels: frames {lo}-{lo + len(chunk) - 1} of {len(frames)} ({teacher.name})")
                 t0 = time.perf_counter()
-                labels = teacher.label(chunk, hvp_vectors=k, seed=seed, stress=stress)
-                _write_shard(path, chunk, labels, {"labelling_seconds": time.perf_counter() - t0})
-            shards.append(path)
-        manifest = _manifest(shards, teacher, key, r_max, {**extra, "hvp_vectors": k, "label_seed": seed})
+                kept, labels, bad = _label_chunk(teacher, chunk, k, seed, stress, tolerate, lo)
+                _write_shard(path, kept, labels, {"labelling_seconds": time.perf_counter() - t0, "failed": bad})
+            reader = ShardReader(path)
+            failed += reader.metadata.get("failed", [])
+            if len(reader):
+                shards.append(path)
+            reader.close()
+        if not shards:
+            raise NoLabels(failed)
+        manifest = _manifest(shards, teacher, key, r_max, {**extra, "hvp_vectors": k, "label_seed": seed},
+                             failed)
         write_json_synced(partial / FRAMES_NAME, {n: [a.info[n] for a in frames] for n in _INFO})
         write_json_synced(partial / MANIFEST_NAME, manifest)
         (partial / _CONFIGS).unlink()
@@ -172,7 +209,7 @@ def _refresh_statistics(directory: Path, teacher: Teacher, r_max: float) -> None
         return
     shards = [directory / s["file"] for s in manifest["shards"]]
     prov = manifest["provenance"]
-    fresh = _manifest(shards, teacher, prov["cache_key"], r_max, prov["arguments"])
+    fresh = _manifest(shards, teacher, prov["cache_key"], r_max, prov["arguments"], manifest.get("failed"))
     fresh["provenance"]["created"] = prov["created"]
     tmp = directory / (MANIFEST_NAME + ".tmp")
     write_json_synced(tmp, fresh)
@@ -216,11 +253,12 @@ def _configurations(partial: Path, make, log) -> list[Atoms]:
 
 
 def _shard_done(path: Path, count: int | None) -> bool:
+    """Whether ``path`` is a complete shard of ``count`` frames (labelled ones + recorded failures)."""
     if not path.is_file():
         return False
     try:
         reader = ShardReader(path)
-        n = len(reader)
+        n = len(reader) + len(reader.metadata.get("failed", []))
         reader.close()
     except ValueError:
         return False
@@ -242,7 +280,8 @@ def _write_shard(path: Path, frames: Sequence[Atoms], labels: Sequence[dict], ex
     os.rename(tmp, path)
 
 
-def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, arguments: dict) -> dict:
+def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, arguments: dict,
+              failed: list | None = None) -> dict:
     """A manifest (``foundation.data.manifest`` schema) for the labelled shards, statistics recomputed."""
     stats, entries, natoms, elements, props = StatsAccumulator(r_max), [], [], set(), set()
     for path in shards:
@@ -263,4 +302,5 @@ def _manifest(shards: list[Path], teacher: Teacher, key: str, r_max: float, argu
                          statistics=stats.result(), shards=entries, natoms=(min(natoms), max(natoms)),
                          elements=elements, properties=props,
                          provenance={"tool": f"foundation {__version__}", "created": created, "teacher": desc,
-                                     "cache_key": key, "arguments": arguments})
+                                     "cache_key": key, "arguments": arguments},
+                         skipped=len(failed or []), failed=list(failed or []))

@@ -7,7 +7,8 @@
   one, ``head`` picks a readout head, ``max_atoms`` caps a batch); H v by autograd
   (``model.hessian_vector_product``, double backward). Its revision is "<Hub commit or 'local'>@weights:<content
   digest of the weights>".
-- ``{"calculator": "module.path:ClassName", "kwargs": {...}, "hvp_step": 1e-3}``: any ASE calculator,
+- ``{"calculator": "module.path:ClassName", "kwargs": {...}, "hvp_step": 1e-3}``: any ASE calculator (a class
+  or a factory function returning one; or by name: ``emt``, ``gfn2-xtb``, ``sevennet-0``, ``pyscf``),
   revision "<distribution> <version>" of the package that provides it
   (e.g. ``sevenn.calculator:SevenNetCalculator`` with ``{"model": "7net-0"}``); H v by central finite
   differences of the forces along v: H v = -(F(x + h v) - F(x - h v)) / (2 h), h in Å (2 k extra force calls).
@@ -38,6 +39,13 @@ from .. import keys
 
 DEFAULT_HVP_STEP = 1e-3  # Å, finite-difference step along a unit vector of R^{3n}
 _CALC_KEYS = {"calculator", "kwargs", "hvp_step", "name"}
+# Labellers by name (``{"calculator": "emt"}``): the class or factory each stands for, and its default kwargs.
+NAMED_CALCULATORS = {
+    "emt": ("ase.calculators.emt:EMT", {}),
+    "gfn2-xtb": ("tblite.ase:TBLite", {"method": "GFN2-xTB", "verbosity": 0}),
+    "sevennet-0": ("sevenn.calculator:SevenNetCalculator", {"model": "7net-0"}),
+    "pyscf": ("foundation.learn.labellers:PySCFCalculator", {}),
+}
 _MODEL_KEYS = {"model", "revision", "dtype", "device", "head", "max_atoms", "name"}
 
 
@@ -132,6 +140,9 @@ class CalculatorTeacher(Teacher):
 
     def __init__(self, spec: Mapping[str, Any]):
         path, kwargs = spec["calculator"], dict(spec.get("kwargs") or {})
+        if isinstance(path, str) and path.lower() in NAMED_CALCULATORS:   # a labeller by name: emt, gfn2-xtb ...
+            path, defaults = NAMED_CALCULATORS[path.lower()]
+            kwargs = {**defaults, **kwargs}
         cls = _import_object(path)
         try:
             self._calc = cls(**kwargs)
@@ -271,8 +282,9 @@ def weights_digest(model: torch.nn.Module) -> str:
 def _import_object(path: str):
     """``module.path:Name`` -> the object (``ValueError`` saying how to fix a bad path or a missing package)."""
     if not isinstance(path, str) or path.count(":") != 1:
-        raise ValueError(f"teacher calculator {path!r} must be 'module.path:ClassName', "
-                         f"e.g. 'sevenn.calculator:SevenNetCalculator' or 'ase.calculators.emt:EMT'")
+        raise ValueError(f"teacher calculator {path!r} must be 'module.path:ClassName' (a class or a factory "
+                         f"returning an ASE calculator), e.g. 'ase.calculators.emt:EMT', or one of the names "
+                         f"{sorted(NAMED_CALCULATORS)}")
     module, name = path.split(":")
     try:
         mod = importlib.import_module(module)

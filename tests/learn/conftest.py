@@ -1,0 +1,7 @@
+"""The learn tests' helpers (``learn_helpers``) importable here and in the subprocesses they start."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
