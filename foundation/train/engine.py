@@ -18,7 +18,8 @@ the same directory and rank 0 commits it.
 
 Precision (``engine.precision``, resolved by ``resolve_precision``): ``fp64`` trains a float64 model in float64
 end to end (weights, gradients, their all-reduce, clipping, optimizer state, EMA, checkpoints; ZeRO 0 only:
-DeepSpeed's ZeRO keeps float32 master partitions); ``fp32`` trains float32 weights (a float64 model is cast for
+DeepSpeed's ZeRO keeps float32 master partitions, and its all-reduce and clipping take float32 only, so this
+module all-reduces and clips float64 gradients itself); ``fp32`` trains float32 weights (a float64 model is cast for
 training and its export keeps the float64 config); ``bf16`` adds bf16 autocast to fp32 weights (also on CPU,
 where it is slow but runs the same code path; tested there); ``auto`` is ``fp64`` for a float64 model and, for a
 float32 model, ``bf16`` on GPUs that support it, ``fp32`` otherwise. Energies stay exact at every precision: the
@@ -154,8 +155,8 @@ class Engine:
         }
         model = _trainable_precision(model, self.precision, self.rank).to(self.device)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, config), config=ds_config)
-        if self.precision == "fp64":   # DeepSpeed all-reduces in float32 unless told (its config has no fp64)
-            self.ds.communication_data_type = torch.float64
+        if self.precision == "fp64":   # DeepSpeed's all-reduce rejects float64 gradients: ``_allreduce_fp64`` does it
+            self.ds.enable_backward_allreduce = False
         self.module = self.ds.module
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -173,6 +174,8 @@ class Engine:
         """Accumulate gradients of ``loss`` (already normalised for the whole global step, see module doc)."""
         boundary = self.ds.is_gradient_accumulation_boundary()
         self.ds.backward(loss.to(self.dtype), scale_wrt_gas=False)
+        if boundary and self.precision == "fp64":
+            self._allreduce_fp64()
         if boundary and self.zero_stage == 0:  # gradients are all-reduced now; ZeRO reports its own norm
             grads = [p.grad for p in self.module.parameters() if p.grad is not None]
             norm = torch.stack([g.detach().to(self.dtype).norm() for g in grads]).norm() if grads else None
@@ -180,6 +183,24 @@ class Engine:
             if self._clip and norm is not None and self._grad_norm > self._clip:   # fp64: clip here, in float64
                 for g in grads:
                     g.mul_(self._clip / (norm + 1e-6))
+
+    def _allreduce_fp64(self) -> None:
+        """Average the float64 gradients over ranks in float64 (what DeepSpeed does for fp32 ones: sum, then
+        divide by the world size), in one flat buffer."""
+        if self.world_size == 1:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:   # a parameter unused on this rank (an element absent from its batch) gets zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.mul_(1.0 / self.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def step(self) -> None:
         """Advance one micro-step; at an accumulation boundary all-reduce, clip and update the weights."""

@@ -32,11 +32,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--float64", action="store_true", help="a float64 model (for engine.precision fp64)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_config(args.recipe, args.set)
     torch.manual_seed(1234)
-    run(config, model=SlowPair([28, 29], r_max=4.0), resume=args.resume)
+    model = SlowPair([28, 29], r_max=4.0)
+    run(config, model=model.double() if args.float64 else model, resume=args.resume)
     return 0
 
 
