@@ -38,10 +38,10 @@ class HeadStatistics(nn.Module):
         self.load_config(config)
 
     def _apply(self, fn, recurse=True):
-        """``.to()``/``.float()``/``.cuda()`` move e0 but keep it float64 (it is added in float64 at the output)."""
+        """``.to()``/``.float()``/``.cuda()`` move e0 but keep its float64 values (added in float64 at the output)."""
+        e0 = self.e0
         super()._apply(fn, recurse)
-        if self.e0.dtype != torch.float64:
-            self.e0 = self.e0.to(torch.float64)
+        self.e0 = e0.to(device=self.e0.device)
         return self
 
     @torch.no_grad()
