@@ -66,4 +66,4 @@ def test_e0_sum_is_added_in_float64_whatever_the_model_dtype(ethanol):
     residual = total - sum(e0[["H", "C", "O", "Cu"].index(s)] for s in ethanol.get_chemical_symbols())
     assert abs(float(out32[keys.ENERGY][0]) - total) < 1e-5 * max(1.0, abs(residual))
     assert abs(float(out32[keys.NODE_ENERGY].sum()) - total) < 1e-5 * max(1.0, abs(residual))
-    assert np.spacing(np.float32(total)) > 1e-3                           # the rounding this avoids
+    assert abs(np.spacing(np.float32(total))) > 1e-3                      # the rounding this avoids

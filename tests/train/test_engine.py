@@ -31,7 +31,7 @@ def run_ranks(tmp: Path, name: str, emt_data, ranks: int, stage: int, gas: int, 
                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
     cmd = launcher + [str(RUNNER), str(cfg)] + [a for s in sets for a in ("--set", s)]
     cmd += ["--float64"] if precision == "fp64" else []
-    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)   # a loaded machine
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
