@@ -73,6 +73,10 @@ def test_float32_model_sees_residual_labels_exact_to_float32_rounding_of_the_res
     ds = tdata._open(str(convert([tmp_path / "big.xyz"], tmp_path / "big", r_max=4.0, progress=False)), 4.0, 0, 0)
     batch = Batch.from_data_list([ds[i] for i in range(len(ds))])
     assert batch[keys.ENERGY].dtype == torch.float64                     # labels as stored
+    from foundation.data import ShardedDataset
+    item = ShardedDataset(tmp_path / "big", r_max=4.0, dtype=torch.float32)[0]   # a float32 dataset too
+    assert item[keys.POSITIONS].dtype == torch.float32 and item[keys.ENERGY].dtype == torch.float64
+    assert float(item[keys.ENERGY][0]) == frames[0].get_potential_energy()       # bit for bit from disk
     model = FoundationModel(ModelConfig(elements=["C", "O"], num_channels=8, max_L=0, num_layers=1, max_ell=1,
                                         correlation=2, r_max=4.0, radial_mlp=[8], readout_mlp=4, dtype="float32",
                                         atomic_energies=[e0["C"], e0["O"]], shift=0.0))
