@@ -132,23 +132,28 @@ def _run_md(args: argparse.Namespace) -> int:
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser, example: str, set_example: str) -> None:
-    """The RECIPE.yaml positional and the repeatable ``--set KEY=VALUE`` shared by pretrain/finetune/distill."""
+    """The RECIPE.yaml positional, the repeatable ``--set KEY=VALUE`` and ``--resume``/``--overwrite`` shared by
+    pretrain/finetune/distill."""
     p.add_argument("recipe", metavar="RECIPE.yaml", help=f"e.g. {example}")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a recipe value, e.g. {set_example} (repeatable)")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true", help="continue from the latest intact checkpoint in out_dir")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the checkpoints and model of an earlier run in out_dir, then start afresh "
+                            "(an out_dir holding checkpoints is refused without --resume or --overwrite)")
 
 
 def _add_pretrain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pretrain", help="train a model from a recipe with DeepSpeed (1 process, or N under "
                                         "torchrun/deepspeed); checkpoints, logs and the exported model go to out_dir")
     _add_recipe_arguments(p, "recipes/pretrain_small.yaml", "--set optim.lr=3e-4 --set data.train=[DIR]")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in out_dir")
     p.set_defaults(func=_run_pretrain)
 
 
 def _run_pretrain(args: argparse.Namespace) -> int:
     from .train.pretrain import main as pretrain
-    report = pretrain(args.recipe, args.set, resume=args.resume)
+    report = pretrain(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite)
     if report:
         print(report)
     return 0
@@ -182,7 +187,7 @@ def _add_finetune(sub: argparse._SubParsersAction) -> None:
 
 def _run_finetune(args: argparse.Namespace) -> int:
     from .finetune.run import main as finetune
-    print(finetune(args.recipe, args.set))
+    print(finetune(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite))
     return 0
 
 
@@ -197,7 +202,7 @@ def _add_distill(sub: argparse._SubParsersAction) -> None:
 
 def _run_distill(args: argparse.Namespace) -> int:
     from .distill.run import main as distill
-    print(distill(args.recipe, args.set))
+    print(distill(args.recipe, args.set, resume=args.resume, overwrite=args.overwrite))
     return 0
 
 
@@ -220,9 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, KeyError) as exc:  # user errors: one clear line, no traceback
+    except (ValueError, FileNotFoundError, TimeoutError) as exc:  # user errors: one line, no traceback
         print(f"foundation {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    # anything else (KeyError, TypeError, ...) is a bug of ours: it propagates with its traceback
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def tolerance(model) -> float:
     return 1e-9 if model.dtype == torch.float64 else 2e-4
 
 
-def evaluate(model, structures: list[Atoms], heads: list[int] | None = None, stress: bool = True) -> list[dict]:
+def model_outputs(model, structures: list[Atoms], heads: list[int] | None = None, stress: bool = True) -> list[dict]:
     """Run ``model`` on the structures in one batch -> per structure {energy (), energies (n,), forces (n,3),
     stress (3,3)} as float64 numpy arrays."""
     heads = heads or [0] * len(structures)
@@ -79,7 +79,7 @@ def check_rotation(model, atoms: Atoms, tol: float | None = None, seed: int = 0,
     moved = atoms.copy()
     moved.positions = atoms.positions @ q.T
     moved.set_cell(atoms.cell.array @ q.T, scale_atoms=False)
-    a, b = evaluate(model, [atoms, moved])
+    a, b = model_outputs(model, [atoms, moved])
     return _same("rotation", a, b, tol or tolerance(model), lambda f: f @ q.T, lambda s: q @ s @ q.T)
 
 
@@ -87,14 +87,14 @@ def check_translation(model, atoms: Atoms, tol: float | None = None, seed: int =
     """Everything invariant under a rigid translation (periodic atoms are not wrapped)."""
     moved = atoms.copy()
     moved.positions = atoms.positions + np.random.default_rng(seed).normal(size=3) * 3.0
-    a, b = evaluate(model, [atoms, moved])
+    a, b = model_outputs(model, [atoms, moved])
     return _same("translation", a, b, tol or tolerance(model))
 
 
 def check_permutation(model, atoms: Atoms, tol: float | None = None, seed: int = 2) -> float:
     """E and stress invariant, forces and per-atom energies permuted with the atoms."""
     perm = np.random.default_rng(seed).permutation(len(atoms))
-    a, b = evaluate(model, [atoms, atoms[perm]])
+    a, b = model_outputs(model, [atoms, atoms[perm]])
     return _same("permutation", a, b, tol or tolerance(model), perm=perm)
 
 
@@ -105,7 +105,7 @@ def check_lattice_choice(model, atoms: Atoms, tol: float | None = None) -> float
     moved = atoms.copy()
     moved.set_cell(UNIMODULAR @ atoms.cell.array, scale_atoms=False)
     moved.wrap()
-    a, b = evaluate(model, [atoms, moved])
+    a, b = model_outputs(model, [atoms, moved])
     return _same("lattice vectors", a, b, tol or tolerance(model))
 
 
@@ -114,7 +114,7 @@ STENCIL = ((2, -1 / 12), (1, 8 / 12), (-1, -8 / 12), (-2, 1 / 12))  # 4th-order 
 
 def check_forces_fd(model, atoms: Atoms, step: float = 1e-3, tol: float = 1e-6, max_atoms: int = 4) -> float:
     """Forces vs 4th-order central finite differences of the energy (graphs rebuilt at every step), float64."""
-    ref = evaluate(model, [atoms], stress=False)[0]["forces"]
+    ref = model_outputs(model, [atoms], stress=False)[0]["forces"]
     rows = range(min(len(atoms), max_atoms))
     structures = []
     for i in rows:
@@ -123,14 +123,15 @@ def check_forces_fd(model, atoms: Atoms, step: float = 1e-3, tol: float = 1e-6, 
                 moved = atoms.copy()
                 moved.positions[i, x] += k * step
                 structures.append(moved)
-    energies = np.array([r["energy"] for r in evaluate(model, structures, stress=False)]).reshape(-1, 3, len(STENCIL))
+    outs = model_outputs(model, structures, stress=False)
+    energies = np.array([r["energy"] for r in outs]).reshape(-1, 3, len(STENCIL))
     fd = -(energies @ np.array([w for _, w in STENCIL])) / step
     return _compare("forces vs finite differences", fd, ref[list(rows)], tol, floor=1e-12)
 
 
 def check_stress_fd(model, atoms: Atoms, step: float = 1e-3, tol: float = 1e-6) -> float:
     """Stress vs 4th-order central differences of the energy under symmetric strain (pos, cell -> @ (I + eps))."""
-    ref = evaluate(model, [atoms])[0]["stress"]
+    ref = model_outputs(model, [atoms])[0]["stress"]
     volume = abs(np.linalg.det(atoms.cell.array))
     structures = []
     for i in range(3):
@@ -143,7 +144,8 @@ def check_stress_fd(model, atoms: Atoms, step: float = 1e-3, tol: float = 1e-6) 
                 moved.set_cell(atoms.cell.array @ strain, scale_atoms=False)
                 moved.positions = atoms.positions @ strain
                 structures.append(moved)
-    energies = np.array([r["energy"] for r in evaluate(model, structures, stress=False)]).reshape(3, 3, len(STENCIL))
+    outs = model_outputs(model, structures, stress=False)
+    energies = np.array([r["energy"] for r in outs]).reshape(3, 3, len(STENCIL))
     fd = (energies @ np.array([w for _, w in STENCIL])) / step / volume
     return _compare("stress vs finite strain", fd, ref, tol, floor=1e-12)
 
@@ -162,7 +164,7 @@ def check_cutoff_smoothness(model, atoms: Atoms, tol: float = 1e-6, delta: float
         moved.append(atoms[anchor].symbol)
         moved.positions[-1] = atoms.positions[anchor] + r * point
         pair.append(moved)
-    inside, outside = evaluate(model, pair, stress=False)
+    inside, outside = model_outputs(model, pair, stress=False)
     e_jump = abs(inside["energy"] - outside["energy"])
     f_jump = float(np.max(np.abs(inside["forces"] - outside["forces"])))
     if not (e_jump < tol and f_jump < tol):
@@ -188,9 +190,9 @@ def check_batch_consistency(model, structures: list[Atoms], heads: list[int] | N
                             tol: float | None = None) -> float:
     """A batch of several structures gives the same results as each structure evaluated alone."""
     heads = heads or [0] * len(structures)
-    together = evaluate(model, structures, heads)
-    return max(_same(f"batch vs single #{k}", evaluate(model, [atoms], [h])[0], together[k], tol or tolerance(model))
-               for k, (atoms, h) in enumerate(zip(structures, heads)))
+    together = model_outputs(model, structures, heads)
+    return max(_same(f"batch vs single #{k}", model_outputs(model, [atoms], [h])[0], together[k],
+                     tol or tolerance(model)) for k, (atoms, h) in enumerate(zip(structures, heads)))
 
 
 def check_isolated_atoms(model, tol: float | None = None) -> float:
@@ -201,7 +203,7 @@ def check_isolated_atoms(model, tol: float | None = None) -> float:
         for symbol, e0 in zip(cfg.elements, cfg.atomic_energies[head]):
             for atoms in (Atoms(symbol, positions=[[0.1, 0.2, 0.3]]),
                           Atoms(symbol, positions=[[0.0, 0.0, 0.0]], cell=np.eye(3) * (cfg.r_max + 1), pbc=True)):
-                out = evaluate(model, [atoms], [h])[0]
+                out = model_outputs(model, [atoms], [h])[0]
                 errs.append(_compare(f"isolated {symbol} (head {head}) energy", out["energy"], e0,
                                      tol or tolerance(model)))
                 errs.append(_compare(f"isolated {symbol} forces", out["forces"], np.zeros((1, 3)),

@@ -81,14 +81,15 @@ def train_config(config: DistillConfig, datasets: list[str], weights: list[float
 
 
 def train_stage(config: DistillConfig, model, datasets, weights, out_dir: Path, max_steps: int, first: bool,
-                switched_off: dict | None = None):
+                switched_off: dict | None = None, resume: bool = False):
     """Train ``model`` on ``datasets``; returns (the exported EMA student, validation metrics, trainer).
-    ``switched_off``: loss terms already switched off in an earlier stage stay off."""
+    ``switched_off``: loss terms already switched off in an earlier stage stay off. ``resume``: continue from the
+    stage's checkpoints when it has some (the terms it switched off itself are kept)."""
     from ..model import FoundationModel
     t = train_config(config, datasets, weights, out_dir, max_steps)
     trainer = Trainer(t, model=model, fit_statistics=first,   # later stages keep the student's E0/scale/shift
-                      hooks=[HvpSwitch(config.labels.hvp_off_at_force_mae)])
-    trainer.loss.load_state_dict({"switched_off": switched_off or {}})
+                      hooks=[HvpSwitch(config.labels.hvp_off_at_force_mae)], resume=resume)
+    trainer.loss.load_state_dict({"switched_off": {**(switched_off or {}), **trainer.loss.switched_off}})
     metrics = trainer.fit()
     return FoundationModel.from_pretrained(out_dir / "model"), metrics, trainer
 
@@ -142,8 +143,23 @@ def onpolicy_frames(config: DistillConfig, student, teacher, seeds: list[Atoms],
 
 
 # --- the run --------------------------------------------------------------------------------------------------
-def distill(config: DistillConfig, log: Log | None = print) -> dict:
-    """Run a distillation (module doc); returns the report (also in ``out_dir/report.json`` and the card)."""
+def distill(config: DistillConfig, log: Log | None = print, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run a distillation (module doc); returns the report (also in ``out_dir/report.json`` and the card).
+    ``resume``: every stage continues from its checkpoints (the teacher labels are cached anyway);
+    ``overwrite``: an earlier run's checkpoints are deleted first; without either they are refused. ``out_dir``
+    is locked against a second run meanwhile (``train.outdir``)."""
+    import os
+
+    from ..train import outdir
+    rank = int(os.environ.get("RANK", "0"))
+    outdir.claim(config.out_dir, rank, resume=resume, overwrite=overwrite, verb="distill")
+    try:
+        return _distill(config, log, resume)
+    finally:
+        outdir.release(config.out_dir, rank)
+
+
+def _distill(config: DistillConfig, log: Log | None, resume: bool) -> dict:
     from ase.data import chemical_symbols
 
     from . import report as rep
@@ -167,7 +183,7 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
             datasets.append(str(gt))
             weights.append(config.ground_truth.weight)
     student, metrics, trainer = train_stage(config, student, datasets, weights, out / "train", config.max_steps,
-                                            first=True)
+                                            first=True, resume=resume)
     valid_sets = trainer.valid_sets
     hvp_off, done = dict(trainer.loss.switched_off), config.max_steps   # property -> overall step
     for r in range(1, config.onpolicy.rounds + 1):
@@ -178,7 +194,8 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
                                          stress=lab.stress, shard_size=lab.shard_size, r_max=r_max, log=log)))
         weights.append(1.0)
         student, metrics, trainer = train_stage(config, student, datasets, weights, out / f"round{r}",
-                                                config.onpolicy.steps, first=False, switched_off=hvp_off)
+                                                config.onpolicy.steps, first=False, switched_off=hvp_off,
+                                                resume=resume)
         hvp_off.update({p: done + s for p, s in trainer.loss.switched_off.items() if p not in hvp_off})
         done += config.onpolicy.steps
     report = rep.build_report(config, teacher, student, seeds, source, valid_sets[:1], metrics, datasets,
@@ -187,9 +204,9 @@ def distill(config: DistillConfig, log: Log | None = print) -> dict:
     return report
 
 
-def main(recipe: str, overrides: list[str] | None = None) -> str:
+def main(recipe: str, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> str:
     """``foundation distill``: load the recipe, distill, return the printed report."""
     from .report import format_report
     config = load_distill_config(recipe, overrides)
-    report = distill(config)
+    report = distill(config, resume=resume, overwrite=overwrite)
     return format_report(report) + f"\nstudent exported to {Path(config.out_dir) / 'model'}"

@@ -159,11 +159,24 @@ def apply_strategy(model, config: FinetuneConfig, new_elements: list[str]) -> li
 
 
 # --- orchestration ----------------------------------------------------------------------------------------------
-def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: bool = True) -> dict:
+def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: bool = True, resume: bool = False,
+             overwrite: bool = False) -> dict:
     """Run the fine-tuning described by ``config``; returns {"zero_shot", "e0_old", "e0_new", "added_elements",
     "step0_difference", "metrics", "forgetting", "model_dir", "model"} (see the module docstring).
-    ``train=False`` stops before the first step (the prepared model is returned under "model")."""
-    from ..train.data import elements_of, open_datasets
+    ``train=False`` stops before the first step (the prepared model is returned under "model").
+    ``resume``/``overwrite``: continue from / delete the checkpoints of an earlier run in ``out_dir`` (refused
+    without one of them); ``out_dir`` is locked against a second run meanwhile (``train.outdir``)."""
+    from ..train import outdir
+    rank = int(os.environ.get("RANK", "0"))
+    outdir.claim(config.out_dir, rank, resume=resume, overwrite=overwrite, verb="finetune")
+    try:
+        return _finetune(config, log, train, resume, overwrite)
+    finally:
+        outdir.release(config.out_dir, rank)
+
+
+def _finetune(config: FinetuneConfig, log: Callable[[str], None], train: bool, resume: bool, overwrite: bool) -> dict:
+    from ..train.data import check_loss_labels, elements_of, open_datasets
     c = t = config
     if int(os.environ.get("RANK", "0")) != 0:   # under torchrun/deepspeed every rank prepares; rank 0 reports
         log = _quiet
@@ -174,6 +187,7 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     configure_data(c, data_heads, cache, r_max)
     t.validate()
     _check_loss_targets(base.config.long_range or c.finetune.long_range, t)
+    check_loss_labels(t)
     train_sets, valid_sets = open_datasets(t, r_max)
     for ds in train_sets + valid_sets:
         getattr(ds, "dataset", ds).dtype = base.dtype   # exact float64 labels for the E0 fit and the tables
@@ -223,8 +237,8 @@ def finetune(config: FinetuneConfig, log: Callable[[str], None] = print, train: 
     # statistics stay as prepared (base + E0 refit: refitting scale/shift on the new data would change the model
     # at step 0); LoRA adapters are merged into the exported weights
     lora = surgery.merged_copy if surgery.has_lora(model) else None
-    metrics = Trainer(t, model=model, fit_statistics=False, export_transform=lora,
-                      description=describe(c, target, source)).fit()
+    metrics = Trainer(t, model=model, fit_statistics=False, export_transform=lora, resume=resume,
+                      overwrite=overwrite, description=describe(c, target, source)).fit()
     result.update(metrics=metrics, model_dir=Path(t.out_dir) / "model")
     if monitor:
         from ..model import FoundationModel
@@ -277,8 +291,8 @@ def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: 
     return open_eval_data(prepare_paths(config.monitor, cache, r_max), r_max, torch.float64, head=head_index)
 
 
-def main(recipe: str, overrides: list[str] | None = None) -> str:
+def main(recipe: str, overrides: list[str] | None = None, resume: bool = False, overwrite: bool = False) -> str:
     """``foundation finetune``: prints the tables as it goes; returns the final summary."""
     from ..train.metrics import format_table
-    result = finetune(load_finetune_config(recipe, overrides))
+    result = finetune(load_finetune_config(recipe, overrides), resume=resume, overwrite=overwrite)
     return f"model exported to {result['model_dir']}\n" + format_table(result.get("metrics") or {})

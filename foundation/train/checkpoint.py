@@ -3,7 +3,8 @@
 Layout under ``<out_dir>/checkpoints``::
 
     step_00000100/            one complete checkpoint
-        meta.json             step, world size, ZeRO stage, config, scheduler, sampler position, file list
+        meta.json             step, world size, ZeRO stage, config, scheduler, sampler position, file list,
+                              SHA-256 of every other file (``resumable`` falls back past a damaged checkpoint)
         model.safetensors     training weights (rank 0)
         ema.json/.safetensors EMA state (rank 0)
         model/                save_pretrained export of the EMA weights (config.json, model.safetensors, README)
@@ -18,6 +19,7 @@ skeleton whose tensors live in a safetensors file (``to_tree`` / ``from_tree``).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -150,7 +152,7 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     (atomically, last), then delete all but the newest ``keep`` checkpoints. Returns the final directory."""
     tmp, final = root / (step_name(step) + ".tmp"), root / step_name(step)
     meta = dict(meta, format_version=FORMAT_VERSION, step=step,
-                files=sorted(p.name for p in tmp.iterdir()) + ["meta.json"])
+                files=sorted(p.name for p in tmp.iterdir()) + ["meta.json"], sha256=checksums(tmp))
     _write_text(tmp / "meta.json", json.dumps(meta, indent=1))
     for p in tmp.rglob("*"):
         _fsync(p)
@@ -169,6 +171,65 @@ def commit(root: Path, step: int, meta: dict, keep: int) -> Path:
     for old in stale + mine[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    """{path relative to ``directory``: SHA-256 hex digest} of every file under it (``meta.json`` excluded)."""
+    out = {}
+    for p in sorted(Path(directory).rglob("*")):
+        if p.is_file() and p.name != "meta.json":
+            digest = hashlib.sha256()
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[p.relative_to(directory).as_posix()] = digest.hexdigest()
+    return out
+
+
+def damage(path: Path) -> str | None:
+    """Why the checkpoint ``path`` cannot be resumed from (missing meta.json or file, a file whose SHA-256
+    differs from the one recorded when it was written), or None when it is intact. Checkpoints written before
+    checksums were recorded are checked for missing files only."""
+    try:
+        meta = json.loads((path / "meta.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"meta.json unreadable ({exc})"
+    missing = [f for f in meta.get("files", []) if not (path / f).exists()]
+    if missing:
+        return f"missing {missing}"
+    recorded = meta.get("sha256")
+    if recorded is None:
+        return None
+    actual = checksums(path)
+    bad = sorted(f for f, h in recorded.items() if actual.get(f) != h)
+    return f"checksum mismatch in {bad} (truncated or modified)" if bad else None
+
+
+def resumable(root: Path, log=print) -> Path | None:
+    """The checkpoint to resume from: the one ``latest`` names if it is intact, else the newest intact earlier
+    one (saying which was skipped and why, through ``log``); None when ``root`` holds none. A ``ValueError``
+    lists the damage when no checkpoint is intact."""
+    root = Path(root)
+    pointer = root / LATEST
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    if pointer.is_file():
+        named = root / pointer.read_text().strip()
+        steps = [named] + [p for p in steps if p.name < named.name]
+    elif not steps:
+        return None
+    damaged = []
+    for path in steps:
+        why = damage(path) if path.is_dir() else "directory missing"
+        if why is None:
+            if damaged and log is not None:
+                log(f"checkpoint {damaged[0][0]} is damaged ({damaged[0][1]}); resuming from the previous intact "
+                    f"checkpoint {path.name} instead" + (f" (also skipped {[d[0] for d in damaged[1:]]})"
+                                                          if len(damaged) > 1 else ""))
+            return path
+        damaged.append((path.name, why))
+    raise ValueError(f"no intact checkpoint under {root} to resume from: "
+                     + "; ".join(f"{n}: {w}" for n, w in damaged)
+                     + "; start again with --overwrite")
 
 
 def latest(root: Path) -> Path | None:

@@ -2,11 +2,13 @@
 
 Training datasets are LMDB shard directories (``foundation data convert``), mixed by ``data.weights``, one
 readout head per dataset (``data.heads``). Without ``data.valid`` a seeded ``data.valid_fraction`` of each
-training set is held out. Statistics for ``model.set_statistics`` come from each dataset's manifest when one
-dataset feeds a head and it was converted at the model's cutoff; otherwise they are computed from the records.
+training set is held out (a set of fewer than ``MIN_SPLIT`` = 2 structures is not split: all of it trains, and
+the run says so). Statistics for ``model.set_statistics`` come from each dataset's manifest when one dataset
+feeds a head and it was converted at the model's cutoff; otherwise they are computed from the records.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from .. import keys
 from .config import TrainConfig
 
 NEIGHBOR_SAMPLE = 1000   # structures used to estimate the mean neighbor count when it must be computed
+MIN_SPLIT = 2            # a training set with fewer structures is not split: validation would take all of it
 
 
 class Subset(torch.utils.data.Dataset):
@@ -89,11 +92,19 @@ def open_datasets(config: TrainConfig, r_max: float) -> tuple[list, list]:
         return train, []
     splits, valid = [], []
     for i, ds in enumerate(train):
+        if len(ds) < MIN_SPLIT:
+            splits.append(ds)
+            valid.append(Subset(ds, np.zeros(0, np.int64)))
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(f"foundation: dataset {config.data.train[i]} has {len(ds)} structure(s), too few to hold out "
+                      f"a validation split (at least {MIN_SPLIT}): all of it trains and none validates; give "
+                      "data.valid to validate", flush=True)
+            continue
         perm = np.random.default_rng([config.seed, 7, i]).permutation(len(ds))
-        n_valid = max(1, int(round(config.data.valid_fraction * len(ds)))) if len(ds) > 1 else 0
+        n_valid = max(1, int(round(config.data.valid_fraction * len(ds))))
         splits.append(Subset(ds, np.sort(perm[n_valid:])))
         valid.append(Subset(ds, np.sort(perm[:n_valid])))
-    return splits, valid
+    return splits, (valid if any(len(v) for v in valid) else [])
 
 
 def make_train_loader(config: TrainConfig, datasets: list, rank: int, world: int):
@@ -172,3 +183,31 @@ def statistics(datasets: list, r_max: float) -> dict:
 def fill_elements(atomic_energies: dict, elements: list[str]) -> dict:
     """E0 for every model element: the fitted values, 0 eV for elements absent from this head's data."""
     return {s: float(atomic_energies.get(s, 0.0)) for s in elements}
+
+
+def label_counts(manifest: dict) -> dict[str, int]:
+    """{label: structures carrying it} of a converted dataset: the manifest's per-label counts when it records
+    them (``label_counts``), else every label listed in ``properties`` counted for every structure."""
+    if isinstance(manifest.get("label_counts"), dict):
+        return {str(k): int(v) for k, v in manifest["label_counts"].items()}
+    total = int(manifest.get("num_structures") or sum(int(s.get("count", 0)) for s in manifest.get("shards", [])))
+    return {str(p): total for p in manifest.get("properties") or []}
+
+
+def check_loss_labels(config: TrainConfig) -> None:
+    """Refuse a loss term with a non-zero coefficient (at any step of the schedule) whose label no training
+    structure has: it would train nothing and log a loss of 0. Datasets given as shard files (no manifest) are
+    assumed to have every label."""
+    from ..data.manifest import read_manifest
+    from .loss import LABEL_FREE, Loss
+    found: dict[str, dict[str, int]] = {}
+    for path in config.data.train:
+        if not (Path(path) / "manifest.json").is_file():
+            return
+        found[str(path)] = label_counts(read_manifest(Path(path)))
+    for prop in Loss(config.loss, config.max_steps).properties:
+        if prop not in LABEL_FREE and not any(counts.get(prop, 0) > 0 for counts in found.values()):
+            have = "; ".join(f"{p}: {sorted(k for k, v in c.items() if v > 0)}" for p, c in found.items())
+            raise ValueError(f"the loss weights {prop!r} (loss.coefficients or loss.schedule), but no training "
+                             f"structure has a {prop!r} label ({have}); set its coefficient to 0 "
+                             f"(--set loss.coefficients.{prop}=0) or train on data labelled with it")

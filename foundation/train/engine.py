@@ -60,6 +60,32 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _load_only_needed_ops() -> None:
+    """DeepSpeed's process group loads (JIT-builds) its shared-memory all-reduce op in every process, taking a
+    build lock that a killed process leaves behind (``oplock.py``). Its one use, ``inference_all_reduce``,
+    returns early for one rank: then it is not loaded at all; with more ranks it loads after ``oplock`` has made
+    sure the lock is free (a stale one removed, a held one waited for with a limit)."""
+    import importlib
+    ds_torch = importlib.import_module("deepspeed.comm.torch")   # ``deepspeed.comm.torch`` the attribute is torch
+    if getattr(ds_torch.build_shm_op, "foundation_guarded", False):
+        return
+    original = ds_torch.build_shm_op
+
+    def build_shm_op():
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            return None
+        from deepspeed.accelerator import get_accelerator
+
+        from .oplock import wait_for_build_lock
+        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            wait_for_build_lock(builder.name, log=print if int(os.environ.get("RANK", "0")) == 0 else None)
+        return original()
+
+    build_shm_op.foundation_guarded = True
+    ds_torch.build_shm_op = build_shm_op
+
+
 def init_distributed(backend: str = "auto") -> tuple[int, int]:
     """Initialise the process group (once) and return (rank, world_size)."""
     if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
@@ -68,6 +94,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))   # every one of LAUNCHER_VARIABLES is now set
     import deepspeed
+    _load_only_needed_ops()
     from deepspeed.accelerator import get_accelerator
     if backend == "auto":
         backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"

@@ -22,6 +22,7 @@ from torch import nn
 from .. import keys
 from . import checkpoint as ckpt
 from . import data as tdata
+from . import guard, outdir
 from .config import TrainConfig, config_to_dict
 from .ema import EMA
 from .engine import Engine, init_distributed
@@ -42,16 +43,26 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, model=None, resume: bool = False, fit_statistics: bool = True,
                  export_transform: Callable[[nn.Module], nn.Module] | None = None, description: str | None = None,
-                 hooks: Sequence[Callable[[Trainer, dict], None]] = ()):
+                 hooks: Sequence[Callable[[Trainer, dict], None]] = (), overwrite: bool = False):
         """``fit_statistics``: set E0s/scale/shift/neighbour count from the training data (False keeps a given
         model's, as fine-tuning and later distillation stages need); ``export_transform``: module -> module to
         save (e.g. LoRA merged), applied to the EMA weights at export; ``description``: the model card's summary
         (e.g. which base model was fine-tuned, and how); ``hooks``: ``hook(trainer, metrics)`` called on every
         rank after each validation with its metrics (e.g. to switch a loss term off with ``trainer.loss``; the
-        loss's switches are checkpointed, so a hook needs no state of its own)."""
+        loss's switches are checkpointed, so a hook needs no state of its own); ``resume``/``overwrite``: what to do
+        with an earlier run's checkpoints in ``out_dir`` (refused otherwise; ``outdir.claim``, which also locks it
+        against a second run until ``fit`` returns)."""
         self.config, self.out = config, Path(config.out_dir)
         self.export_transform, self.description, self.hooks = export_transform, description, list(hooks)
         self.rank, self.world = init_distributed(config.engine.backend)
+        outdir.claim(self.out, self.rank, resume=resume, overwrite=overwrite)
+        try:
+            self._setup(config, model, resume, fit_statistics)
+        except BaseException:
+            outdir.release(self.out, self.rank)
+            raise
+
+    def _setup(self, config: TrainConfig, model, resume: bool, fit_statistics: bool) -> None:
         seed_everything(config.seed)
         self.head_names, self.dataset_heads = tdata.head_names(config)   # head index of each training set
         r_max = float(model.config.r_max) if model is not None else config.model.r_max()
@@ -107,17 +118,21 @@ class Trainer:
         sums = torch.zeros(len(loss.properties), dtype=torch.float64)
         atoms = 0
         engine.ds.train()
-        for b in micro:
+        for i, b in enumerate(micro):
             b = b.to(engine.device)
             pred = engine.forward(b, compute_forces=True, compute_stress=loss.needs_stress(b), training=True)
             if loss.needs_hvp(coeffs, b):   # distillation: H v of the stored unit vectors, graph kept
                 with engine.autocast():
                     pred[keys.HESSIAN_PRODUCTS] = loss.predict_hvp(engine.module, b, create_graph=True)
             s = loss.sums(pred, b)
+            guard.check_loss(s, loss.properties, self.step + 1, self.config.optim.lr, engine.all_reduce_sum)
             engine.backward(Loss.combine(s, counts, coeffs) * self.world)
+            if i == len(micro) - 1 and engine.zero_stage == 0:   # gradients all-reduced, not yet applied
+                guard.check_gradients(engine.module, self.step + 1, self.config.optim.lr, loss.properties)
             engine.step()
             sums += s.detach().cpu()
             atoms += int(b[keys.ATOMIC_NUMBERS].shape[0])
+        guard.check_weights(engine.module, self.step + 1, self.config.optim.lr)
         self.schedule.step()
         if self.ema is not None:
             self.ema.update(engine.module)
@@ -198,8 +213,9 @@ class Trainer:
         self.engine.barrier()
 
     def restore(self) -> bool:
-        """Continue from the latest checkpoint under ``out_dir``; False (fresh start) when there is none."""
-        path = ckpt.latest(self.out / "checkpoints")
+        """Continue from the latest intact checkpoint under ``out_dir`` (a damaged newest one is skipped, and the
+        run says so); False (fresh start) when there is none."""
+        path = ckpt.resumable(self.out / "checkpoints", log=_say if self.rank == 0 else None)
         if path is None:
             return False
         meta = ckpt.read_meta(path)
@@ -232,6 +248,7 @@ class Trainer:
                 return target
             with (self.ema.applied(module) if self.ema is not None else contextlib.nullcontext()):
                 exported = self.export_transform(module) if self.export_transform is not None else module
+                guard.check_export(exported, target)
                 datasets = tdata.card_datasets(self.train_sets, self.head_names, self.dataset_heads)
                 exported.save_pretrained(target, metrics=card_metrics(metrics or {}), datasets=datasets,
                                          description=self.description)
@@ -239,6 +256,13 @@ class Trainer:
 
     # --- the loop ---------------------------------------------------------------------------------------------
     def fit(self) -> dict:
+        """Train to ``max_steps``, validate, checkpoint and export; returns the last validation metrics."""
+        try:
+            return self._fit()
+        finally:
+            outdir.release(self.out, self.rank)
+
+    def _fit(self) -> dict:
         c = self.config
         batches = tdata.batches_forever(self.loader)
         metrics: dict = self.metrics
@@ -270,12 +294,17 @@ class Trainer:
         return metrics
 
 
+def _say(message: str) -> None:
+    print(f"foundation: {message}", flush=True)
+
+
 def _symbols(elements: list) -> list[str]:
     from ase.data import chemical_symbols
     return [chemical_symbols[int(e)] if str(e).isdigit() else str(e) for e in elements]
 
 
-def run(config: TrainConfig, model=None, resume: bool = False) -> dict:
+def run(config: TrainConfig, model=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Train per ``config`` (``model``: a ready module, else built from ``config.model``); returns the final
-    validation metrics. ``resume=True`` continues from the latest checkpoint in ``out_dir`` if there is one."""
-    return Trainer(config, model=model, resume=resume).fit()
+    validation metrics. ``resume=True`` continues from the latest checkpoint in ``out_dir`` if there is one;
+    ``overwrite=True`` deletes an earlier run's checkpoints there first (without either, they are refused)."""
+    return Trainer(config, model=model, resume=resume, overwrite=overwrite).fit()

@@ -187,6 +187,13 @@ def test_distill_end_to_end_with_an_emt_teacher(tmp_path, monkeypatch, capsys):
     assert "forces_mae_meV_per_A" in card
     student = FoundationModel.from_pretrained(tmp_path / "out" / "model")
     assert student.config.num_channels == TINY["num_channels"]
+    # the same out_dir again: refused without a flag; --resume finds every stage finished and reports again
+    assert cli(["distill", str(path)]) == 2 and "--resume" in capsys.readouterr().err
+    logged = {stage: (tmp_path / "out" / stage / "train.csv").read_text() for stage in ("train", "round1")}
+    assert cli(["distill", str(path), "--resume"]) == 0
+    again = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert again["hvp"]["switched_off_at_step"] == 2 and len(again["training_datasets"]) == 3
+    assert {s: (tmp_path / "out" / s / "train.csv").read_text() for s in logged} == logged   # no step retrained
     # a second run reuses the cached teacher labels: no teacher call for them (only the report's reference set)
     first = len(calls)
     assert first >= 3

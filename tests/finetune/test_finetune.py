@@ -265,3 +265,21 @@ def test_finetuned_card_names_the_base_the_strategy_and_every_training_set(setup
     assert "strategy `replay`" in card and "(8 structures, weight 0.3)" in card
     rows = [line for line in card.splitlines() if line.startswith("| ") and ("| target |" in line or "| emt |" in line)]
     assert len(rows) == 2 and "| target | 24 |" in rows[0] and "| emt | 8 |" in rows[1]   # new data, replay sample
+
+
+def test_finetune_again_into_its_out_dir_needs_resume_or_overwrite(setup):
+    import csv
+
+    def steps(out: Path) -> list[int]:
+        with open(out / "train.csv", newline="") as f:
+            return [int(r["step"]) for r in csv.DictReader(f)]
+    finetune(finetune_config_from_dict(recipe(setup, "again", checkpoint_every=2)), log=lambda s: None)
+    with pytest.raises(ValueError, match=r"holds checkpoints .* --resume.*--overwrite"):
+        finetune(finetune_config_from_dict(recipe(setup, "again", checkpoint_every=2)), log=lambda s: None)
+    res = finetune(finetune_config_from_dict(recipe(setup, "again", checkpoint_every=2, max_steps=4)),
+                   log=lambda s: None, resume=True)
+    assert steps(setup / "again") == [1, 2, 3, 4] and (res["model_dir"] / "model.safetensors").is_file()
+    finetune(finetune_config_from_dict(recipe(setup, "again", checkpoint_every=2)), log=lambda s: None,
+             overwrite=True)
+    assert steps(setup / "again") == [1, 2]
+    assert sorted(p.name for p in (setup / "again" / "checkpoints").glob("step_*")) == ["step_00000002"]

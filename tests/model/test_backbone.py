@@ -38,7 +38,7 @@ def test_conformance_float32(max_L, ethanol, small_cell, crystal):
     # float32 agrees with the same weights in float64 to float32 precision
     ref = tiny_model(max_L=max_L, dtype="float64")
     model.load_state_dict({k: v.float() for k, v in ref.state_dict().items()})
-    a, b = testing.evaluate(model, [crystal]), testing.evaluate(ref, [crystal])
+    a, b = testing.model_outputs(model, [crystal]), testing.model_outputs(ref, [crystal])
     assert abs(a[0]["energy"] - b[0]["energy"]) < 1e-3 * max(1.0, abs(b[0]["energy"]))
     assert np.abs(a[0]["forces"] - b[0]["forces"]).max() < 1e-3 * max(1.0, np.abs(b[0]["forces"]).max())
 
@@ -50,7 +50,7 @@ def test_mixed_batch_and_multiple_heads(ethanol, small_cell, crystal):
     structures = [ethanol, small_cell, crystal, ethanol]
     testing.check_batch_consistency(model, structures, heads=[0, 1, 1, 1])
     testing.check_isolated_atoms(model)
-    both = testing.evaluate(model, [ethanol, ethanol], heads=[0, 1])
+    both = testing.model_outputs(model, [ethanol, ethanol], heads=[0, 1])
     assert abs(both[0]["energy"] - both[1]["energy"]) > 1.0
     assert np.abs(both[0]["forces"] - both[1]["forces"]).max() > 1e-3
 
@@ -60,8 +60,8 @@ def test_energy_is_local(ethanol):
     model = tiny_model(max_L=2)
     water = molecule("H2O")
     water.positions += [20.0, 0, 0]
-    parts = testing.evaluate(model, [ethanol, water])
-    whole = testing.evaluate(model, [ethanol + water])[0]
+    parts = testing.model_outputs(model, [ethanol, water])
+    whole = testing.model_outputs(model, [ethanol + water])[0]
     assert abs(whole["energy"] - parts[0]["energy"] - parts[1]["energy"]) < 1e-9
     assert np.allclose(whole["forces"], np.vstack([parts[0]["forces"], parts[1]["forces"]]), atol=1e-10)
     assert np.all(whole["stress"] == 0)
@@ -110,7 +110,7 @@ def test_hessian_vector_product_matches_finite_differences(small_cell):
     for sign in (1, -1):
         moved = small_cell.copy()
         moved.positions += sign * eps * v.numpy()
-        forces.append(testing.evaluate(model, [moved], stress=False)[0]["forces"])
+        forces.append(testing.model_outputs(model, [moved], stress=False)[0]["forces"])
     fd = -(forces[0] - forces[1]) / (2 * eps)
     assert np.abs(hv.numpy() - fd).max() < 1e-6 * np.abs(fd).max()
     several = model.hessian_vector_product(graph, torch.stack([v, 2 * v], dim=-1))
@@ -127,7 +127,7 @@ def test_state_dict_is_strict_and_complete(tmp_path, ethanol):
     torch.manual_seed(123)
     again = FoundationModel(ModelConfig.from_json(tmp_path / "config.json"))
     again.load_state_dict(load_file(tmp_path / "model.safetensors"), strict=True)
-    a, b = testing.evaluate(model, [ethanol]), testing.evaluate(again, [ethanol])
+    a, b = testing.model_outputs(model, [ethanol]), testing.model_outputs(again, [ethanol])
     assert a[0]["energy"] == b[0]["energy"]
 
 

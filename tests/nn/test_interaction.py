@@ -45,7 +45,7 @@ def test_edge_order_and_no_edges():
 
 def test_matches_dense_message_formula():
     """A_i = linear(sum_j R_ij[p] (cg_p h_j Y_ij)) written out edge by edge with the dense CG table."""
-    from foundation.nn.cg import conv_table
+    from cg_reference import conv_table
     block, basis, pos, send, recv, h = _setup(2, seed=3)
     vec = pos[recv] - pos[send]
     sh = o3.spherical_harmonics([0, 1, 2, 3], vec, normalize=True, normalization="component")

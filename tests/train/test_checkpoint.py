@@ -1,5 +1,6 @@
 """Checkpoint files: pickle-free round trip of nested state, RNG restore, atomic commit (a crash while writing
-never corrupts the latest good checkpoint), pruning, and clear errors for damaged checkpoints."""
+never corrupts the latest good checkpoint), pruning, clear errors for damaged checkpoints, and checksums with
+which a resume skips a truncated checkpoint for the previous intact one."""
 from __future__ import annotations
 
 import json
@@ -110,3 +111,45 @@ def test_fresh_run_over_an_older_runs_checkpoints_keeps_its_own(tmp_path):
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000200"]
     write(root, 400, 4.0, keep=2)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_00000200", "step_00000400"]
+
+
+def test_checksums_find_a_truncated_file_and_resume_falls_back(tmp_path, capsys):
+    root = tmp_path / "checkpoints"
+    for step in (1, 2):
+        write(root, step, float(step), keep=2)
+    meta = ckpt.read_meta(root / "step_00000002")
+    assert set(meta["sha256"]) == {"rank_00000.json", "rank_00000.safetensors"}
+    assert ckpt.resumable(root) == root / "step_00000002" and ckpt.damage(root / "step_00000002") is None
+    target = root / "step_00000002" / "rank_00000.safetensors"
+    target.write_bytes(target.read_bytes()[: target.stat().st_size // 2])
+    assert "checksum mismatch in ['rank_00000.safetensors']" in ckpt.damage(root / "step_00000002")
+    messages = []
+    assert ckpt.resumable(root, log=messages.append) == root / "step_00000001"
+    assert "step_00000002 is damaged" in messages[0] and "step_00000001" in messages[0]
+    (root / "step_00000001" / "rank_00000.json").write_text("{}")
+    with pytest.raises(ValueError, match="no intact checkpoint .* --overwrite"):
+        ckpt.resumable(root)
+    assert ckpt.resumable(tmp_path / "none") is None
+
+
+def test_resume_after_truncation_replays_the_lost_steps_exactly(tmp_path, emt_data, capsys):
+    import csv
+
+    from test_outdir import config, pair_model
+
+    from foundation.train.loop import run
+    out = tmp_path / "run"
+    run(config(out, emt_data, 4), model=pair_model())
+    with open(out / "train.csv", newline="") as f:
+        original = list(csv.DictReader(f))
+    weights = out / "checkpoints" / "step_00000004" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    capsys.readouterr()
+    run(config(out, emt_data, 4), model=pair_model(), resume=True)
+    said = capsys.readouterr().out
+    assert "step_00000004 is damaged" in said and "resuming from the previous intact checkpoint step_00000002" in said
+    with open(out / "train.csv", newline="") as f:
+        resumed = list(csv.DictReader(f))
+    for a, b in zip(original, resumed, strict=True):
+        assert a["loss"] == b["loss"] and a["grad_norm"] == b["grad_norm"], a["step"]
+    assert ckpt.damage(out / "checkpoints" / "step_00000004") is None

@@ -95,3 +95,37 @@ def test_float32_model_sees_residual_labels_exact_to_float32_rounding_of_the_res
     loss = Loss(LossConfig(coefficients={"energy": 1.0}), max_steps=1)
     sums = loss.sums({keys.ENERGY: pred[keys.ENERGY]}, batch)
     assert float(sums[loss.properties.index("energy")]) == pytest.approx(float(np.sum((exact / 3) ** 2)), rel=1e-9)
+
+
+def test_a_one_structure_dataset_trains_without_validation_and_says_so(tmp_path, emt_data, capsys):
+    from conftest import write_emt_dataset
+    from test_outdir import pair_model
+
+    from foundation.train.loop import run
+    one = write_emt_dataset(tmp_path / "one", 1, seed=5)
+    cfg = config_from_dict({"out_dir": str(tmp_path / "out"), "max_steps": 2, "progress": False,
+                            "data": {"train": [str(one)], "max_atoms": 64}})
+    train, valid = tdata.open_datasets(cfg, r_max=4.0)
+    assert [len(t) for t in train] == [1] and valid == []
+    assert "has 1 structure(s), too few to hold out a validation split" in capsys.readouterr().out
+    run(cfg, model=pair_model())
+    assert (tmp_path / "out" / "checkpoints" / "step_00000002").is_dir()
+
+
+def test_a_loss_term_no_training_structure_is_labelled_with_is_refused(tmp_path, emt_data, capsys):
+    from foundation.cli import main as cli
+    recipe = tmp_path / "nostress.yaml"
+    recipe.write_text(f"out_dir: {tmp_path / 'out'}\nmax_steps: 1\nprogress: false\n"
+                      f"data: {{train: [{emt_data['train_nostress']}], max_atoms: 64}}\n"
+                      "loss: {coefficients: {energy: 1.0, forces: 10.0, stress: 10.0}}\n")
+    assert cli(["pretrain", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "no training structure has a 'stress' label" in err and "loss.coefficients.stress=0" in err, err
+    assert not (tmp_path / "out").exists()
+    # a label present on some structures only trains (the loss masks the others)
+    cfg = config_from_dict({"data": {"train": [str(emt_data["train_nostress"]), str(emt_data["train"])]},
+                            "loss": {"coefficients": {"energy": 1.0, "stress": 1.0}}})
+    tdata.check_loss_labels(cfg)
+    counts = tdata.label_counts({"properties": ["energy"], "shards": [{"count": 3}, {"count": 2}]})
+    assert counts == {"energy": 5}
+    assert tdata.label_counts({"label_counts": {"energy": 4, "stress": 0}}) == {"energy": 4, "stress": 0}
