@@ -6,7 +6,8 @@ with stress (194 / 20 from Si_train.xyz; the 25 frames of Si_test.xyz for test).
 split files (written once as extxyz with REF_energy / REF_forces / REF_stress labels) and the same settings:
 epochs, channels, L, correlation, max_ell, r_max, radial basis, batch size, lr (constant), Adam with AMSGrad
 (mace's default), gradient clip 10, loss weights E:F(:S) = 1:100(:100) on per-atom energy and force (stress)
-components, EMA 0.99, float32, least-squares reference energies, threads. What differs, by design of each
+components, EMA 0.99, float32 (``--dtype float64``: both in float64), least-squares reference energies, threads.
+What differs, by design of each
 code: mace reports the epoch with the lowest validation loss (its checkpoint), ours the last step, after the
 recipes' ``refit_e0`` (least-squares E0 correction to the EMA model's training-set energy residuals; forces
 unchanged; foundation/train/refit.py). ``--ours-set KEY=VALUE`` changes our recipe for studies.
@@ -15,7 +16,7 @@ unchanged; foundation/train/refit.py). ``--ours-set KEY=VALUE`` changes our reci
   recipes/bench/mlearn_si.yaml (+ --set overrides) in a subprocess; atom-budget batches with
   max_atoms = batch size x mean atoms per structure (exactly B molecules for rMD17), max_steps = the
   sampler's batches per epoch x epochs; validation once per epoch; then `foundation.evaluate` on the
-  test file (EMA weights, float32).
+  test file (EMA weights, the model's dtype).
 - mace-torch: `mace.cli.run_train` (what `mace_run_train` runs) in its own venv through
   scripts/_mace_train_worker.py; its test table (PerAtomMAE, PerAtomMAEstressvirials for Si; 0.1 meV
   resolution) is read from its log.
@@ -113,11 +114,12 @@ def ours_overrides(a, system: str, lmdb: Path, run_dir: Path, max_atoms: int, st
     per_epoch = max(1, round(sum(steps) / len(steps)))
     model = {"num_channels": a.channels, "max_L": a.L, "r_max": a.r_max, "max_ell": a.max_ell,
              "correlation": a.correlation, "num_layers": 2, "num_bessel": 8, "num_poly_cutoff": 5,
-             "radial_mlp": [64, 64, 64], "readout_mlp": 16, "dtype": "float32"}
+             "radial_mlp": [64, 64, 64], "readout_mlp": 16, "dtype": a.dtype}
     return [f"out_dir={run_dir}", f"max_steps={sum(steps)}", f"log_every={per_epoch}",
             f"valid_every={per_epoch}", f"checkpoint_every={sum(steps)}", f"data.train=[{lmdb / 'train'}]",
             f"data.valid=[{lmdb / 'valid'}]", f"data.max_atoms={max_atoms}", f"optim.lr={a.lr}",
-            f"seed={a.seed}", "model.overrides=" + json.dumps(model)] + list(a.ours_set)
+            f"seed={a.seed}", "model.overrides=" + json.dumps(model),
+            f"engine.precision={'fp64' if a.dtype == 'float64' else 'fp32'}"] + list(a.ours_set)
 
 
 def run_ours(a, system: str, split: dict[str, Path], work: Path) -> dict:
@@ -208,7 +210,7 @@ def ours_worker(spec_path: str) -> int:
 def mace_arguments(a, system: str, split: dict[str, Path], work: Path) -> list[str]:
     """mace_run_train arguments with the same settings as ours."""
     stress = SYSTEMS[system][4]
-    args = {"name": system, "work_dir": work, "seed": a.seed, "device": "cpu", "default_dtype": "float32",
+    args = {"name": system, "work_dir": work, "seed": a.seed, "device": "cpu", "default_dtype": a.dtype,
             "model": "ScaleShiftMACE", "r_max": a.r_max, "num_radial_basis": 8, "num_cutoff_basis": 5,
             "max_ell": a.max_ell, "correlation": a.correlation, "num_interactions": 2,
             "num_channels": a.channels, "max_L": a.L, "MLP_irreps": "16x0e", "radial_MLP": "[64, 64, 64]",
@@ -326,6 +328,9 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=5, help="structures per batch (ours: atom budget equivalent)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--threads", type=int, default=1, help="torch threads of each side")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float64"),
+                   help="model and training precision of both codes (ours: model dtype + engine.precision fp32/fp64; "
+                        "mace: --default_dtype)")
     p.add_argument("--mace-python", default="/work/mace-venv/bin/python", help="python of the mace-torch venv")
     p.add_argument("--data", default=str(DEFAULT_DATA), help="folder with rmd17/ and mlearn/")
     p.add_argument("--out", default="runs/bench_accuracy", help="work folder (splits, runs, logs)")

@@ -46,12 +46,13 @@ class PairPotential(nn.Module):
                 self.shift.fill_(float(shift))
 
     def forward(self, batch, compute_forces: bool = True, compute_stress: bool = False, training: bool = True):
-        pos, cell = batch[keys.POSITIONS], batch[keys.CELL].view(-1, 3, 3)
+        dtype = self.pair_gain.dtype   # the model casts its inputs (training data arrive in float64, as stored)
+        pos, cell = batch[keys.POSITIONS].to(dtype), batch[keys.CELL].to(dtype).view(-1, 3, 3)
         struct = getattr(batch, "batch", None)
         struct = torch.zeros(pos.shape[0], dtype=torch.long, device=pos.device) if struct is None else struct
         num_structures = cell.shape[0]
         send, recv = batch[keys.EDGE_INDEX]
-        shifts = batch[keys.SHIFTS]
+        shifts = batch[keys.SHIFTS].to(dtype)
         if compute_forces:
             pos = pos.detach().requires_grad_(True)
         strain = torch.zeros(num_structures, 3, 3, dtype=pos.dtype, device=pos.device, requires_grad=compute_stress)

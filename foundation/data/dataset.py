@@ -59,7 +59,8 @@ class ShardedDataset(Dataset):
 
     source: a dataset directory (with manifest.json), a shard file, or a list of those.
     r_max: cutoff (Å) of the neighbor list (``edge_index`` (2,E), ``shifts`` (E,3) Å); None = no edges.
-    dtype: float dtype of positions/labels (default: torch default dtype); head, dataset_index: stored on items.
+    dtype: float dtype of positions, cell and shifts (default: torch default dtype; labels are always float64, as
+    stored); head, dataset_index: stored on items.
     Attributes: ``natoms`` (N,) int32 atoms per structure, ``manifest`` (dict, or None unless exactly one
     directory was given), ``reference_energies`` ({Z: eV} or None), ``statistics`` (see stats.py).
     """

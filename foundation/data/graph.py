@@ -152,7 +152,9 @@ def _check_cell_list(positions, cell, pbc, r_max) -> None:
 def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, r_max: float | None,
                 labels: Mapping[str, np.ndarray] | None = None, head: int = 0, dataset_index: int = 0,
                 dtype: torch.dtype | None = None) -> Data:
-    """One structure as a ``Data`` with the fields of ``foundation.keys`` (float fields in ``dtype``).
+    """One structure as a ``Data`` with the fields of ``foundation.keys``: structure fields (positions, cell,
+    shifts, total charge) in ``dtype``, labels always float64 (a total energy keeps its digits until the model's
+    float64 E0 sum is subtracted from it in the loss; docs/precision.md).
 
     ``labels`` holds float64 arrays as returned by ``read_labels`` (total_charge included, default 0).
     With ``r_max=None`` no neighbor list is built (edge fields are added later, e.g. by the dataset).
@@ -177,7 +179,8 @@ def build_graph(numbers: np.ndarray, positions: np.ndarray, cell: np.ndarray, pb
     }
     for name, value in labels.items():
         a = np.asarray(value, dtype=np.float64)
-        fields[name] = torch.as_tensor(a.reshape(1, *a.shape) if name in keys.PER_STRUCTURE_KEYS else a, dtype=dtype)
+        fields[name] = torch.as_tensor(a.reshape(1, *a.shape) if name in keys.PER_STRUCTURE_KEYS else a,
+                                       dtype=torch.float64)
     fields["num_nodes"] = n
     if r_max is not None:  # from the float64 inputs, so a low-precision dtype cannot change the edge set
         edge_index, unit_shifts = neighbor_list(positions, cell, pbc, r_max)

@@ -25,12 +25,26 @@ from ..calculator import inference_copy, select_head
 from .deployed import DeployedModel
 
 METADATA = "foundation.json"
+# components of imported mace-torch models (foundation.interop) that the scripted model does not implement
+_NOT_SCRIPTED = {"energy_form": "faded", "first_interaction": "residual", "interaction_norm": "average",
+                 "distance_transform": None, "pair_repulsion": None}
+
+
+def check_scriptable(config) -> None:
+    """A clear error for a model using a component the TorchScript model lacks (those of imported mace-torch
+    models: mace energy form, plain first block, density normalisation, Agnesi transform, ZBL)."""
+    used = {k: getattr(config, k) for k, default in _NOT_SCRIPTED.items() if getattr(config, k) != default}
+    if used:
+        raise ValueError(f"foundation export torchscript does not support {sorted(used)} (set in this model's "
+                         f"config: {used}); export an imported mace-torch model with 'foundation export mace' and "
+                         "use mace-torch's own LAMMPS/TorchScript route instead")
 
 
 def build_artifact(model, head: str | None = None, dtype: str | None = None) -> torch.jit.ScriptModule:
     """The scripted artifact of ``model`` (a ``FoundationModel``) for readout head ``head`` (default: the first) in
     ``dtype`` ('float32' | 'float64', default: the model's). The model passed in is not changed."""
     config = model.config
+    check_scriptable(config)
     _, head_index = select_head(config, head)
     dtype = config.dtype if dtype is None else dtype
     copy = inference_copy(model, "cpu", dtype)

@@ -74,7 +74,7 @@ class FoundationTorchSimModel(ModelInterface):
         if isinstance(state, dict):
             state = ts.SimState(**{"masses": torch.ones_like(state["positions"][:, 0]), **state})
         out = self.model(self.graph(state), compute_forces=self._compute_forces, compute_stress=self._compute_stress)
-        results = {"energy": out[keys.ENERGY]}
+        results = {"energy": out[keys.ENERGY].to(self._dtype)}   # the model adds E0 in float64
         if self._compute_forces:
             results["forces"] = out[keys.FORCES]
         if self._compute_stress:

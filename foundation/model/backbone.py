@@ -92,7 +92,8 @@ class FoundationModel(HubMixin, nn.Module):
         """batch: PyG ``Batch`` (or one ``Data``) with the fields of ``foundation.keys``.
 
         Returns {ENERGY (B,) eV, NODE_ENERGY (n,) eV, FORCES (n,3) eV/Å if compute_forces, STRESS (B,3,3)
-        eV/Å³ and VIRIALS (B,3,3) eV if compute_stress}. ``training=True`` keeps the autograd graph
+        eV/Å³ and VIRIALS (B,3,3) eV if compute_stress}. ENERGY and NODE_ENERGY are float64 whatever the model's
+        dtype (E0 added in float64), the rest in the model's dtype. ``training=True`` keeps the autograd graph
         (create_graph) so that losses on forces and stress can be backpropagated.
         """
         with torch.enable_grad() if (compute_forces or compute_stress) else nullcontext():
@@ -121,13 +122,18 @@ class FoundationModel(HubMixin, nn.Module):
     def _energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor, cell: torch.Tensor) -> dict:
         """{ENERGY (B,), NODE_ENERGY (n,)} eV (+ CHARGES (n,) e, DIPOLE (B,3) e·Å with a long-range head) from
         (possibly strained) positions (n,3) Å, shifts (E,3) Å and cells (B,3,3) Å."""
-        node_energy, features = self._node_energies(g, pos, shifts)
+        node_energy, features = self._node_energies(g, pos, shifts)   # without E0, model dtype
         out = {}
         if self.long_range is not None:
             out = self.long_range(features, pos, g["batch"], g["num_graphs"], cell, g["pbc"], g["total_charge"])
             node_energy = node_energy + out[keys.NODE_ENERGY].to(node_energy.dtype)
-        energy = torch.zeros(g["num_graphs"], dtype=node_energy.dtype, device=node_energy.device)
-        out.update({keys.ENERGY: energy.index_add(0, g["batch"], node_energy), keys.NODE_ENERGY: node_energy})
+        residual = torch.zeros(g["num_graphs"], dtype=node_energy.dtype, device=node_energy.device)
+        residual = residual.index_add(0, g["batch"], node_energy)
+        e0 = self.statistics.reference(g["z"], g["head"][g["batch"]])         # (n,) float64
+        e0_sum = torch.zeros(g["num_graphs"], dtype=e0.dtype, device=e0.device).index_add(0, g["batch"], e0)
+        # the E0 sum is added in float64: total energies keep every digit of the float64 references
+        out.update({keys.ENERGY: residual.to(torch.float64) + e0_sum,
+                    keys.NODE_ENERGY: node_energy.to(torch.float64) + e0})
         return out
 
     def _node_energies(self, g: dict, pos: torch.Tensor, shifts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,9 +174,9 @@ class FoundationModel(HubMixin, nn.Module):
             own = own + self.pair_repulsion(lengths, receiver, pos.shape[0], z_send, z_recv, number[z_send],
                                             number[z_recv])
         if self.config.energy_form == "mace":
-            return self.statistics.mace_node_energies(g["z"], head, own), h[:, 0, :][rank]
+            return self.statistics.mace_node_energies(head, own), h[:, 0, :][rank]
         iso = self._isolated_readouts(groups)[g["z"], head]
-        return self.statistics.node_energies(g["z"], head, own, iso, coordination), h[:, 0, :][rank]
+        return self.statistics.node_energies(head, own, iso, coordination), h[:, 0, :][rank]
 
     def _isolated_readouts(self, groups: ElementGroups) -> torch.Tensor:
         """Summed readouts (N_el, H) of an atom with no neighbours, for the elements present (zeros elsewhere).

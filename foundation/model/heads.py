@@ -9,7 +9,10 @@ An isolated atom (N = 0) therefore gets exactly E0, while with neighbours (tanh(
 ScaleShiftMACE: the subtraction fades out, so the embedding -> skip -> readout route can still learn a
 per-element constant. (Subtracting R_iso everywhere removed that route and left a slowly-learned constant energy
 offset: rMD17 ethanol, 3 epochs, energy MAE 121.6 -> 7.0 meV/atom with the fade, forces unchanged.)
-Statistics live in the config; the buffers here are non-persistent copies rebuilt from it.
+Statistics live in the config; the buffers here are non-persistent copies rebuilt from it. E0 is kept in float64
+whatever the model's dtype (``HeadStatistics._apply`` re-casts it after ``model.float()``/``.to()``): the model
+computes the residual e_i - E0[h, z_i] in its own dtype and adds the E0 sum in float64 at the output, so a total
+energy of -17617.709862891 eV is not rounded to float32's 2 meV spacing there (docs/precision.md).
 """
 from __future__ import annotations
 
@@ -23,14 +26,23 @@ from .config import ModelConfig
 
 
 class HeadStatistics(nn.Module):
-    """Buffers e0 (H, N_el) eV, scale (H,), shift (H,) eV, built from ``config`` (not saved in the state dict)."""
+    """Buffers e0 (H, N_el) eV (always float64), scale (H,), shift (H,) eV (model dtype), built from ``config``
+    (not saved in the state dict)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype):
         super().__init__()
-        self.register_buffer("e0", torch.zeros(len(config.heads), len(config.elements), dtype=dtype), persistent=False)
+        self.register_buffer("e0", torch.zeros(len(config.heads), len(config.elements), dtype=torch.float64),
+                             persistent=False)
         self.register_buffer("scale", torch.ones(len(config.heads), dtype=dtype), persistent=False)
         self.register_buffer("shift", torch.zeros(len(config.heads), dtype=dtype), persistent=False)
         self.load_config(config)
+
+    def _apply(self, fn, recurse=True):
+        """``.to()``/``.float()``/``.cuda()`` move e0 but keep its float64 values (added in float64 at the output)."""
+        e0 = self.e0
+        super()._apply(fn, recurse)
+        self.e0 = e0.to(device=self.e0.device)
+        return self
 
     @torch.no_grad()
     def load_config(self, config: ModelConfig) -> None:
@@ -40,19 +52,23 @@ class HeadStatistics(nn.Module):
             self.scale[k] = config.scale[head]
             self.shift[k] = config.shift[head]
 
-    def node_energies(self, z: torch.Tensor, head: torch.Tensor, readout: torch.Tensor, readout_iso: torch.Tensor,
+    def node_energies(self, head: torch.Tensor, readout: torch.Tensor, readout_iso: torch.Tensor,
                       coordination: torch.Tensor) -> torch.Tensor:
-        """z (n,) element index, head (n,), readout (n,) and readout_iso (n,) summed readouts of the atom's head,
-        coordination (n,) smooth neighbour count -> per-atom energies (n,) eV."""
+        """head (n,), readout (n,) and readout_iso (n,) summed readouts of the atom's head, coordination (n,)
+        smooth neighbour count -> per-atom energies without E0 (n,) eV, in the readouts' dtype."""
         presence = torch.tanh(coordination)
-        return (self.e0[head, z] + self.scale[head] * (readout - (1.0 - presence) * readout_iso)
-                + self.shift[head] * presence)
+        return self.scale[head] * (readout - (1.0 - presence) * readout_iso) + self.shift[head] * presence
+
+    def reference(self, z: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+        """z (n,) element index, head (n,) -> E0[head, z] (n,) eV, float64."""
+        return self.e0[head, z]
 
 
-    def mace_node_energies(self, z: torch.Tensor, head: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
-        """mace-torch's assembly (``energy_form="mace"``): E0[h, z_i] + scale[h] * readout_i + shift[h] (n,) eV,
-        for every atom, isolated or not; readout (n,) includes a pair repulsion when there is one."""
-        return self.e0[head, z] + self.scale[head] * readout + self.shift[head]
+    def mace_node_energies(self, head: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+        """mace-torch's assembly (``energy_form="mace"``) without E0 (added in float64 at the output, as for the
+        default form): scale[h] * readout_i + shift[h] (n,) eV for every atom, isolated or not; readout (n,)
+        includes a pair repulsion when there is one."""
+        return self.scale[head] * readout + self.shift[head]
 
 
 def update_statistics(config: ModelConfig, head: str | None,

@@ -119,10 +119,11 @@ class LossConfig:
 
 @dataclass
 class EngineConfig:
-    """DeepSpeed: ZeRO stage (0, 1, 2), precision (``auto`` = bf16 where the device supports it, else fp32),
+    """DeepSpeed: ZeRO stage (0, 1, 2), precision (``auto`` = fp64 for a float64 model; for a float32 model bf16
+    where the device supports it, else fp32; ``fp64`` needs a float64 model and ZeRO 0; see engine.py),
     gradient accumulation (micro-batches per optimizer step per rank), process-group backend."""
     zero_stage: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp64"] = "auto"
     gradient_accumulation: int = 1
     backend: Literal["auto", "gloo", "nccl"] = "auto"
 

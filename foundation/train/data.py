@@ -48,7 +48,8 @@ def _open(path: str, r_max: float, index: int, head: int):
     if p.is_file() and p.suffix not in (".lmdb", ".mdb"):
         raise ValueError(f"dataset {path!r} is a {p.suffix or 'plain'} file; convert it first with "
                          f"'foundation data convert {path} --out DIR' and train on DIR")
-    ds = ShardedDataset(p, r_max=r_max, head=head, dataset_index=index)
+    # float64 as stored: the model casts positions to its own dtype, so an fp64 run sees them exactly
+    ds = ShardedDataset(p, r_max=r_max, head=head, dataset_index=index, dtype=torch.float64)
     ds.name = (ds.manifest or {}).get("name") or p.name
     return ds
 

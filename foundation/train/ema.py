@@ -2,7 +2,7 @@
 
 shadow <- d * shadow + (1 - d) * param after each optimizer step, with d = min(decay, (1 + n) / (10 + n))
 (n = updates so far) so the average is not dominated by the random initial weights early on. The shadow
-is kept in float32 whatever the training precision. Buffers are copied, not averaged.
+is float64 for float64 parameters (``engine.precision: fp64``), float32 otherwise. Buffers are copied, not averaged.
 """
 from __future__ import annotations
 
@@ -12,13 +12,17 @@ import torch
 from torch import nn
 
 
+def _shadow_dtype(p: torch.Tensor) -> torch.dtype:
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 class EMA:
     """EMA of the floating-point parameters of ``module`` (names as in ``module.named_parameters()``)."""
 
     def __init__(self, module: nn.Module, decay: float):
         self.decay = float(decay)
         self.num_updates = 0
-        self.shadow = {name: p.detach().float().clone() for name, p in module.named_parameters()
+        self.shadow = {name: p.detach().to(_shadow_dtype(p)).clone() for name, p in module.named_parameters()
                        if p.is_floating_point()}
 
     @torch.no_grad()
@@ -27,7 +31,7 @@ class EMA:
         d = min(self.decay, (1.0 + self.num_updates) / (10.0 + self.num_updates))
         for name, p in module.named_parameters():
             if name in self.shadow:
-                self.shadow[name].mul_(d).add_(p.detach().float(), alpha=1.0 - d)
+                self.shadow[name].mul_(d).add_(p.detach().to(self.shadow[name].dtype), alpha=1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager

@@ -16,9 +16,14 @@ Several nodes: a hostfile listing ``hostname slots=GPUS`` per line and passwordl
 logs) must be on storage every node sees at the same path: all ranks write their part of a checkpoint into
 the same directory and rank 0 commits it.
 
-Precision: weights, gradients and optimizer state are float32 (a float64 model is cast for training; its
-export keeps the float64 config); ``precision: auto`` adds bf16 autocast on GPUs that support it; ``bf16`` forces
-it (also on CPU, where it is slow but runs the same code path; tested there).
+Precision (``engine.precision``, resolved by ``resolve_precision``): ``fp64`` trains a float64 model in float64
+end to end (weights, gradients, their all-reduce, clipping, optimizer state, EMA, checkpoints; ZeRO 0 only:
+DeepSpeed's ZeRO keeps float32 master partitions, and its all-reduce and clipping take float32 only, so this
+module all-reduces and clips float64 gradients itself); ``fp32`` trains float32 weights (a float64 model is cast for
+training and its export keeps the float64 config); ``bf16`` adds bf16 autocast to fp32 weights (also on CPU,
+where it is slow but runs the same code path; tested there); ``auto`` is ``fp64`` for a float64 model and, for a
+float32 model, ``bf16`` on GPUs that support it, ``fp32`` otherwise. Energies stay exact at every precision: the
+model adds its float64 reference energies (E0) at the output and the labels are float64 (docs/precision.md).
 
 Gradient normalisation: the loop computes each micro-batch's loss as (sum of errors) / (count of labelled
 entries over all micro-batches of the step and all ranks) x world size; DeepSpeed averages gradients over
@@ -105,17 +110,45 @@ def _optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optim
                weight_decay=o.weight_decay, amsgrad=o.amsgrad)
 
 
-def _trainable_precision(model: torch.nn.Module, rank: int) -> torch.nn.Module:
-    """The model in float32 if it is float64: DeepSpeed reduces and optimizes fp32 (bf16/fp16) gradients only.
+def resolve_precision(precision: str, model_dtype: torch.dtype, device: torch.device, zero_stage: int) -> str:
+    """What ``engine.precision`` means for a model whose parameters are ``model_dtype`` on ``device``:
+    'fp64', 'fp32' or 'bf16' (ValueError naming the recipe keys for a combination that cannot train)."""
+    bf16_ok = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        precision = "fp64" if model_dtype == torch.float64 else ("bf16" if bf16_ok else "fp32")
+    if precision == "fp64":
+        if model_dtype != torch.float64:
+            raise ValueError(f"engine.precision: fp64 needs a float64 model, but the model's dtype is "
+                             f"{str(model_dtype).removeprefix('torch.')}; set the model config key 'dtype' to float64 "
+                             "(recipe: model.overrides: {dtype: float64}) or engine.precision to fp32 / auto")
+        if zero_stage != 0:
+            raise ValueError(f"engine.precision fp64 (also 'auto' with a float64 model) needs engine.zero_stage: 0, "
+                             f"got {zero_stage}: DeepSpeed's ZeRO keeps float32 master weights. Set "
+                             "engine.zero_stage: 0, or engine.precision: fp32 to train the model in float32")
+    # CPU autocast runs bf16 everywhere (fast only with AVX512-BF16/AMX), so 'bf16' is honoured on CPU when
+    # asked for explicitly (it exercises the GPU code path here); 'auto' keeps fp32 on CPU.
+    if precision == "bf16" and not (bf16_ok or device.type == "cpu"):
+        raise ValueError(f"engine.precision: bf16 is not supported on {device.type}; use 'auto' or 'fp32'")
+    return precision
+
+
+def _trainable_precision(model: torch.nn.Module, precision: str, rank: int) -> torch.nn.Module:
+    """The model in float32 if it is float64 and trains in fp32/bf16 (DeepSpeed reduces and optimizes
+    fp32 gradients then); unchanged for fp64.
 
     A float64 ``ModelConfig`` keeps its dtype: ``from_pretrained`` loads the exported fp32 weights into a float64
     model, so inference still runs in float64."""
-    if any(p.dtype == torch.float64 for p in model.parameters()):
+    if precision != "fp64" and any(p.dtype == torch.float64 for p in model.parameters()):
         if rank == 0:
-            print("foundation: training the float64 model in float32 (DeepSpeed trains fp32/bf16); "
+            print(f"foundation: training the float64 model in float32 (engine.precision: {precision}); "
                   "the exported model keeps its float64 config")
         model = model.float()
     return model
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """float64 if any floating-point parameter is float64, else float32."""
+    return torch.float64 if any(p.dtype == torch.float64 for p in model.parameters()) else torch.float32
 
 
 class Engine:
@@ -132,25 +165,25 @@ class Engine:
         from deepspeed.accelerator import get_accelerator
         accel = get_accelerator()
         self.device = torch.device(accel.device_name(int(os.environ.get("LOCAL_RANK", 0))))
-        bf16_ok = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-        precision = config.engine.precision
-        # CPU autocast runs bf16 everywhere (fast only with AVX512-BF16/AMX), so 'bf16' is honoured on CPU when
-        # asked for explicitly (it exercises the GPU code path here); 'auto' keeps fp32 on CPU.
-        if precision == "bf16" and not (bf16_ok or self.device.type == "cpu"):
-            raise ValueError(f"engine.precision: bf16 is not supported on {self.device.type}; use 'auto' or 'fp32'")
-        self.bf16 = precision == "bf16" or (precision == "auto" and bf16_ok)
+        self.precision = resolve_precision(config.engine.precision, _model_dtype(model), self.device,
+                                           config.engine.zero_stage)
+        self.bf16, self.dtype = self.precision == "bf16", torch.float64 if self.precision == "fp64" else torch.float32
         self.gas = config.engine.gradient_accumulation
         self.zero_stage, self._grad_norm = config.engine.zero_stage, float("nan")
+        # fp64: clip in float64 here (DeepSpeed's clipping computes the norm in float32)
+        self._clip = float(config.optim.grad_clip) if self.precision == "fp64" else 0.0
         ds_config = {
             "train_micro_batch_size_per_gpu": 1,        # batches are atom-budgeted: one micro-batch per call
             "gradient_accumulation_steps": self.gas,
-            "gradient_clipping": float(config.optim.grad_clip),
+            "gradient_clipping": 0.0 if self._clip else float(config.optim.grad_clip),
             "zero_optimization": {"stage": config.engine.zero_stage},
-            "bf16": {"enabled": False}, "fp16": {"enabled": False},  # weights stay fp32; bf16 = autocast
+            "bf16": {"enabled": False}, "fp16": {"enabled": False},  # weights stay fp32/fp64; bf16 = autocast
             "steps_per_print": 2**62, "wall_clock_breakdown": False,
         }
-        model = _trainable_precision(model, self.rank).to(self.device)
+        model = _trainable_precision(model, self.precision, self.rank).to(self.device)
         self.ds, _, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, config), config=ds_config)
+        if self.precision == "fp64":   # DeepSpeed's all-reduce rejects float64 gradients: ``_allreduce_fp64`` does it
+            self.ds.enable_backward_allreduce = False
         self.module = self.ds.module
 
     # --- training ---------------------------------------------------------------------------------------------
@@ -167,10 +200,34 @@ class Engine:
     def backward(self, loss: torch.Tensor) -> None:
         """Accumulate gradients of ``loss`` (already normalised for the whole global step, see module doc)."""
         boundary = self.ds.is_gradient_accumulation_boundary()
-        self.ds.backward(loss.float(), scale_wrt_gas=False)
+        self.ds.backward(loss.to(self.dtype), scale_wrt_gas=False)
+        if boundary and self.precision == "fp64":
+            self._allreduce_fp64()
         if boundary and self.zero_stage == 0:  # gradients are all-reduced now; ZeRO reports its own norm
-            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
-            self._grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            norm = torch.stack([g.detach().to(self.dtype).norm() for g in grads]).norm() if grads else None
+            self._grad_norm = 0.0 if norm is None else float(norm)
+            if self._clip and norm is not None and self._grad_norm > self._clip:   # fp64: clip here, in float64
+                for g in grads:
+                    g.mul_(self._clip / (norm + 1e-6))
+
+    def _allreduce_fp64(self) -> None:
+        """Average the float64 gradients over ranks in float64 (what DeepSpeed does for fp32 ones: sum, then
+        divide by the world size), in one flat buffer."""
+        if self.world_size == 1:
+            return
+        params = [p for p in self.module.parameters() if p.requires_grad]
+        for p in params:   # a parameter unused on this rank (an element absent from its batch) gets zeros
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat.mul_(1.0 / self.world_size)
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
 
     def step(self) -> None:
         """Advance one micro-step; at an accumulation boundary all-reduce, clip and update the weights."""

@@ -215,3 +215,10 @@ def test_the_readme_example_runs_without_foundation(tmp_path):
     atoms = bulk("Si", "diamond", a=5.43, cubic=True)
     atoms.calc = FoundationCalculator(model)
     assert abs(energy - atoms.get_potential_energy()) < 1e-10
+
+
+def test_components_of_imported_mace_models_are_refused():
+    model = make_model(max_L=0)
+    model.config.energy_form = "mace"
+    with pytest.raises(ValueError, match="energy_form"):
+        build_artifact(model)

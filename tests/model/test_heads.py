@@ -42,3 +42,28 @@ def test_shift_acts_on_condensed_atoms_and_fades_when_isolated(small_cell):
     dimer = [Atoms("Cu2", positions=[[0, 0, 0], [0, 0, d]]) for d in (3.99999, 4.00001)]
     a, b = testing.model_outputs(model, dimer)
     assert abs(a["energy"] - b["energy"]) < 1e-9  # the shift switches on smoothly at r_max
+
+
+def test_e0_sum_is_added_in_float64_whatever_the_model_dtype(ethanol):
+    """A float32 model (also one cast from float64 with .float()) keeps E0 in float64 and adds the E0 sum in
+    float64: with -31234.567891234 eV per C the float64 and float32 copies of the same weights agree to float32
+    rounding of the residual (~1e-5 eV), not of the -1e5 eV total (float32 spacing there: 8 meV)."""
+    import torch
+    from torch_geometric.data import Batch
+
+    from foundation import keys
+    from foundation.data import from_atoms
+    e0 = [-13.612345678, -31234.567891234, -40321.123456789, -4.5]
+    model64 = tiny_model(atomic_energies=e0)
+    model32 = tiny_model(atomic_energies=e0).float()
+    assert model32.dtype == torch.float32 and model32.statistics.e0.dtype == torch.float64
+    assert model32.statistics.e0[0].tolist() == e0                       # not rounded by .float()
+    batch = Batch.from_data_list([from_atoms(ethanol, 4.0, dtype=torch.float64)])
+    out64, out32 = model64(batch, compute_forces=False), model32(batch, compute_forces=False)
+    assert out32[keys.ENERGY].dtype == torch.float64 and out32[keys.NODE_ENERGY].dtype == torch.float64
+    total = float(out64[keys.ENERGY][0])
+    assert total < -6e4
+    residual = total - sum(e0[["H", "C", "O", "Cu"].index(s)] for s in ethanol.get_chemical_symbols())
+    assert abs(float(out32[keys.ENERGY][0]) - total) < 1e-5 * max(1.0, abs(residual))
+    assert abs(float(out32[keys.NODE_ENERGY].sum()) - total) < 1e-5 * max(1.0, abs(residual))
+    assert abs(np.spacing(np.float32(total))) > 1e-3                      # the rounding this avoids

@@ -33,13 +33,15 @@ def main(argv: list[str]) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--float64", action="store_true", help="a float64 model (for engine.precision fp64)")
     parser.add_argument("--overwrite", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     config = load_config(args.recipe, args.set)
     torch.manual_seed(1234)
+    model = SlowPair([28, 29], r_max=4.0)
     again = {"overwrite": True} if args.overwrite else {}   # (keeps the runner usable on code without the flag)
-    run(config, model=SlowPair([28, 29], r_max=4.0), resume=args.resume, **again)
+    run(config, model=model.double() if args.float64 else model, resume=args.resume, **again)
     return 0
 
 

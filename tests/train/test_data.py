@@ -46,6 +46,57 @@ def test_bad_paths_are_clear_errors(tmp_path):
         tdata.open_datasets(config_from_dict({}), 4.0)
 
 
+def test_float32_model_sees_residual_labels_exact_to_float32_rounding_of_the_residual(tmp_path):
+    """Large-magnitude totals (about -1e5 eV, like a 200-atom DFT cell): the training loader keeps the labels
+    float64 and a float32 model adds its E0 sum in float64, so the energy error the loss trains on is the exact
+    residual (E - sum E0) minus the model's residual, not the residual of a total rounded to float32 (4-8 meV)."""
+    import torch
+    from ase import Atoms
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.io import write
+    from torch_geometric.data import Batch
+
+    from foundation import FoundationModel, ModelConfig, keys
+    from foundation.data.convert import convert
+    from foundation.train.config import LossConfig
+    from foundation.train.loss import Loss
+    e0 = {"C": -31234.567891234, "O": -40321.123456789}
+    rng = np.random.default_rng(0)
+    frames, residuals = [], []
+    for _ in range(16):
+        atoms = Atoms("COO", positions=[[0, 0, 0], [1.16, 0, 0], [-1.16, 0, 0]] + 0.05 * rng.standard_normal((3, 3)))
+        r = float(rng.uniform(-0.5, 0.5))                 # eV: what the model has to learn
+        atoms.calc = SinglePointCalculator(atoms, energy=e0["C"] + 2 * e0["O"] + r, forces=np.zeros((3, 3)))
+        frames.append(atoms)
+        residuals.append(r)
+    write(tmp_path / "big.xyz", frames, format="extxyz")
+    ds = tdata._open(str(convert([tmp_path / "big.xyz"], tmp_path / "big", r_max=4.0, progress=False)), 4.0, 0, 0)
+    batch = Batch.from_data_list([ds[i] for i in range(len(ds))])
+    assert batch[keys.ENERGY].dtype == torch.float64                     # labels as stored
+    from foundation.data import ShardedDataset
+    item = ShardedDataset(tmp_path / "big", r_max=4.0, dtype=torch.float32)[0]   # a float32 dataset too
+    assert item[keys.POSITIONS].dtype == torch.float32 and item[keys.ENERGY].dtype == torch.float64
+    assert float(item[keys.ENERGY][0]) == frames[0].get_potential_energy()       # bit for bit from disk
+    model = FoundationModel(ModelConfig(elements=["C", "O"], num_channels=8, max_L=0, num_layers=1, max_ell=1,
+                                        correlation=2, r_max=4.0, radial_mlp=[8], readout_mlp=4, dtype="float32",
+                                        atomic_energies=[e0["C"], e0["O"]], shift=0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()                              # residual prediction exactly 0: prediction = the E0 sum
+    pred = model(batch, compute_forces=False)
+    assert model.dtype == torch.float32 and pred[keys.ENERGY].dtype == torch.float64
+    seen = (batch[keys.ENERGY] - pred[keys.ENERGY]).numpy()               # the residual the loss trains on
+    exact = np.array(residuals)
+    float32_ulp = np.spacing(np.abs(exact).astype(np.float32)).astype(np.float64)
+    assert np.all(np.abs(seen - exact) <= float32_ulp)                    # exact to float32 rounding of the residual
+    rounded_total = np.array([np.float32(a.get_potential_energy()) for a in frames], np.float64)
+    old = rounded_total - (e0["C"] + 2 * e0["O"])                         # what a float32 label gave
+    assert np.max(np.abs(old - exact)) > 100 * np.max(float32_ulp)        # the test would catch the old path
+    loss = Loss(LossConfig(coefficients={"energy": 1.0}), max_steps=1)
+    sums = loss.sums({keys.ENERGY: pred[keys.ENERGY]}, batch)
+    assert float(sums[loss.properties.index("energy")]) == pytest.approx(float(np.sum((exact / 3) ** 2)), rel=1e-9)
+
+
 def test_a_one_structure_dataset_trains_without_validation_and_says_so(tmp_path, emt_data, capsys):
     from conftest import write_emt_dataset
     from test_outdir import pair_model
