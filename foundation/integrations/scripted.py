@@ -248,7 +248,7 @@ class ShortRange(nn.Module):
             iso = model._isolated_readouts(every)[:, head]
         stats = model.statistics
         self.register_buffer("iso", iso.detach().clone())
-        self.register_buffer("e0", stats.e0[head].detach().clone())
+        self.register_buffer("e0", stats.e0[head].detach().to(stats.scale.dtype).clone())  # E0 is float64 in the model
         self.scale, self.shift = float(stats.scale[head]), float(stats.shift[head])
 
     def envelope(self, r: Tensor) -> Tensor:

@@ -148,6 +148,6 @@ def combine(outs: list[dict], graph_index: torch.Tensor, recalibration: float = 
         forces = torch.stack([o[keys.FORCES] for o in outs])                          # (K, n, 3)
         devi = ((forces - result[keys.FORCES]) ** 2).sum(-1).mean(0).sqrt()          # (n,)
         result[FORCES_UNCERTAINTY] = recalibration * devi
-        worst = torch.zeros_like(energies[0])
+        worst = torch.zeros_like(energies[0], dtype=devi.dtype)  # energies are float64 (E0), forces the model dtype
         result[MAX_DEVI_F] = worst.scatter_reduce(0, graph_index, devi, reduce="amax", include_self=False)
     return result

@@ -98,7 +98,7 @@ def test_float32_model_sees_residual_labels_exact_to_float32_rounding_of_the_res
 
 
 def test_a_one_structure_dataset_trains_without_validation_and_says_so(tmp_path, emt_data, capsys):
-    from conftest import write_emt_dataset
+    from emt_data import write_emt_dataset
     from test_outdir import pair_model
 
     from foundation.train.loop import run
