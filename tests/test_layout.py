@@ -102,5 +102,5 @@ def test_nothing_names_the_shared_folder():
 def test_test_module_names_are_unique():
     """Test folders have no __init__.py, so two test modules with one basename break collection (and a
     `from test_x import ...` would pick whichever was imported first)."""
-    names = [p.name for p in (ROOT / "tests").rglob("*.py") if p.name != "conftest.py"]
+    names = [p.name for p in (REPO / "tests").rglob("*.py") if p.name != "conftest.py"]
     assert sorted({n for n in names if names.count(n) > 1}) == []
