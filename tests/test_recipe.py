@@ -7,12 +7,13 @@ import pytest
 
 from foundation.distill.config import DistillConfig, load_distill_config
 from foundation.finetune.config import FinetuneConfig, load_finetune_config
+from foundation.learn.config import load_learn_config
 from foundation.recipe import apply_overrides, load_recipe, read_recipe
 from foundation.train.config import TrainConfig, load_config, training_keys
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 LOADERS = {"pretrain": load_config, "bench": load_config, "finetune": load_finetune_config,
-           "distill": load_distill_config}
+           "distill": load_distill_config, "learn": load_learn_config}
 
 
 def shipped() -> list[Path]:

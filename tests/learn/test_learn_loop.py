@@ -108,7 +108,10 @@ def test_selection_window_and_diverse_pick():
 
 
 def _start(tmp_path: Path, extra: list[str], log: Path) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+    from foundation.train.engine import LAUNCHER_VARIABLES
+    inherited = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # an earlier in-process test's
+    # MASTER_PORT would be shared by the killed run and its resumption (EADDRINUSE while the first port lingers)
+    env = {**inherited, "PYTHONPATH": f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "LEARN_TEST_LOG": str(log), "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     return subprocess.Popen([sys.executable, "-m", "foundation.cli", "learn", str(tmp_path / "r.yaml"), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
