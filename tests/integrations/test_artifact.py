@@ -198,12 +198,12 @@ def test_cli_export_and_the_torch_only_example_without_foundation(tmp_path, caps
 
 
 @pytest.mark.slow
-def test_the_readme_example_runs_without_foundation(tmp_path):
-    """README's torch-only block (``python -c '...'``), run where neither foundation nor e3nn can be imported, on a
-    Si model exported as model.pt: its energy is the calculator's to 1e-10 eV (float64)."""
+def test_the_deploy_page_example_runs_without_foundation(tmp_path):
+    """docs/deploy.md's torch-only block, run where neither foundation nor e3nn can be imported, on a Si model
+    exported as model.pt: its energy is the calculator's to 1e-10 eV (float64)."""
     import re
-    text = (ROOT / "README.md").read_text()
-    (code,) = [c for c in re.findall(r"python -c '(.*?)'\n```", text, flags=re.S) if 'torch.jit.load("model.pt")' in c]
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    (code,) = [c for c in re.findall(r"```python\n(.*?)```", text, flags=re.S) if 'torch.jit.load("model.pt")' in c]
     model = make_model(max_L=0)
     export_torchscript(model, tmp_path / "model.pt")
     (tmp_path / "example.py").write_text(code)
