@@ -151,13 +151,12 @@ def md(model: str, structure: str | Path, steps: int, temperature_k: float, ense
        model_class: type | None = None) -> MDSummary:
     """``foundation md``: load ``model`` (Hub id or directory) and ``structure`` (any ASE-readable file, last
     frame), run MD, write ``trajectory`` (default STRUCTURE_STEM.md.traj) and ``log`` (default .md.log)."""
-    from ase.io import read
-
     from .calculator import FoundationCalculator
+    from .data.readers import read_atoms
     structure = Path(structure)
     if not structure.is_file():
         raise FileNotFoundError(f"structure file {structure} not found")
-    atoms = read(str(structure))
+    (atoms,) = read_atoms(structure, -1)
     stem = structure.with_suffix("")
     trajectory = trajectory or f"{stem}.md.traj"
     log = log or f"{stem}.md.log"

@@ -66,7 +66,7 @@ def li_split(n_frames: int, sizes: list[int], n_valid: int, seed: int) -> dict[s
 def prepare_data(a, data: Path, work: Path) -> dict:
     """Convert every dataset of the study; returns {"pretrain": {dir: head}, target: {"train": {n: dir},
     "valid": dir, "test": dir}}."""
-    from ase.io import read
+    from foundation.data.readers import read_atoms as read
     pre = {}
     for el in SOLIDS:
         frames = read(str(data / "mlearn" / f"{el}_train.xyz.xz"), ":")

@@ -77,10 +77,11 @@ def labelled_copy(atoms, stress: bool):
 
 def write_splits(system: str, data_dir: Path, out: Path, quick: bool, seed: int = 0) -> dict[str, Path]:
     """train.xyz / valid.xyz / test.xyz of ``system`` in ``out`` (seeded split of the train file)."""
-    from ase.io import read, write
+    from ase.io import write
+
+    from foundation.data.readers import read_atoms
     train_file, test_file, n_valid, _, stress = SYSTEMS[system]
-    frames = read(str(data_dir / train_file), ":")
-    test = read(str(data_dir / test_file), ":")
+    frames, test = read_atoms(data_dir / train_file), read_atoms(data_dir / test_file)
     perm = np.random.default_rng(seed).permutation(len(frames))
     n_train = TRAIN_FRAMES[system] or len(frames) - n_valid
     if quick:

@@ -57,12 +57,11 @@ def workspace(tmp_path_factory):
 
 def _bench_data(root: Path) -> None:
     """What scripts/bench_accuracy.py converts before it runs the bench recipes (here 12 + 4 frames)."""
-    from ase.io import read
-
     from foundation.data.convert import convert
+    from foundation.data.readers import read_atoms
     for name, source in (("bench_rmd17", "rmd17/rmd17_ethanol_train_01.xyz.xz"), ("bench_mlearn_si",
                                                                                    "mlearn/Si_train.xyz.xz")):
-        frames = read(str(REPO / "data" / source), ":16")
+        frames = read_atoms(REPO / "data" / source, ":16")
         for split, part in (("train", frames[:12]), ("valid", frames[12:])):
             work = root / "runs" / name / f"{split}.xyz"
             work.parent.mkdir(parents=True, exist_ok=True)

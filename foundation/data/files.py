@@ -16,11 +16,10 @@ class AtomsDataset(torch.utils.data.Dataset):
     """Structures of an ASE-readable file as graphs at ``r_max`` (Å), labels included; ``natoms`` per structure."""
 
     def __init__(self, path: str | Path, r_max: float, dtype: torch.dtype | None = None, head: int = 0):
-        from ase.io import read
-
         from .graph import from_atoms
+        from .readers import read_atoms
         path = Path(path)
-        frames = read(str(path), ":")
+        frames = read_atoms(path)
         if not frames:
             raise ValueError(f"{path} holds no structures")
         self.items = [from_atoms(a, r_max=r_max, dtype=dtype, head=head) for a in frames]

@@ -8,7 +8,8 @@
 - everything else ASE reads (VASP OUTCAR/vasprun.xml, CIF, ...): ``ase.io.iread``.
 
 ``iter_structures(path)`` yields ``(index, atoms_or_error)``: an ``Exception`` in place of the atoms is a
-record that could not be parsed (the caller decides whether to stop or skip it).
+record that could not be parsed (the caller decides whether to stop or skip it). ``read_atoms(path, index)`` is
+``ase.io.read`` for code that wants a list (recipes' structure files, test sets), fast on compressed files.
 """
 from __future__ import annotations
 
@@ -42,6 +43,31 @@ def iter_structures(path: str | os.PathLike) -> Iterator[tuple[int, Atoms | Exce
         yield from _iter_db(path, DB_SUFFIXES[suffix])
     else:
         yield from _iter_ase(path)
+
+
+def read_atoms(path: str | os.PathLike, index: str | int | slice = ":") -> list[Atoms]:
+    """``ase.io.read(path, index)`` as a list (an int index gives one structure), for any format ASE reads.
+
+    A ``.gz``/``.bz2``/``.xz`` file is decompressed once into a temporary file first: ASE seeks inside the
+    compressed stream, and every backward seek decompresses from the start (a 1000-frame ``.xyz.xz`` took 57 s
+    instead of 0.4 s)."""
+    import tempfile
+
+    import ase.io
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"structure file {path} not found; check the path")
+    opener = _OPENERS.get(path.suffix.lower())
+    if opener is None:
+        frames = ase.io.read(str(path), index)
+    else:
+        with tempfile.TemporaryDirectory(prefix="foundation-read-") as tmp:
+            plain = Path(tmp) / path.stem                       # the name without .xz: ASE guesses the format
+            with opener(path, "rb") as src, open(plain, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+            frames = ase.io.read(str(plain), index)
+    return [frames] if isinstance(frames, Atoms) else list(frames)
 
 
 def _iter_extxyz(path: Path, opener=open) -> Iterator[tuple[int, Atoms | Exception]]:

@@ -48,11 +48,11 @@ def evenly(items: list, limit: int | None) -> list:
 
 def read_structures(paths: list[str], limit: int | None, what: str) -> list[Atoms]:
     """All frames of the existing ``paths`` (ASE-readable; labels kept on ``atoms.calc``), evenly thinned."""
-    from ase.io import read
+    from ..data.readers import read_atoms
     frames = []
     for p in paths:
         try:
-            frames.extend(read(p, ":"))
+            frames.extend(read_atoms(p))
         except Exception as exc:
             raise ValueError(f"{what} file {p!r} could not be read by ASE ({exc}); give an extxyz/db/... file") from exc
     return evenly(frames, limit)

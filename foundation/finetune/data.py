@@ -59,11 +59,12 @@ def prepare_paths(paths: list[str], cache_dir: Path, r_max: float) -> list[str]:
 def _select_frames(path: Path, index: str, target: Path) -> Path:
     """Frames ``ase.io.read(path, index)`` written to an ASE db ``target`` (exact floats); re-used if present."""
     from ase.db import connect
-    from ase.io import read
+
+    from ..data.readers import read_atoms
     if target.is_file():
         return target
     try:
-        frames = read(str(path), index)
+        frames = read_atoms(path, index)
     except (ValueError, IndexError) as exc:
         raise ValueError(f"cannot select frames {index!r} of {path}: {exc}; use Python slice syntax, e.g. :100 "
                          "or ::10") from exc

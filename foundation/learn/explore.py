@@ -20,13 +20,14 @@ def build_structures(entries: list[Any], where: str = "structures") -> list[Atom
     from pathlib import Path
 
     from ase.build import bulk
-    from ase.io import read
+
+    from ..data.readers import read_atoms
     out = []
     for i, entry in enumerate(entries):
         if isinstance(entry, str):
             if not Path(entry).is_file():
                 raise FileNotFoundError(f"recipe key '{where}[{i}]': structure file {entry!r} not found")
-            frames = read(entry, ":")
+            frames = read_atoms(entry)
             out += [Atoms(numbers=a.numbers, positions=a.positions, cell=a.cell, pbc=a.pbc) for a in frames]
             continue
         if not isinstance(entry, dict) or "bulk" not in entry:

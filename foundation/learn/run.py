@@ -85,11 +85,11 @@ def check_elements(base, structures: list[Atoms], source: str) -> None:
 
 def test_set(config: LearnConfig, teacher, structures: list[Atoms], out: Path, log: Log) -> list[Atoms]:
     """Held-out labelled frames (``test.files`` + labeller MD), cached in ``out/test.extxyz``."""
-    from ase.io import read
+    from ..data.readers import read_atoms
     path = out / "test.extxyz"
     if path.is_file():
         return read_frames(path)
-    frames = [a for f in config.test.files for a in read(f, ":")]
+    frames = [a for f in config.test.files for a in read_atoms(f)]
     if config.test.md_frames:
         t0 = time.perf_counter()
         frames += labeller_md(structures, teacher.calculator, config.test.temperatures, config.test.md_frames,

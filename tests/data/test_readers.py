@@ -7,7 +7,7 @@ from data_helpers import emt_frames
 
 from foundation import keys
 from foundation.data.labels import read_labels
-from foundation.data.readers import iter_structures
+from foundation.data.readers import iter_structures, read_atoms
 
 
 def _same(a, b):
@@ -114,3 +114,24 @@ def test_compressed_extxyz_is_streamed_frame_by_frame(tmp_path, emt_xyz, suffix)
     assert len(got) == len(frames) and isinstance(got[0][1], ValueError) and "Zz" in str(got[0][1])
     for (_, a), b in zip(got[1:], frames[1:]):
         _same(a, b)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz", ".xz", ".bz2"])
+def test_read_atoms_is_ase_read_as_a_list_also_compressed(emt_xyz, tmp_path, suffix):
+    """read_atoms decompresses .gz/.xz/.bz2 once (ASE's own read seeks inside the compressed stream, quadratic in
+    the file's length) and selects with ASE's index syntax; an int index gives a list of one."""
+    import bz2
+    import gzip
+    import lzma
+    path, frames = emt_xyz
+    opener = {"": open, ".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}[suffix]
+    target = tmp_path / f"frames.xyz{suffix}"
+    with opener(target, "wb") as fh:
+        fh.write(path.read_bytes())
+    for index, want in ((":", frames), ("1:20:4", frames[1:20:4]), (-1, frames[-1:]), ("::-7", frames[::-7])):
+        got = read_atoms(target, index)
+        assert isinstance(got, list) and len(got) == len(want)
+        for a, b in zip(got, want):
+            _same(a, b)
+    with pytest.raises(FileNotFoundError, match="missing.xyz.xz"):
+        read_atoms(tmp_path / "missing.xyz.xz")
