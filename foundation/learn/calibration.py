@@ -24,12 +24,14 @@ _P_GRID = np.linspace(0.0, 1.0, 101)
 _TINY = 1e-12   # eV/Å: floor of sigma (members that agree to the last bit)
 
 
-def force_errors(committee, structures, dtype: str = "float64", max_atoms: int = 1024) -> tuple[np.ndarray, ...]:
+def force_errors(committee, structures, dtype: str = "float64", max_atoms: int = 1024,
+                 head: str | None = None) -> tuple[np.ndarray, ...]:
     """(sigma (n,), error (n,), components (n,3) of mean - true) in eV/Å over all atoms of ``structures``
-    (ASE Atoms with reference forces from their calculator or ``arrays['forces']``), using a committee calculator."""
+    (ASE Atoms with reference forces from their calculator or ``arrays['forces']``), using a committee calculator
+    on readout ``head`` (default: the first)."""
     from ..calculator import FoundationCalculator
     from ..data.labels import read_labels
-    calc = FoundationCalculator(committee, dtype=dtype)
+    calc = FoundationCalculator(committee, head=head, dtype=dtype)
     results = calc.calculate_many(list(structures), max_atoms=max_atoms)
     sigma, diff = [], []
     for atoms, res in zip(structures, results):
@@ -87,13 +89,14 @@ def calibration_report(sigma: np.ndarray, error: np.ndarray, components: np.ndar
             "force_mae": float(np.mean(np.abs(components))), "mean_uncertainty": float(np.mean(scaled))}
 
 
-def calibrate(committee, validation, test, plot: str | Path | None = None) -> dict:
+def calibrate(committee, validation, test, plot: str | Path | None = None, head: str | None = None) -> dict:
     """Fit the recalibration factor on ``validation`` structures, store it in ``committee`` and report the
-    calibration on ``test`` before and after: {"raw": report, "recalibrated": report}; ``plot`` writes a PNG."""
+    calibration on ``test`` before and after: {"raw": report, "recalibrated": report}; ``plot`` writes a PNG;
+    ``head``: the readout head measured (default: the first)."""
     committee.set_recalibration(1.0)
-    s_val, e_val, _ = force_errors(committee, validation)
+    s_val, e_val, _ = force_errors(committee, validation, head=head)
     factor = fit_recalibration(s_val, e_val)
-    sigma, error, comps = force_errors(committee, test)
+    sigma, error, comps = force_errors(committee, test, head=head)
     result = {"raw": calibration_report(sigma, error, comps), "recalibrated":
               calibration_report(sigma, error, comps, factor)}
     committee.set_recalibration(factor)

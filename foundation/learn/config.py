@@ -8,7 +8,11 @@ top, as in every recipe: ``max_steps``, ``optim``, ``loss``, ``data.max_atoms`` 
   and a seeded random substitution of that fraction of the atoms).
 - ``labeller``: any ASE calculator: ``{calculator: emt | gfn2-xtb | pyscf | sevennet-0 | module:ClassOrFactory,
   kwargs: {...}}`` (the distillation teacher code labels and caches).
-- ``committee``: size K (>= 2) and how members differ (seed, data order, ``head_init``).
+- ``committee``: size K (>= 2), how members differ (seed, data order, ``head_init``) and, with ``replay``, the
+  ``head`` the labels train (default ``learn``).
+- ``replay``: optional (``foundation.finetune``'s ``ReplaySection``): every member fine-tunes with strategy replay,
+  a new head ``committee.head`` on the labels and the base head on a replay sample of the base's data
+  (``replay.data``; a base built by ``base.build`` replays its own training data when ``replay.data`` is empty).
 - ``init``: rattled copies of the structures labelled before the first committee is trained.
 - ``explore``: ASE MD (nvt: Langevin; npt: isotropic MTK) over ``temperatures`` x ``pressures`` from every structure.
 - ``select``: ``trust_lo <= max_devi_f < trust_hi`` (eV/Å) are candidates, at most ``max_per_iteration`` picked
@@ -25,6 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..card import is_repo_id
+from ..finetune.config import ReplaySection
 from ..recipe import check, load_recipe
 from ..train.config import TrainConfig
 
@@ -58,9 +63,13 @@ class LearnBaseSection:
 @dataclass
 class CommitteeSection:
     """``size`` K full models fine-tuned from the base with seeds seed*1000 + k (data order, and the readout when
-    ``head_init: random``: a fresh readout per member, so members disagree away from the labels)."""
+    ``head_init: random``: a fresh readout per member, so members disagree away from the labels). ``head``: with
+    ``replay``, the name of the new head the labels train (default ``learn``; the base head keeps the replay data);
+    exploration, selection, the test metrics and the saved committee use it. Without ``replay`` the members
+    fine-tune the base head in place and ``head`` must stay empty."""
     size: int = 4
     head_init: Literal["copy", "random"] = "random"
+    head: str | None = None
 
 
 @dataclass
@@ -127,6 +136,13 @@ class LearnConfig(TrainConfig):
     select: SelectSection = field(default_factory=SelectSection)
     stop: StopSection = field(default_factory=StopSection)
     test: TestSection = field(default_factory=TestSection)
+    replay: ReplaySection | None = None
+
+    @property
+    def head(self) -> str | None:
+        """The head the labels train and the loop uses: ``committee.head`` with replay, else ``base.head``
+        (None: the base's first head)."""
+        return self.committee.head if self.replay is not None else self.base.head
 
     @classmethod
     def from_dict(cls, values: dict) -> LearnConfig:
@@ -163,6 +179,24 @@ class LearnConfig(TrainConfig):
         check(self.init.rattle_copies >= 0, "init.rattle_copies", "must be >= 0")
         check(self.test.md_frames >= 0, "test.md_frames", "must be >= 0")
         check(self.threads is None or self.threads >= 1, "threads", "must be >= 1 (or null: torch's default)")
+        return self._validate_replay()
+
+    def _validate_replay(self) -> LearnConfig:
+        """``replay`` and ``committee.head`` (the base head's name is checked again once the base is loaded)."""
+        r, c = self.replay, self.committee
+        if r is None:
+            check(not c.head, "committee.head", f"({c.head!r}) names the new head of replay fine-tuning; without a "
+                  "replay: section the members fine-tune the base head in place: add replay: or remove it")
+            return self
+        c.head = c.head or "learn"
+        check(bool(r.data) or self.base.build is not None, "replay.data", "is empty: give the base's pretraining "
+              "data (dataset directories or ASE-readable files) to replay; only a base built by base.build replays "
+              "its own training data by default")
+        check(c.head != self.base.head, "committee.head", f"({c.head!r}) is the base head: replay trains a new "
+              "head on the labels beside the base head; name it differently (e.g. committee.head: learn)")
+        check(0.0 < r.weight < 1.0, "replay.weight", f"is the fraction of replayed structures, in (0, 1); got "
+              f"{r.weight}")
+        check(r.samples >= 0, "replay.samples", "must be >= 0 (0 = all structures)")
         return self
 
 

@@ -70,16 +70,22 @@ def label(config: LearnConfig, teacher, frames: list[Atoms], cache_dir: Path, lo
 
 # --- committee training ------------------------------------------------------------------------------------------
 def member_config(config: LearnConfig, base_dir: str, datasets: list[str], out_dir: Path, seed: int):
-    """The ``FinetuneConfig`` of one member: the recipe's training keys on ``datasets`` (all labels so far), the
-    base fine-tuned in place (full), its readout copied or fresh (``committee.head_init``), E0 refitted."""
+    """The ``FinetuneConfig`` of one member: the recipe's training keys on ``datasets`` (all labels so far), E0
+    refitted, the readout copied or fresh (``committee.head_init``). Without ``replay`` the base is fine-tuned in
+    place (strategy full); with it, strategy replay: a new head ``committee.head`` on the labels and the base head
+    on a sample of ``replay.data`` (which must be resolved by then: ``run.resolve_replay``)."""
     from ..finetune.config import FinetuneConfig
     values = to_dict(training_keys(config))
     values.pop("model")
     values["data"].update(train=list(datasets), heads=None, weights=None)
-    values.update(out_dir=str(out_dir), seed=int(seed),
-                  base={"model": str(base_dir), "revision": None, "head": config.base.head},
-                  finetune={"strategy": "full", "head_init": config.committee.head_init, "add_elements": False,
-                            "cache_dir": str(out_dir / "data")})
+    finetune = {"strategy": "full", "head_init": config.committee.head_init, "add_elements": False,
+                "cache_dir": str(out_dir / "data")}
+    if config.replay is not None:
+        finetune.update(strategy="replay", head=config.committee.head)
+        values["replay"] = to_dict(config.replay)
+    values.update(out_dir=str(out_dir), seed=int(seed), finetune=finetune,
+                  base={"model": str(base_dir), "revision": config.base.revision if config.base.model else None,
+                        "head": config.base.head})
     return FinetuneConfig.from_dict(values)
 
 
@@ -119,10 +125,19 @@ def load_or_train_committee(config, base_dir, datasets, directory: Path, log) ->
     tmp = directory / "model.partial"
     shutil.rmtree(tmp, ignore_errors=True)
     committee.save_pretrained(tmp, description=f"A committee of {config.committee.size} models fine-tuned by "
-                              "`foundation learn`; its calculator reports energy_uncertainty, forces_uncertainty "
-                              "and max_devi_f.")
+                              f"`foundation learn`{replayed(config)}; its calculator reports energy_uncertainty, "
+                              "forces_uncertainty and max_devi_f.")
     os.replace(tmp, saved)
     return committee, seconds
+
+
+def replayed(config: LearnConfig) -> str:
+    """A card phrase: which head the labels trained and what the base head replayed ('' without replay)."""
+    if config.replay is None:
+        return ""
+    r = config.replay
+    return (f" (head `{config.committee.head}` on the labels; the base head on a replay sample of "
+            f"{r.samples or 'all'} structures of {', '.join(map(str, r.data))}, weight {r.weight:g})")
 
 
 # --- test error ---------------------------------------------------------------------------------------------------

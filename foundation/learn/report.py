@@ -11,11 +11,14 @@ from .loop import write_json
 
 def finish(config, out: Path, committee, rows: list[dict], test: list, zero_shot: dict | None, log) -> dict:
     """Save the final committee to ``out/model`` and write the report; returns the report dict:
-    {"iterations": rows, "labels_total", "base_zero_shot", "calibration", "model", "converged"}."""
+    {"iterations": rows, "labels_total", "base_zero_shot", "calibration", "model", "converged", "head" (the head
+    the labels trained and every test metric measured), "replay" (the replay section, or None)}."""
+    from ..recipe import to_dict
     from .calibration import calibrate
+    from .loop import replayed
     calibration = None
     if len(test) >= 2:
-        calibration = calibrate(committee, test[0::2], test[1::2], plot=out / "calibration.png")
+        calibration = calibrate(committee, test[0::2], test[1::2], plot=out / "calibration.png", head=config.head)
         calibration["fitted_on"], calibration["reported_on"] = len(test[0::2]), len(test[1::2])
         log(f"recalibration factor {committee.config.recalibration:.3g} (fitted on {len(test[0::2])} test frames); "
             f"on the other {len(test[1::2])}: Spearman {calibration['recalibrated']['spearman']:.3f}, "
@@ -27,12 +30,14 @@ def finish(config, out: Path, committee, rows: list[dict], test: list, zero_shot
                               if test else None,
                               description=f"A committee of {committee.config.size} models trained by `foundation "
                               f"learn` ({len(rows) - 1} iterations, {_labels(rows)} labels from "
-                              f"{config.labeller.get('calculator')}); its calculator reports energy_uncertainty, "
-                              "forces_uncertainty and max_devi_f.")
+                              f"{config.labeller.get('calculator')}){replayed(config)}; its calculator reports "
+                              "energy_uncertainty, forces_uncertainty and max_devi_f.")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     report = {"iterations": rows, "labels_total": _labels(rows), "base_zero_shot": zero_shot,
-              "calibration": calibration, "model": str(final), "converged": bool(rows[-1].get("converged"))}
+              "calibration": calibration, "model": str(final), "converged": bool(rows[-1].get("converged")),
+              "head": config.head or committee.config.heads[0],
+              "replay": to_dict(config.replay) if config.replay is not None else None}
     write_json(out / "learn_report.json", report)
     plot_report(report, out / "learn_report.png")
     return report

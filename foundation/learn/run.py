@@ -44,24 +44,25 @@ def prepare_out_dir(config: LearnConfig, resume: bool, overwrite: bool) -> Path:
     return out
 
 
-def ensure_base(config: LearnConfig, teacher, structures: list[Atoms], out: Path, log: Log) -> str:
-    """The base model's directory (or Hub id): ``base.model``, or ``out/base/model`` trained from scratch."""
+def ensure_base(config: LearnConfig, teacher, structures: list[Atoms], out: Path, log: Log) -> tuple:
+    """(the base model's directory or Hub id, its training data directory or None): ``base.model``, or
+    ``out/base/model`` trained from scratch on labeller data (cached in ``out/labels``, reused on resume)."""
     if config.base.build is None:
-        return config.base.model
+        return config.base.model, None
     from ..distill.label_cache import build_label_cache
     from ..distill.structures import ConfigurationSettings
     from ..train.config import TrainConfig
     from ..train.loop import run
     b = config.base.build
     model_dir = out / "base" / "model"
-    if (model_dir / "config.json").is_file():
-        return str(model_dir)
     seeds = build_structures(b.structures, "base.build.structures") if b.structures else structures
     settings = ConfigurationSettings(temperatures=b.temperatures, md_steps=b.md_steps, md_interval=b.md_interval,
                                      rattle_copies=b.rattle_copies, rattle_stdev=b.rattle_stdev, strain_copies=0,
                                      seed=config.seed)
     data = build_label_cache(teacher, seeds, settings, out / "labels", hvp_vectors=0, seed=config.seed,
                              stress=False, r_max=6.0, log=None)
+    if (model_dir / "config.json").is_file():
+        return str(model_dir), str(data)
     log(f"base: training a {b.preset} model from scratch on {data} ({b.max_steps} steps)")
     t = TrainConfig.from_dict({
         "out_dir": str(out / "base"), "seed": config.seed, "max_steps": b.max_steps, "log_every": 50,
@@ -70,7 +71,29 @@ def ensure_base(config: LearnConfig, teacher, structures: list[Atoms], out: Path
         "model": {"preset": b.preset, "overrides": b.overrides}, "optim": {"lr": b.lr},
         "engine": {"precision": "fp32"}})
     run(t, resume=(out / "base" / "checkpoints").is_dir())
-    return str(model_dir)
+    return str(model_dir), str(data)
+
+
+def resolve_replay(config: LearnConfig, base, base_data: str | None, log: Log) -> LearnConfig:
+    """With ``replay``: a copy of ``config`` whose ``replay.data`` is set (empty: the built base's own training
+    data ``base_data``), after checking, before any MD, that ``committee.head`` is a new head of ``base`` and
+    that every replay path exists (ValueError / FileNotFoundError)."""
+    import dataclasses
+    r = config.replay
+    if r is None:
+        return config
+    if config.committee.head in base.config.heads:
+        raise ValueError(f"recipe key 'committee.head' ({config.committee.head!r}) is already a head of the base "
+                         f"model (heads {base.config.heads}); replay trains a new head on the labels: name another")
+    data = list(r.data) or [base_data]
+    missing = [d for d in data if not (Path(d).exists() or Path(d.partition("@")[0]).exists())]   # FILE@INDEX
+    if missing:
+        raise FileNotFoundError(f"replay.data {missing} not found; give dataset directories or ASE-readable files "
+                                "of the base's pretraining data")
+    base_head = config.base.head or base.config.heads[0]
+    log(f"replay: head {config.committee.head!r} learns the labels, head {base_head!r} replays "
+        f"{r.samples or 'all'} structures of {data} (weight {r.weight:g})")
+    return dataclasses.replace(config, replay=dataclasses.replace(r, data=data))
 
 
 def check_elements(base, structures: list[Atoms], source: str) -> None:
@@ -106,7 +129,8 @@ def explored(config: LearnConfig, committee, structures, directory: Path, seed: 
     if path.is_file() and meta.is_file():
         return read_frames(path), json.loads(meta.read_text())["seconds"]
     t0 = time.perf_counter()
-    frames = explore(structures, FoundationCalculator(committee, dtype="float32"), config.explore, seed, log)
+    calc = FoundationCalculator(committee, head=config.head, dtype="float32")
+    frames = explore(structures, calc, config.explore, seed, log)
     seconds = time.perf_counter() - t0
     write_frames(path, frames)
     write_json(meta, {"seconds": seconds})
@@ -143,14 +167,14 @@ def iteration(config, i, committee, teacher, structures, datasets, base_dir, tes
                          f"labeller {config.labeller} (errors: {labels['failed'][:3]})")
     if labels["labelled"] == 0 and committee is not None:
         row["training_s"] = 0.0
-        return _with_test(row, committee, test), committee, datasets
+        return _with_test(row, committee, test, config.head), committee, datasets
     committee, row["training_s"] = load_or_train_committee(config, base_dir, datasets, directory / "committee", log)
-    return _with_test(row, committee, test), committee, datasets
+    return _with_test(row, committee, test, config.head), committee, datasets
 
 
-def _with_test(row: dict, committee, test: list[Atoms]) -> dict:
+def _with_test(row: dict, committee, test: list[Atoms], head: str | None) -> dict:
     if test:
-        row["test"] = test_metrics(committee, test)
+        row["test"] = test_metrics(committee, test, head=head)
     return row
 
 
@@ -181,9 +205,10 @@ def _loop(config: LearnConfig, out: Path, teacher, structures: list, log: Log) -
     from ..model import FoundationModel
     from .committee import CommitteeModel
     from .report import finish
-    base_dir = ensure_base(config, teacher, structures, out, log)
+    base_dir, base_data = ensure_base(config, teacher, structures, out, log)
     base = FoundationModel.from_pretrained(base_dir, revision=config.base.revision if config.base.model else None)
     check_elements(base, structures, base_dir)
+    config = resolve_replay(config, base, base_data, log)
     test = test_set(config, teacher, structures, out, log)
     rows, datasets, committee = [], [], None
     for i in range(config.stop.max_iterations + 1):
