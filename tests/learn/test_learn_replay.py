@@ -39,20 +39,19 @@ def test_replay_defaults():
     assert LearnConfig.from_dict(recipe(Path("/nonexistent"))).head is None
 
 
-@pytest.mark.parametrize("sections, error, message", [
-    ({"committee": {"size": 2, "head": "default"}}, ValueError, "already a head of the base"),
-    ({"replay": {"data": ["nowhere/base-data"]}}, FileNotFoundError, "nowhere/base-data"),
+@pytest.mark.parametrize("head, data, error, message", [
+    ("default", "base", ValueError, "already a head of the base"),
+    (None, "nowhere/base-data", FileNotFoundError, "nowhere/base-data"),
 ])
-def test_replay_errors_come_before_md(tmp_path, monkeypatch, sections, error, message):
+def test_replay_errors_come_before_md(tmp_path, monkeypatch, head, data, error, message):
     from foundation.learn import run
     tiny_model(0).save_pretrained(tmp_path / "base")   # heads ['default']
     monkeypatch.setattr(run, "explore", lambda *a, **k: pytest.fail("MD ran"))
     monkeypatch.setattr(run, "test_set", lambda *a, **k: pytest.fail("labeller MD ran"))
-    values = {"replay": {"data": [str(tmp_path / "base")]}, "base": {"model": str(tmp_path / "base")}, **sections}
-    if "data" in values["replay"] and "nowhere" in values["replay"]["data"][0]:
-        values["replay"]["data"] = [str(tmp_path / "nowhere/base-data")]
+    c = config(tmp_path, replay={"data": [str(tmp_path / data)]}, base={"model": str(tmp_path / "base")},
+               committee={"size": 2, "head": head})
     with pytest.raises(error, match=message):
-        run.learn(config(tmp_path, **values), log=lambda _: None)
+        run.learn(c, log=lambda _: None)
 
 
 @pytest.fixture(scope="module")
