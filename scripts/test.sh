@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
 # Run the test suite (sets up .venv first if needed). Extra arguments go to pytest.
+# Tests run in TEST_WORKERS processes (pytest-xdist, default 2: this project's CI machine has 2 cores); a module's
+# tests stay in one worker, so module-scoped fixtures are built once. TEST_WORKERS=0 runs everything in-process.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-exec .venv/bin/python -m pytest -q --durations=20 "$@"
+export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+workers=${TEST_WORKERS:-2}
+parallel=()
+[ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadscope)
+exec .venv/bin/python -m pytest -q -rs --durations=25 "${parallel[@]}" "$@"

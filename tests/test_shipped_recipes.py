@@ -20,7 +20,7 @@ QUICK = ["max_steps=2", "valid_every=2", "checkpoint_every=2", "log_every=1", "p
 SMALL_DISTILL = ["configurations.md_steps=0", "configurations.rattle_copies=1", "configurations.strain_copies=1",
                  "onpolicy.md_steps=4", "onpolicy.interval=2", "onpolicy.seeds=1", "onpolicy.pick=2",
                  "onpolicy.steps=1", "report.speed_steps=2", "report.speed_repeats=1", "report.nve_steps=2",
-                 "seeds.max_structures=2", "seeds.max_reference=2"]
+                 "seeds.max_structures=2", "seeds.max_reference=1", "labels.hvp_vectors=1", "onpolicy.pick=1"]
 SMALL_LEARN = ["base.build.max_steps=2", "base.build.md_steps=0", "base.build.rattle_copies=1", "committee.size=2",
                "init.rattle_copies=0", "explore.steps=4", "explore.interval=2", "explore.temperatures=[600.0]",
                "stop.max_iterations=1", "test.md_frames=2"]
