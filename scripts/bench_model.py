@@ -64,8 +64,8 @@ def aspirin_frames(data_dir: Path, count: int) -> tuple[list[Atoms], str]:
     """
     path = Path(data_dir) / ASPIRIN_FILE
     if path.is_file():
-        from ase.io import read
-        frames = read(path, f"::{max(1, 1000 // count)}")[:count]
+        from foundation.data.readers import read_atoms
+        frames = read_atoms(path, f"::{max(1, 1000 // count)}")[:count]
         out = [Atoms(a.numbers, a.positions) for a in frames]
         for a, b in zip(frames, out):
             b.info["energy"], b.arrays["forces"] = float(a.get_potential_energy()), np.array(a.get_forces())

@@ -24,6 +24,6 @@ pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || { echo "[setup] installing deepspeed"; DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed; }
 echo "[setup] installing foundation and its dependencies"
 # the constraint keeps every extra (torch-sim, sevenn, ...) on the torch installed above
-pip_install -e ".[test,xtb,distill,torchsim,docs]" --constraint <(echo "$TORCH_SPEC")
+pip_install -e ".[test,xtb,dft,distill,torchsim,docs]" --constraint <(echo "$TORCH_SPEC")
 echo "$WANT" > "$STAMP"
 echo "[setup] done: $VENV/bin/foundation --help"

@@ -23,7 +23,7 @@ def cu_au_32() -> Atoms:
     return atoms
 
 
-def nve_energy_deviation(calc: FoundationCalculator, steps: int = 1000, timestep_fs: float = 1.0) -> float:
+def nve_energy_deviation(calc: FoundationCalculator, steps: int = 500, timestep_fs: float = 1.0) -> float:
     """max_t |Etot(t) - Etot(0)| / N (eV/atom) over an NVE run of the 32-atom cell from 300 K."""
     atoms = cu_au_32()
     atoms.calc = calc
@@ -48,7 +48,7 @@ class ScaledForces(FoundationCalculator):
 @pytest.mark.slow
 def test_nve_conserves_energy_with_a_small_float64_foundation_model():
     deviation = nve_energy_deviation(FoundationCalculator(foundation_model(), dtype="float64"))
-    print(f"NVE 32 atoms, 1 fs, 1000 steps: max |Etot - Etot(0)| = {deviation:.3g} eV/atom")
+    print(f"NVE 32 atoms, 1 fs, 500 steps: max |Etot - Etot(0)| = {deviation:.3g} eV/atom")
     assert deviation < 1e-4
 
 
