@@ -202,7 +202,8 @@ def card_metrics(report: dict) -> dict:
 
 
 def export(config, student, teacher, report: dict, datasets: list[str], has_gt: bool, out: Path) -> Path:
-    """``out/report.json`` and ``out/model`` (``save_pretrained``; the card names the teacher and its revision)."""
+    """``out/report.json`` and ``out/model`` (``save_pretrained``; the card names the teacher and its revision and
+    carries the teacher model's license, e.g. an imported MACE model's)."""
     from ..data.manifest import read_manifest
     t = report["teacher"]
     rows = []
@@ -226,7 +227,7 @@ def export(config, student, teacher, report: dict, datasets: list[str], has_gt: 
     desc += " Full report: `distill_report.json`."
     target = out / "model"
     student.save_pretrained(target, metrics=card_metrics(report), datasets=rows, description=desc,
-                            repo_id=config.name)
+                            repo_id=config.name, license=teacher.license)
     text = json.dumps(report, indent=2, default=_json_default) + "\n"
     (target / "distill_report.json").write_text(text)
     (out / "report.json").write_text(text)

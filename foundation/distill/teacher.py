@@ -90,6 +90,7 @@ class Teacher:
     """Base class: ``label``, ``calculator`` (an ASE calculator for MD) and ``describe()`` (model card / cache)."""
 
     kind = "teacher"
+    license: str | None = None   # the teacher weights' license, inherited by the student's card (when known)
 
     def __init__(self, spec: Mapping[str, Any], name: str, revision: str):
         self.spec, self.name, self.revision = dict(spec), name, revision
@@ -200,6 +201,7 @@ class ModelTeacher(Teacher):
         model_dir = resolve_model_dir(source, revision)
         self.device = torch.device(spec.get("device") or "cpu")
         self.model = FoundationModel.from_pretrained(model_dir, device=self.device)
+        self.license = (getattr(self.model, "hub_metadata", None) or {}).get("license")
         weights_sha = weights_digest(self.model)
         if spec.get("dtype"):
             dtypes = {"float32": torch.float32, "float64": torch.float64}
