@@ -1,8 +1,8 @@
 """Every shipped recipe runs as shipped: its own data paths (relative to the repository root), only step counts
 and sizes overridden. The working directory mirrors a checkout: data/rmd17 and data/mlearn from the repository,
-the demo corpus made by ``foundation data generate --preset tiny`` (the shipped recipes read ``data/demo``), and
-``runs/pretrain_small/model`` made by the shipped pretraining recipe, which the fine-tuning and distillation
-recipes start from."""
+the demo corpus made by ``foundation data generate --preset tiny`` (the shipped recipes read ``data/demo``),
+``imported`` (an imported mace-torch model) and ``runs/pretrain_small/model`` made by the shipped pretraining
+recipe, which the fine-tuning and distillation recipes start from."""
 from __future__ import annotations
 
 import json
@@ -26,7 +26,8 @@ SMALL_LEARN = ["base.build.max_steps=2", "base.build.md_steps=0", "base.build.ra
                "stop.max_iterations=1", "test.md_frames=2"]
 SIZES = {"pretrain_small": [], "finetune_demo_cuau": ["replay.samples=20"], "finetune_mlearn_si": ["replay.samples=20"],
          "finetune_rmd17_aspirin": [], "finetune_charges_xtb": [], "distill_own_model": SMALL_DISTILL,
-         "distill_sevenn_si": SMALL_DISTILL, "bench/rmd17": [], "bench/mlearn_si": [], "learn_cuau_emt": SMALL_LEARN}
+         "distill_sevenn_si": SMALL_DISTILL, "bench/rmd17": [], "bench/mlearn_si": [], "learn_cuau_emt": SMALL_LEARN,
+         "finetune_imported_mace": []}
 
 
 def test_the_table_names_every_shipped_recipe():
@@ -39,11 +40,14 @@ def workspace(tmp_path_factory):
     """A directory laid out like a checkout, with the pretrained base the other recipes name."""
     pytest.importorskip("tblite")
     from foundation.data.generate import generate
+    from foundation.interop.mace import import_mace
     root = tmp_path_factory.mktemp("checkout")
     (root / "data").mkdir()
     for name in ("rmd17", "mlearn"):
         os.symlink(REPO / "data" / name, root / "data" / name)
     generate("tiny", root / "data" / "demo", seed=0)
+    # what `foundation import mace` makes of a Cu-Au model trained with mace_run_train (the interop fixture's dump)
+    import_mace(REPO / "tests" / "interop" / "fixtures" / "trained", root / "imported", license="mit")
     _bench_data(root)
     cwd = os.getcwd()
     os.chdir(root)
