@@ -201,11 +201,14 @@ def _finetune(config: FinetuneConfig, log: Callable[[str], None], train: bool, r
                          f"({base.config.elements}); set finetune.add_elements: true to add them")
     if missing:
         log(f"adding elements {missing} to the base model (new embedding rows; the other weights kept)")
+    known = [*base.config.elements, *missing]
+    check_base_domain([d for d, h in zip(train_sets, t.data.heads) if h != data_heads[0]], known, "replay.data")
     reference, model = prepare_model(base, c, missing)
     target = order[0]
 
     source = base.config.heads[base.config.head_index(c.base.head)]
     monitor = _open_monitor(c, order.index(source), r_max, cache)
+    check_base_domain(monitor, known, "finetune.monitor")
     monitor_before = predict(reference, monitor, order, t.data.max_atoms).metrics if monitor else {}
     fit = predict(reference, new_data, order, t.data.max_atoms)
     old = dict(zip(reference.config.elements, reference.config.atomic_energies[target]))
@@ -281,6 +284,17 @@ def _check_loss_targets(long_range, t) -> None:
                 raise ValueError(f"{where} weights {bad}, but the base model has no long-range charge head "
                                  "(model_config.long_range is None), so it predicts no charges; set them to 0 "
                                  "or add a head with finetune.long_range: {kind: coulomb}")
+
+
+def check_base_domain(datasets: list, known: list[str], key: str) -> None:
+    """Replay and monitor data are evaluated on the base head: each dataset's elements must be ``known``."""
+    for ds in datasets:
+        for m in getattr(getattr(ds, "dataset", ds), "manifests", None) or []:
+            extra = [s for s in m.get("elements") or [] if s not in known]
+            if extra:
+                raise ValueError(f"{key}: dataset {m.get('name')!r} contains elements {extra} that the base model "
+                                 f"does not know ({known}); the base head can only replay or monitor data of its "
+                                 f"own domain: give other data or remove {key}")
 
 
 def _open_monitor(config: FinetuneConfig, head_index: int, r_max: float, cache: Path) -> list:

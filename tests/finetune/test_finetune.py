@@ -283,3 +283,17 @@ def test_finetune_again_into_its_out_dir_needs_resume_or_overwrite(setup):
              overwrite=True)
     assert steps(setup / "again") == [1, 2]
     assert sorted(p.name for p in (setup / "again" / "checkpoints").glob("step_*")) == ["step_00000002"]
+
+
+@pytest.mark.parametrize("key", ["replay.data", "finetune.monitor"])
+def test_replay_or_monitor_data_outside_the_base_domain_is_named(setup, tmp_path, key):
+    """Replay and monitor data run on the base head: an element the base does not know (Au here; Al comes with the
+    new data) stops the run before training, naming the key and the dataset."""
+    from ase.io import write
+    write(tmp_path / "gold.xyz", emt_frames(4, seed=9, elements=(29, 79)), format="extxyz")
+    sections = ({"finetune": {"strategy": "replay", "head": "target"},
+                 "replay": {"data": [str(tmp_path / "gold.xyz")], "samples": 0, "weight": 0.3}}
+                if key == "replay.data" else {"finetune": {"monitor": [str(tmp_path / "gold.xyz")]}})
+    with pytest.raises(ValueError, match=rf"{key}: dataset .*gold.* contains elements \['Au'\]"):
+        finetune(finetune_config_from_dict(recipe(setup, f"outside-{key}", **sections)), log=lambda _: None,
+                 train=False)
