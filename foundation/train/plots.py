@@ -15,9 +15,11 @@ def _pyplot():
     return plt
 
 
-def save_figure(fig, path, dpi: int = 120) -> Path:
-    """Lay out ``fig``, write it to ``path`` (parent folders created) and close it; returns the path."""
-    fig.tight_layout()
+def save_figure(fig, path, dpi: int = 120, tight: bool = True) -> Path:
+    """Lay out ``fig`` (``tight_layout``, unless the caller placed the axes), write it to ``path`` (parent folders
+    created) and close it; returns the path."""
+    if tight:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
@@ -46,7 +48,9 @@ def learning_curve(train_csv, valid_csv, out_png) -> Path | None:
     ax.set(xlabel="optimizer step", ylabel="MAE (eV/atom, eV/Å, eV/Å³)", yscale="log", title="validation (EMA)")
     if maes:
         ax.legend(fontsize=7)
-    return save_figure(fig, out_png)
+    # fixed margins: every training run draws this figure, and tight_layout would double its cost (0.4 -> 0.8 s)
+    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.12, top=0.92, wspace=0.25)
+    return save_figure(fig, out_png, tight=False)
 
 
 def parity(pairs: dict[str, tuple[np.ndarray, np.ndarray]], out_png, units: dict[str, str] | None = None) -> Path:
