@@ -19,7 +19,9 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PY" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip setuptools wheel
 fi
-pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+# --no-compile: no .pyc for every file of every package at install time (torch alone: 64 s -> 25 s); Python
+# compiles the modules it imports on first use
+pip_install() { "$VENV/bin/python" -m pip install -q --no-compile --disable-pip-version-check "$@"; }
 "$VENV/bin/python" -c "import torch" 2>/dev/null || { echo "[setup] installing $TORCH_SPEC"; pip_install "$TORCH_SPEC"; }
 "$VENV/bin/python" -c "import deepspeed" 2>/dev/null || { echo "[setup] installing deepspeed"; DS_BUILD_OPS=0 pip_install --no-build-isolation deepspeed; }
 echo "[setup] installing foundation and its dependencies"
