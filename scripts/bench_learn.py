@@ -73,7 +73,8 @@ def shared_base(args, out: Path) -> str:
     from foundation.learn.explore import build_structures
     from foundation.learn.run import ensure_base
     config = load_config(args, args.seeds[0], None, out)
-    return ensure_base(config, load_teacher(config.labeller), build_structures(config.structures), out, print)
+    base_dir, _ = ensure_base(config, load_teacher(config.labeller), build_structures(config.structures), out, print)
+    return base_dir
 
 
 def random_arm(config, out_dir: Path, report: dict, rng: np.random.Generator) -> dict:
