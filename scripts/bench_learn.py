@@ -1,6 +1,6 @@
 """Benchmark ``foundation learn``: does committee selection beat random selection of the same number of labels?
 
-    python scripts/bench_learn.py                          # from the repository root; ~25 min on one quiet core
+    python scripts/bench_learn.py                          # from the repository root; ~40 min at a load of 4-5
     python scripts/bench_learn.py --seeds 0 --json runs/bench_learn/seed0.json   # one seed (merge with --merge)
     python scripts/bench_learn.py --recipe-settings --iterations 2   # the recipe's own settings (the 2026-12-02 run)
     python scripts/bench_learn.py --quick                  # smoke test: tiny sizes, 1 seed
