@@ -16,7 +16,8 @@ top, as in every recipe: ``max_steps``, ``optim``, ``loss``, ``data.max_atoms`` 
 - ``init``: rattled copies of the structures labelled before the first committee is trained.
 - ``explore``: ASE MD (nvt: Langevin; npt: isotropic MTK) over ``temperatures`` x ``pressures`` from every structure.
 - ``select``: ``trust_lo <= max_devi_f < trust_hi`` (eV/Å) are candidates, at most ``max_per_iteration`` picked
-  (``farthest``: farthest-point in a pair-distance descriptor; ``time``: evenly in time order).
+  (``farthest``: farthest-point in a pair-distance descriptor; ``time``: evenly in time order). ``trust_lo:
+  auto`` takes the ``trust_lo_quantile`` quantile of the committee's max_devi_f on its own labelled frames.
 - ``stop``: when the accurate fraction of an exploration reaches ``accurate_fraction``, or after ``max_iterations``.
 - ``test``: held-out labelled ``files``, and/or ``md_frames`` frames of labeller MD from the structures.
 - ``threads``: torch CPU threads for the whole run (None: torch's default). Small models run fastest on 1 thread,
@@ -96,11 +97,15 @@ class ExploreSection:
 @dataclass
 class SelectSection:
     """Candidates: ``trust_lo <= max_devi_f < trust_hi`` (eV/Å); below: accurate, at or above: failed (never
-    labelled). At most ``max_per_iteration`` candidates are labelled, picked by ``method``."""
-    trust_lo: float = 0.05
+    labelled). At most ``max_per_iteration`` candidates are labelled, picked by ``method``. ``trust_lo: auto``:
+    each iteration sets it to the ``trust_lo_quantile`` quantile of the committee's own ``max_devi_f`` over the
+    frames picked for labelling so far (its training frames), so "accurate" means "no less certain than on
+    the labelled data"."""
+    trust_lo: float | Literal["auto"] = 0.05
     trust_hi: float = 0.35
     max_per_iteration: int = 16
     method: Literal["farthest", "time"] = "farthest"
+    trust_lo_quantile: float = 0.9
 
 
 @dataclass
@@ -157,9 +162,13 @@ class LearnConfig(TrainConfig):
         """Ranges and consistency, before anything runs (ValueError naming the key)."""
         super().validate()
         s, b = self.select, self.base
-        check(s.trust_lo < s.trust_hi, "select.trust_lo", f"({s.trust_lo}) must be below select.trust_hi "
-              f"({s.trust_hi}): frames with trust_lo <= max_devi_f < trust_hi (eV/Å) are labelled")
-        check(s.trust_lo >= 0, "select.trust_lo", "must be >= 0 eV/Å")
+        check(s.trust_hi > 0, "select.trust_hi", "must be > 0 eV/Å")
+        if s.trust_lo != "auto":
+            check(s.trust_lo < s.trust_hi, "select.trust_lo", f"({s.trust_lo}) must be below select.trust_hi "
+                  f"({s.trust_hi}): frames with trust_lo <= max_devi_f < trust_hi (eV/Å) are labelled")
+            check(s.trust_lo >= 0, "select.trust_lo", "must be >= 0 eV/Å (or auto)")
+        check(0 < s.trust_lo_quantile <= 1, "select.trust_lo_quantile", f"is {s.trust_lo_quantile}; must be in "
+              "(0, 1]: the quantile of the committee's max_devi_f on its labelled frames that trust_lo: auto takes")
         check(s.max_per_iteration >= 1, "select.max_per_iteration", "must be >= 1")
         check(self.committee.size >= 2, "committee.size", f"is {self.committee.size}: a committee of one model has "
               "no spread, so no uncertainty; use 2 or more members (4 is usual)")

@@ -137,6 +137,31 @@ def explored(config: LearnConfig, committee, structures, directory: Path, seed: 
     return frames, seconds
 
 
+def auto_trust_lo(config: LearnConfig, committee, out: Path, i: int) -> float:
+    """``trust_lo: auto``: the ``select.trust_lo_quantile`` quantile of ``committee``'s max_devi_f (eV/Å) over
+    the frames picked for labelling in iterations 0 .. i-1 (``iter-NNN/picked.extxyz``), capped just below
+    ``trust_hi``."""
+    import numpy as np
+
+    from .. import keys
+    from ..calculator import FoundationCalculator
+    paths = [out / f"iter-{j:03d}" / "picked.extxyz" for j in range(i)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"trust_lo: auto needs the frames labelled before iteration {i}, but {missing} "
+                                "are missing (a run started before picked.extxyz was written); set a number")
+    frames = [a for p in paths for a in read_frames(p)]
+    calc = FoundationCalculator(committee, head=config.head, dtype="float32")
+    devi = []
+    for atoms in frames:
+        atoms = atoms.copy()
+        atoms.calc = calc
+        atoms.get_forces()
+        devi.append(float(calc.results[keys.MAX_DEVI_F]))
+    q = float(np.quantile(devi, config.select.trust_lo_quantile))
+    return min(q, float(np.nextafter(config.select.trust_hi, 0.0)))
+
+
 def iteration(config, i, committee, teacher, structures, datasets, base_dir, test, out, log) -> tuple:
     """Run (or finish) iteration ``i``; returns (its report row, the new committee or None, datasets)."""
     directory = out / f"iter-{i:03d}"
@@ -147,7 +172,13 @@ def iteration(config, i, committee, teacher, structures, datasets, base_dir, tes
     else:
         frames, row["exploration_s"] = explored(config, committee, structures, directory,
                                                 config.seed * 100 + i, log)
-        groups = classify(frames, config.select.trust_lo, config.select.trust_hi)
+        trust_lo = config.select.trust_lo
+        if trust_lo == "auto":
+            trust_lo = auto_trust_lo(config, committee, out, i)
+            log(f"iteration {i}: trust_lo auto = {trust_lo:.4g} eV/Å (quantile {config.select.trust_lo_quantile:g} "
+                "of the committee's max_devi_f on its labelled frames)")
+        row["trust_lo"] = float(trust_lo)
+        groups = classify(frames, trust_lo, config.select.trust_hi)
         n = max(len(frames), 1)
         for name in ("accurate", "candidate", "failed"):
             row[name] = len(groups[name])
@@ -158,6 +189,7 @@ def iteration(config, i, committee, teacher, structures, datasets, base_dir, tes
             return row, None, datasets
         picks = pick(frames, groups["candidate"], config.select.max_per_iteration, config.select.method,
                      float(committee.config.r_max))
+    write_frames(directory / "picked.extxyz", [frames[p] for p in picks])   # for trust_lo: auto
     labels = label(config, teacher, [frames[p] for p in picks], out / "labels", log)
     datasets = datasets + ([labels["dataset"]] if labels["dataset"] else [])
     row.update(selected=len(picks), labels_added=labels["labelled"], failed_to_label=labels["failed"],

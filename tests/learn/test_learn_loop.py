@@ -148,3 +148,38 @@ def test_resume_after_sigkill_does_not_relabel(tmp_path):
     proc = _start(tmp_path, [], log)   # without --resume an existing run is refused
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 2 and "--resume" in out
+
+
+def test_auto_trust_lo_is_the_quantile_of_the_committee_deviation_on_its_labelled_frames(tmp_path):
+    """trust_lo: auto = the quantile of max_devi_f over the frames picked in earlier iterations, computed here
+    independently from each member's forces; capped below trust_hi; a bad quantile is refused."""
+    from foundation import FoundationCalculator
+    from foundation.learn.committee import CommitteeModel
+    from foundation.learn.loop import write_frames
+    from foundation.learn.run import auto_trust_lo
+    committee = CommitteeModel.from_members([tiny_model(s, dtype="float32") for s in range(3)])
+    frames = [cuau(s, rattle=0.1 + 0.05 * s) for s in range(7)]
+    write_frames(tmp_path / "iter-000" / "picked.extxyz", frames[:4])
+    write_frames(tmp_path / "iter-001" / "picked.extxyz", frames[4:])
+    devi = []
+    for atoms in frames:
+        forces = []
+        for member in committee.members:
+            a = atoms.copy()
+            a.calc = FoundationCalculator(member, dtype="float32")
+            forces.append(a.get_forces())
+        forces = np.stack(forces)
+        devi.append(np.sqrt(((forces - forces.mean(0)) ** 2).sum(-1).mean(0)).max())
+    c = config(tmp_path, select={"trust_lo": "auto", "trust_lo_quantile": 0.75, "trust_hi": 1e9})
+    got = auto_trust_lo(c, committee, tmp_path, 2)
+    assert got == pytest.approx(float(np.quantile(devi, 0.75)), rel=1e-4)
+    assert auto_trust_lo(c, committee, tmp_path, 1) == pytest.approx(float(np.quantile(devi[:4], 0.75)), rel=1e-4)
+    low = config(tmp_path, select={"trust_lo": "auto", "trust_hi": 1e-6})
+    assert auto_trust_lo(low, committee, tmp_path, 2) < 1e-6
+    with pytest.raises(FileNotFoundError, match="picked.extxyz"):
+        auto_trust_lo(c, committee, tmp_path, 3)
+    for q in (0.0, 1.5):
+        with pytest.raises(ValueError, match="select.trust_lo_quantile"):
+            config(tmp_path, select={"trust_lo": "auto", "trust_lo_quantile": q})
+    with pytest.raises(ValueError, match="select.trust_lo"):
+        config(tmp_path, select={"trust_lo": "often"})
