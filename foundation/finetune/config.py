@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from ..card import is_repo_id
-from ..recipe import load_recipe
+from ..recipe import check, load_recipe
 from ..train.config import TrainConfig
 
 STRATEGIES = ("full", "frozen", "lora", "replay")
@@ -69,6 +69,12 @@ class ReplaySection:
     valid: list[str] = field(default_factory=list)
     samples: int = 0
     weight: float = 0.2
+
+    def validate(self) -> None:
+        """``weight`` in (0, 1) and ``samples`` >= 0 (ValueError naming the key)."""
+        check(0.0 < self.weight < 1.0, "replay.weight", f"is the fraction of replayed structures, in (0, 1); got "
+              f"{self.weight}")
+        check(self.samples >= 0, "replay.samples", "must be >= 0 (0 = all structures)")
 
 
 @dataclass
@@ -143,11 +149,7 @@ def validate(config: FinetuneConfig) -> FinetuneConfig:
         if not f.head:
             raise ValueError("finetune.strategy 'replay' trains a new head on the new data: name it with "
                              "finetune.head (e.g. finetune.head: target)")
-        if not 0.0 < config.replay.weight < 1.0:
-            raise ValueError(f"recipe key 'replay.weight' is the fraction of replayed structures, in (0, 1); got "
-                             f"{config.replay.weight}")
-        if config.replay.samples < 0:
-            raise ValueError("recipe key 'replay.samples' must be >= 0 (0 = all structures)")
+        config.replay.validate()
     return config
 
 

@@ -203,9 +203,7 @@ class LearnConfig(TrainConfig):
               "its own training data by default")
         check(c.head != self.base.head, "committee.head", f"({c.head!r}) is the base head: replay trains a new "
               "head on the labels beside the base head; name it differently (e.g. committee.head: learn)")
-        check(0.0 < r.weight < 1.0, "replay.weight", f"is the fraction of replayed structures, in (0, 1); got "
-              f"{r.weight}")
-        check(r.samples >= 0, "replay.samples", "must be >= 0 (0 = all structures)")
+        r.validate()
         return self
 
 
