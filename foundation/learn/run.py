@@ -152,12 +152,7 @@ def auto_trust_lo(config: LearnConfig, committee, out: Path, i: int) -> float:
                                 "are missing (a run started before picked.extxyz was written); set a number")
     frames = [a for p in paths for a in read_frames(p)]
     calc = FoundationCalculator(committee, head=config.head, dtype="float32")
-    devi = []
-    for atoms in frames:
-        atoms = atoms.copy()
-        atoms.calc = calc
-        atoms.get_forces()
-        devi.append(float(calc.results[keys.MAX_DEVI_F]))
+    devi = [res[keys.MAX_DEVI_F] for res in calc.calculate_many(frames, max_atoms=1024)]
     q = float(np.quantile(devi, config.select.trust_lo_quantile))
     return min(q, float(np.nextafter(config.select.trust_hi, 0.0)))
 
