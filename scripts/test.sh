@@ -6,6 +6,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+# Bytecode caches on: with PYTHONDONTWRITEBYTECODE set (some shells and CI images set it), every subprocess a test
+# starts recompiles torch_geometric, torch._dynamo and sympy from source (~4 s more per process start).
+unset PYTHONDONTWRITEBYTECODE
 workers=${TEST_WORKERS:-2}
 parallel=()
 [ "$workers" != 0 ] && parallel=(-n "$workers" --dist loadscope)

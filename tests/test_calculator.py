@@ -386,28 +386,20 @@ def test_coincident_atoms_are_refused_with_the_convert_rule(gap):
     assert np.isfinite(atoms.get_potential_energy())
 
 
-_FAR_APART = """
-from ase import Atoms
-from test_calculator import pair_model
-from foundation.calculator import FoundationCalculator
-calc = FoundationCalculator(pair_model(), dtype="float64")
-far = Atoms("CuAu", positions=[[0, 0, 0], [1e6, 0, 0]])
-far.calc = calc
-alone = [Atoms(s, positions=[[0, 0, 0]]) for s in ("Cu", "Au")]
-print(far.get_potential_energy() - sum(calc.get_potential_energy(a) for a in alone))
-"""
+def _far_apart_energy() -> float:
+    calc = FoundationCalculator(pair_model(), dtype="float64")
+    far = Atoms("CuAu", positions=[[0, 0, 0], [1e6, 0, 0]])
+    far.calc = calc
+    alone = [Atoms(s, positions=[[0, 0, 0]]) for s in ("Cu", "Au")]
+    return far.get_potential_energy() - sum(calc.get_potential_energy(a) for a in alone)
 
 
 def test_atoms_1e6_angstrom_apart_do_not_kill_the_calculator():
     """Regression (issue 18.9): SIGFPE (exit -8) in the neighbor list; now two isolated atoms' energies."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert abs(float(proc.stdout.split()[-1])) < 1e-9
+    from forked import run_forked
+    code, difference = run_forked(_far_apart_energy)
+    assert code == 0, f"the calculator killed its process (exit {code})"
+    assert abs(difference) < 1e-9
 
 
 @pytest.mark.parametrize("cell, message", [([[3, 0, 0], [0, 3, 0], [3, 3, 0]], "coplanar"), (None, "zero length")])

@@ -60,29 +60,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _load_only_needed_ops() -> None:
-    """DeepSpeed's process group loads (JIT-builds) its shared-memory all-reduce op in every process, taking a
-    build lock that a killed process leaves behind (``oplock.py``). Its one use, ``inference_all_reduce``,
-    returns early for one rank: then it is not loaded at all; with more ranks it loads after ``oplock`` has made
-    sure the lock is free (a stale one removed, a held one waited for with a limit)."""
+def _skip_unused_ops() -> None:
+    """Never load DeepSpeed's shared-memory all-reduce op (``deepspeed_shm_comm``).
+
+    DeepSpeed's process group JIT-builds it in every process at start-up (1-3 min the first time) under a build
+    lock that torch waits on without limit: a process killed during the build left the lock behind and every later
+    run hung with no output. Its one use is ``inference_all_reduce`` (DeepSpeed inference); training reduces
+    gradients with ``torch.distributed`` (gloo or nccl), and ``inference_all_reduce`` itself falls back to
+    ``torch.distributed.all_reduce`` when the op is absent. So the builder returns None for any number of ranks:
+    no build, no lock, on every accelerator."""
     import importlib
     ds_torch = importlib.import_module("deepspeed.comm.torch")   # ``deepspeed.comm.torch`` the attribute is torch
-    if getattr(ds_torch.build_shm_op, "foundation_guarded", False):
-        return
-    original = ds_torch.build_shm_op
 
     def build_shm_op():
-        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-            return None
-        from deepspeed.accelerator import get_accelerator
+        return None
 
-        from .oplock import wait_for_build_lock
-        builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-        if builder is not None:
-            wait_for_build_lock(builder.name, log=print if int(os.environ.get("RANK", "0")) == 0 else None)
-        return original()
-
-    build_shm_op.foundation_guarded = True
     ds_torch.build_shm_op = build_shm_op
 
 
@@ -94,7 +86,7 @@ def init_distributed(backend: str = "auto") -> tuple[int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))   # every one of LAUNCHER_VARIABLES is now set
     import deepspeed
-    _load_only_needed_ops()
+    _skip_unused_ops()
     from deepspeed.accelerator import get_accelerator
     if backend == "auto":
         backend = "nccl" if get_accelerator().device_name() == "cuda" else "gloo"

@@ -272,26 +272,19 @@ def test_a_label_missing_on_the_first_record_is_kept_for_the_others(tmp_path):
     assert "verified: 1 shards, 5 records" in inspect(out, verify=True)
 
 
-_FAR = """
-import sys
-from ase import Atoms
-from ase.calculators.singlepoint import SinglePointCalculator
-import ase.io
-atoms = Atoms("H2", positions=[[0, 0, 0], [1e6, 0, 0]])
-atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=[[0, 0, 0], [0, 0, 0]])
-ase.io.write(sys.argv[1], [atoms])
-from foundation.cli import main
-sys.exit(main(["data", "convert", sys.argv[1], "--out", sys.argv[2], "--skip-invalid"]))
-"""
+def _convert_far_apart(tmp_path) -> int:
+    atoms = Atoms("H2", positions=[[0, 0, 0], [1e6, 0, 0]])
+    atoms.calc = SinglePointCalculator(atoms, energy=-1.0, forces=[[0, 0, 0], [0, 0, 0]])
+    ase.io.write(tmp_path / "far.xyz", [atoms])
+    from foundation.cli import main
+    return main(["data", "convert", str(tmp_path / "far.xyz"), "--out", str(tmp_path / "ds"), "--skip-invalid"])
 
 
 def test_atoms_1e6_angstrom_apart_convert_instead_of_sigfpe(tmp_path):
     """Regression (issue 18.9): convert died with SIGFPE (exit 136 / -8), even with --skip-invalid."""
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-c", _FAR, str(tmp_path / "far.xyz"), str(tmp_path / "ds")],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
+    from forked import run_forked
+    code, status = run_forked(lambda: _convert_far_apart(tmp_path))
+    assert (code, status) == (0, 0), f"convert killed its process (exit {code}) or failed ({status})"
     m = read_manifest(tmp_path / "ds")
     assert m["num_structures"] == 1 and m["statistics"]["avg_num_neighbors"] == 0
 

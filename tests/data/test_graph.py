@@ -144,21 +144,17 @@ def test_edges_do_not_depend_on_the_float_dtype():
         assert torch.equal(g.edge_index, ref.edge_index) and g.shifts.dtype == dtype
 
 
-_FAR_APART = """
-import numpy as np
-from foundation.data.graph import neighbor_list
-edges, unit = neighbor_list(np.array([[0, 0, 0], [1e6, 0, 0], [0, 1.5, 0]]), np.zeros((3, 3)), [False] * 3, 5.0)
-print(edges.tolist(), unit.tolist())
-"""
+def _far_apart_list() -> tuple[list, list]:
+    edges, unit = neighbor_list(np.array([[0, 0, 0], [1e6, 0, 0], [0, 1.5, 0]]), np.zeros((3, 3)), [False] * 3, 5.0)
+    return edges.tolist(), unit.tolist()
 
 
 def test_atoms_1e6_angstrom_apart_give_a_correct_list_not_sigfpe():
-    """Regression (issue 18.9): vesin's cell list died with SIGFPE (exit -8) on this geometry; run in a subprocess."""
-    import subprocess
-    import sys
-    proc = subprocess.run([sys.executable, "-c", _FAR_APART], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, (proc.returncode, proc.stderr[-2000:])
-    assert proc.stdout.strip() == "[[2, 0], [0, 2]] [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]"
+    """Regression (issue 18.9): vesin's cell list died with SIGFPE (exit -8) on this geometry; run in a child."""
+    from forked import run_forked
+    code, result = run_forked(_far_apart_list)
+    assert code == 0, f"the neighbour list killed its process (exit {code})"
+    assert result == ([[2, 0], [0, 2]], [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -1,5 +1,7 @@
 """Data parallelism: 2 gloo ranks with ZeRO 1 / ZeRO 2, one micro-batch each, end with the same parameters (to
-float tolerance) as 1 rank accumulating the same two micro-batches per step; the logged losses agree too."""
+float tolerance) as 1 rank accumulating the same two micro-batches per step; the logged losses agree too.
+Every multi-rank run here starts beside a stale JIT build lock of DeepSpeed's shm op (left by a killed build), which
+used to hang every later run: the op is never loaded, so the runs finish and the lock is never touched."""
 from __future__ import annotations
 
 import csv
@@ -31,9 +33,20 @@ def run_ranks(tmp: Path, name: str, emt_data, ranks: int, stage: int, gas: int, 
                  "--master_addr", "127.0.0.1", "--master_port", str(free_port())] if ranks > 1 else [sys.executable])
     cmd = launcher + [str(RUNNER), str(cfg)] + [a for s in sets for a in ("--set", s)]
     cmd += ["--float64"] if precision == "fp64" else []
-    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=900)   # a loaded machine
+    lock = stale_build_lock(tmp / f"{name}_ext")
+    res = subprocess.run(cmd, env=dict(env(), TORCH_EXTENSIONS_DIR=str(lock.parent.parent)), capture_output=True,
+                         text=True, timeout=900)   # a loaded machine
     assert res.returncode == 0, res.stderr[-3000:]
+    assert lock.read_text() == "stale", "the shm op's build lock was touched: the op was loaded"
     return out
+
+
+def stale_build_lock(ext: Path) -> Path:
+    """The lock file torch's JIT build of DeepSpeed's shm op takes, left behind as a SIGKILLed build leaves it."""
+    lock = ext / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text("stale")
+    return lock
 
 
 def valid_rows(out: Path) -> list[dict]:
