@@ -36,15 +36,15 @@ def _atoms(s: dict) -> Atoms:
 
 
 def predict(model, ref: dict, head: str | None, dtype: str) -> dict:
-    """Our outputs in reference.json's layout: per structure of ``ref`` (FoundationCalculator) energy eV,
-    forces eV/Å, stress eV/Å³ (3x3, periodic only), and the mixed batch through the model."""
+    """Our outputs in reference.json's layout (structures copied from ``ref``): per structure (FoundationCalculator)
+    energy eV, forces eV/Å, stress eV/Å³ (3x3, zeros if not periodic), and the mixed batch through the model."""
     out = {"structures": {}}
     calc = FoundationCalculator(model, head=head, dtype=dtype)
     for name, s in ref["structures"].items():
         atoms = _atoms(s)
         atoms.calc = calc
         stress = atoms.get_stress(voigt=False) if atoms.pbc.any() else np.zeros((3, 3))
-        out["structures"][name] = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
+        out["structures"][name] = {**s, "energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
                                    "stress": stress}
     index = model.config.heads.index(head) if head else 0
     torch_dtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
