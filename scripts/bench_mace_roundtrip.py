@@ -123,7 +123,7 @@ def main(argv=None) -> int:
     from bench_mace_import import max_deviations, predict, row, within
 
     from foundation.model.backbone import FoundationModel
-    tmp = tempfile.mkdtemp(prefix="mace-roundtrip-")
+    tmp = None if args.keep else tempfile.mkdtemp(prefix="mace-roundtrip-")
     work = Path(args.keep or tmp)
     work.mkdir(parents=True, exist_ok=True)
     jobs, rows = [], []
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
                 print(row(f"{name} ({head})" if head else name, job["dtype"], dev))
         return 0 if ok else 1
     finally:
-        if not args.keep:
+        if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
