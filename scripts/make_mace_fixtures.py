@@ -13,6 +13,7 @@ hyper.json (``foundation/interop/mace_dump.py``, loaded by path) and reference.j
 4-element periodic cell, a Cu-Au cell, a molecule) mace's ``MACECalculator`` energy (eV), forces (eV/Å) and
 stress (eV/Å³, 3x3), and the same three as one mixed batch through the mace model itself.
 
+``--evaluate JOBS.json`` evaluates saved .model files (e.g. exported ones) on the structures of a reference.json.
 ``--model-file small.model --name trained`` makes the fixture of an existing model instead (the one in
 tests/interop/fixtures/trained was trained here by ``mace_run_train --model MACE --num_channels 8 --max_L 1
 --r_max 4.5 --num_radial_basis 8 --max_num_epochs 3`` on 34 EMT Cu-Au cells, docs/interop.md); structures
@@ -129,8 +130,9 @@ def adapted(frames: dict, zs: list[int]) -> dict:
     return out
 
 
-def references(path: Path, model, dtype: str, head: str | None) -> dict:
-    """MACECalculator per structure and the mixed batch through the model."""
+def references(path: Path, model, dtype: str, head: str | None, frames: dict | None = None) -> dict:
+    """MACECalculator per structure and the mixed batch through the model; ``frames``: the structures (default:
+    ``structures()`` adapted to the model's elements)."""
     from mace import data as mace_data
     from mace.calculators import MACECalculator
     from mace.tools import AtomicNumberTable, torch_geometric
@@ -138,7 +140,7 @@ def references(path: Path, model, dtype: str, head: str | None) -> dict:
     calc = MACECalculator(model_paths=str(path), device="cpu", default_dtype=dtype, **kwargs)
     out = {"structures": {}}
     zs = [int(z) for z in model.atomic_numbers.tolist()]
-    frames = adapted(structures(), zs)
+    frames = frames or adapted(structures(), zs)
     for name, atoms in frames.items():
         atoms = atoms.copy()
         atoms.calc = calc
@@ -191,14 +193,34 @@ def from_file(path: Path, name: str, out_root: Path, dumper) -> None:
     print(f"{name}: {out} ({sum(f.stat().st_size for f in out.iterdir()) / 1024:.0f} kB)")
 
 
+def evaluate(jobs_file: Path) -> None:
+    """Each job of JOBS.json ({"model": .model file, "out": JSON, "dtype", "heads": [...], "structures": a
+    reference.json whose structures to use}) -> out: {str(head): references} of that saved model (one process for all:
+    ``scripts/bench_mace_roundtrip.py`` evaluates the exported models with it)."""
+    from ase import Atoms
+    for job in json.loads(jobs_file.read_text()):
+        torch.set_default_dtype(torch.float64 if job["dtype"] == "float64" else torch.float32)
+        model = torch.load(job["model"], weights_only=False, map_location="cpu")
+        given = json.loads(Path(job["structures"]).read_text())["structures"]
+        frames = {n: Atoms(numbers=s["numbers"], positions=s["positions"], cell=s["cell"], pbc=s["pbc"])
+                  for n, s in given.items()}
+        out = {str(h): references(Path(job["model"]), model, job["dtype"], h, frames) for h in job["heads"]}
+        Path(job["out"]).write_text(json.dumps(out) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "tests" / "interop" / "fixtures"))
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--model-file", default=None, help="dump this .model file instead (fixture --name)")
     parser.add_argument("--name", default="trained", help="fixture name for --model-file")
+    parser.add_argument("--evaluate", default=None, metavar="JOBS.json",
+                        help="evaluate saved .model files on given structures instead (see evaluate())")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.evaluate:
+        evaluate(Path(args.evaluate))
+        return 0
     dumper = load_dumper()
     if args.model_file:
         from_file(Path(args.model_file), args.name, Path(args.out), dumper)

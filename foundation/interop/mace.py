@@ -155,7 +155,8 @@ def import_mace(source: str | Path, out: str | Path, mace_python: str | None = N
             "license": lic, "citation": citation or (known or {}).get("citation") or MACE_CITATION,
             "provenance": {"imported_from": "mace-torch", "file": src.get("file"), "sha256": src.get("sha256"),
                            "mace_version": hyper["versions"]["mace"], "e3nn_version": hyper["versions"]["e3nn"],
-                           "family": family, "heads": hyper.get("heads")},
+                           "family": family, "heads": hyper.get("heads"),
+                           "model_class": hyper["model_class"]},
             "description": (f"{family} imported exactly from the mace-torch model {src.get('file') or '(dump)'} "
                             f"(sha256 {src.get('sha256') or 'unknown'}, mace-torch {hyper['versions']['mace']}) "
                             f"with `foundation import mace`. License: {lic}.")}

@@ -234,15 +234,67 @@ def environment() -> dict:
     return {"w3j_signature": w3j_signature(), "act_constant": _act_constant(act)}
 
 
+def is_structural(key: str, value) -> bool:
+    """A buffer mace derives from the irreps alone (e3nn output masks, w3j tables, empty biases, U matrices,
+    zeroed-path flags), which ``foundation export`` leaves to the constructor; every other tensor is exported."""
+    parts = (".output_mask", "._w3j_", ".U_matrix_", "_zeroed")
+    return any(p in key for p in parts) or (value.numel() == 0 and key.endswith((".bias", ".weight")))
+
+
+def spec_mismatches(spec: dict, hyper: dict) -> list:
+    """Where ``hyperparameters`` of a mace model differ from export.json's ``spec`` (empty when they agree)."""
+    heads, blocks = spec["heads"], [b["class"] for b in hyper["interactions"]]
+    rel = 1e-6 if spec["dtype"] == "float32" else 0.0  # r_max is a buffer of the model's dtype
+    r_max = spec["r_max"] if abs(hyper["r_max"] - spec["r_max"]) <= rel * spec["r_max"] else hyper["r_max"]
+    transform = None if spec["distance_transform"] == "None" else spec["distance_transform"] + "Transform"
+    want = {"model_class": (hyper["model_class"], spec["model_class"]), "dtype": (hyper["dtype"], spec["dtype"]),
+            "interactions": (blocks, [spec["interaction_first"]] + [spec["interaction"]] * (len(blocks) - 1)),
+            "num_interactions": (hyper["num_interactions"], spec["num_interactions"]),
+            "r_max": (r_max, spec["r_max"]), "max_ell": (hyper["max_ell"], spec["max_ell"]),
+            "atomic_numbers": (hyper["atomic_numbers"], spec["atomic_numbers"]), "heads": (hyper["heads"], heads),
+            "num_bessel": (hyper["radial"]["num_basis"], spec["num_bessel"]),
+            "p": (hyper["radial"]["p"], spec["p"]), "pair_repulsion": (hyper["pair_repulsion"], spec["pair_repulsion"]),
+            "distance_transform": (hyper["radial"]["distance_transform"], transform),
+            "hidden_irreps": (hyper["products"][0]["irreps_out"], spec["hidden_irreps"]),
+            "correlation": (sorted({c for p in hyper["products"] for c in p["correlation"]}), [spec["correlation"]]),
+            "radial_MLP": ([b["radial_mlp"][1:-1] for b in hyper["interactions"]], [spec["radial_MLP"]] * len(blocks)),
+            "avg_num_neighbors": ([b["avg_num_neighbors"] for b in hyper["interactions"]],
+                                  [spec["avg_num_neighbors"]] * len(blocks)),
+            "MLP_irreps": (hyper["readouts"][-1]["hidden_irreps"],
+                           f"{len(heads) * int(spec['MLP_irreps'].split('x')[0])}x0e"),
+            "act_constant": (hyper["interactions"][0]["radial_act_constant"], spec["act_constant"])}
+    return [f"{k}: mace has {a!r}, export.json {b!r}" for k, (a, b) in want.items() if a != b]
+
+
+def _state_from_export(model, tensors: dict) -> dict:
+    """mace's state_dict with every exported tensor in place (cast once to mace's dtype); every tensor that is
+    not ``is_structural`` must be exported, and nothing exported may be unknown to mace."""
+    state = model.state_dict()
+    unknown = sorted(set(tensors) - set(state))
+    missing = sorted(k for k, v in state.items() if k not in tensors and not is_structural(k, v))
+    if unknown or missing:
+        raise ValueError(f"export does not match the mace model: unknown {unknown[:5]}, missing {missing[:5]}")
+    for key, value in tensors.items():
+        if state[key].numel() == 0 and value.numel() > 0:
+            if bool(value.abs().max() > 0):
+                raise ValueError(f"{key}: mace zeroed this product path but the exported weights are not zero")
+            continue
+        if value.numel() != state[key].numel():
+            raise ValueError(f"{key}: exported {tuple(value.shape)}, mace expects {tuple(state[key].shape)}")
+        state[key] = value.to(state[key].dtype).reshape(state[key].shape)
+    return state
+
+
 def build_from_export(dump_dir: Path, out_file: Path) -> None:
-    """Build a mace ScaleShiftMACE from ``foundation export``'s hyper.json, load its tensors, save a .model."""
+    """Build the mace model of ``foundation export``'s export.json, overwrite its weights and buffers with the
+    exported tensors (strict load), check its hyperparameters against export.json, save the .model pickle."""
     import numpy as np
     import torch
     from e3nn import o3
     from mace import modules
     spec = json.loads((dump_dir / "export.json").read_text())
     torch.set_default_dtype(getattr(torch, spec["dtype"]))
-    model = modules.ScaleShiftMACE(
+    kwargs = dict(
         r_max=spec["r_max"], num_bessel=spec["num_bessel"], num_polynomial_cutoff=spec["p"], max_ell=spec["max_ell"],
         interaction_cls=modules.interaction_classes[spec["interaction"]],
         interaction_cls_first=modules.interaction_classes[spec["interaction_first"]],
@@ -251,20 +303,18 @@ def build_from_export(dump_dir: Path, out_file: Path) -> None:
         atomic_energies=np.asarray(spec["atomic_energies"]), avg_num_neighbors=spec["avg_num_neighbors"],
         atomic_numbers=spec["atomic_numbers"], correlation=spec["correlation"], gate=torch.nn.functional.silu,
         radial_MLP=spec["radial_MLP"], use_reduced_cg=False, pair_repulsion=spec["pair_repulsion"],
-        distance_transform=spec["distance_transform"], atomic_inter_scale=spec["scale"],
-        atomic_inter_shift=spec["shift"], heads=spec["heads"])
-    state = model.state_dict()
+        distance_transform=spec["distance_transform"], heads=spec["heads"])
+    if spec["model_class"] == "ScaleShiftMACE":
+        model = modules.ScaleShiftMACE(atomic_inter_scale=spec["scale"], atomic_inter_shift=spec["shift"], **kwargs)
+    else:
+        model = modules.MACE(**kwargs)
     tensors = read_safetensors(dump_dir / "model.safetensors")
-    unknown = sorted(set(tensors) - set(state))
-    if unknown:
-        raise ValueError(f"exported tensors {unknown[:5]} have no place in the mace model")
-    ratio = spec["act_constant_foundation"] / _act_constant(model.interactions[0].conv_tp_weights)
-    for key, value in tensors.items():
-        value = value.to(state[key].dtype)
-        if ".conv_tp_weights.layer" in key and not key.endswith("layer0.weight") or key.endswith("linear_2.weight"):
-            value = value * ratio  # foundation's exact silu constant -> this e3nn's Monte-Carlo one
-        state[key] = value.reshape(state[key].shape)
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(_state_from_export(model, tensors), strict=True)
+    for block in model.interactions:
+        block.avg_num_neighbors = spec["avg_num_neighbors"]
+    problems = spec_mismatches(spec, hyperparameters(model))
+    if problems:
+        raise ValueError("the built mace model differs from export.json: " + "; ".join(problems))
     torch.save(model, out_file)
 
 

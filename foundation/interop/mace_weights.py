@@ -20,6 +20,17 @@ from ..nn.cg import conv_paths, coupling_trees, symmetric_basis, symmetrize
 from ..nn.radial import SILU_NORM
 
 
+def act_ratio(act: float) -> float:
+    """mace's e3nn silu constant / ours: the factor on each weight matrix that follows a silu (import multiplies
+    by it, export divides by the same float, so the round trip costs at most one rounding)."""
+    return act / SILU_NORM
+
+
+def readout_factor(act: float, hidden: int, n_heads: int) -> float:
+    """mace linear_2 (fan-in H x hidden) -> our per-head readout (fan-in hidden): act_ratio x sqrt(1 / H)."""
+    return act_ratio(act) * (hidden / (hidden * n_heads)) ** 0.5
+
+
 def _get(tensors: dict, key: str, shape: tuple | None = None) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"model.safetensors of the dump has no tensor {key!r}; the dump is incomplete or from "
@@ -136,7 +147,7 @@ def _check_instructions(instructions: list | None, paths: list[tuple[int, int, i
         refuse(f"interactions.{t}.conv_tp instructions {got}", f"expected the paths {want} of the backbone")
 
 
-def _interaction(tensors: dict, cfg: ModelConfig, t: int, act_ratio: float, hyper: dict) -> dict:
+def _interaction(tensors: dict, cfg: ModelConfig, t: int, ratio: float, hyper: dict) -> dict:
     c, out = cfg.num_channels, {}
     l_in = 0 if t == 0 else cfg.max_L
     pre = f"interactions.{t}"
@@ -153,7 +164,7 @@ def _interaction(tensors: dict, cfg: ModelConfig, t: int, act_ratio: float, hype
             raise ValueError(f"model.safetensors tensor '{pre}.conv_tp_weights.layer{k}.weight' has shape "
                              f"{tuple(w.shape)}, expected {expect}")
         if k > 0:
-            w = w * act_ratio
+            w = w * ratio
         if k == len(sizes) - 1:  # columns: mace's instructions (sorted by l3, then l1, l2) -> our (l1, l3) groups
             ours = [(l1, l2, l3) for l1, l3 in sorted({(p[0], p[2]) for p in paths})
                     for l2 in sorted(p[1] for p in paths if (p[0], p[2]) == (l1, l3))]
@@ -175,7 +186,7 @@ def convert_state(tensors: dict[str, torch.Tensor], cfg: ModelConfig, hyper: dic
     """The backbone's state_dict for ``cfg`` from mace's tensors (float64 math, cast to cfg.dtype at the end)."""
     c, n_el = cfg.num_channels, len(cfg.elements)
     act = hyper["interactions"][0].get("radial_act_constant") or SILU_NORM
-    ratio = act / SILU_NORM
+    ratio = act_ratio(act)
     if "w3j_signature" not in hyper:
         raise ValueError("hyper.json has no w3j_signature; re-dump the model with this foundation's mace_dump.py")
     signs = w3j_signs(hyper["w3j_signature"])
@@ -211,6 +222,6 @@ def _readout(tensors: dict, cfg: ModelConfig, t: int, last: bool, hyper: dict) -
     w2 = _get(tensors, f"{pre}.linear_2.weight", (hidden * n_heads, n_heads)).reshape(n_heads, hidden, n_heads)
     act = hyper["readouts"][t].get("act_constant") or SILU_NORM
     # mace: silu_c(x W1 / sqrt C) W2 / sqrt(H hidden), head h reads its own hidden block (mask) and column h
-    factor = act / SILU_NORM * (hidden / (hidden * n_heads)) ** 0.5
+    factor = readout_factor(act, hidden, n_heads)
     w_out = torch.stack([w2[h, :, h] for h in range(n_heads)]) * factor
     return {f"readouts.{t}.weight_in": w1.permute(1, 0, 2).contiguous(), f"readouts.{t}.weight_out": w_out}

@@ -116,22 +116,3 @@ def test_imported_model_extends_elements(tmp_path):
         energies.append(atoms.get_potential_energy())
     assert abs(energies[0] - energies[1]) < 1e-10
     assert bigger.hub_metadata["license"] == "mit"
-
-
-def test_export_refuses_what_mace_cannot_express(tmp_path):
-    from foundation.interop.mace_export import check_exportable, mace_tensors
-    from foundation.interop.mace_weights import w3j_signs
-    from foundation.model.config import ModelConfig
-    with pytest.raises(ValueError, match="faded energy assembly"):
-        check_exportable(ModelConfig(elements=["H"]))
-    with pytest.raises(ValueError, match="charge embedding"):
-        check_exportable(ModelConfig(elements=["H"], energy_form="mace", max_total_charge=2))
-    # the inverse map reproduces the dump's own tensors (mace layout), up to the silu-constant rescaling
-    model = FoundationModel.from_pretrained(import_mace(FIXTURE, tmp_path / "m", license="mit"))
-    hyper = json.loads((FIXTURE / "hyper.json").read_text())
-    back = mace_tensors(model, w3j_signs(hyper["w3j_signature"]))
-    dumped = load_file(str(FIXTURE / "model.safetensors"))
-    for key in ("interactions.1.linear.weight", "interactions.1.skip_tp.weight", "readouts.0.linear.weight",
-                "products.0.symmetric_contractions.contractions.1.weights_max",
-                "interactions.1.conv_tp_weights.layer0.weight"):
-        assert torch.allclose(back[key].reshape(dumped[key].shape), dumped[key].double(), rtol=0, atol=1e-14), key
