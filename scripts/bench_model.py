@@ -184,8 +184,8 @@ def interleaved(runners: dict, request: dict) -> dict:
         for i in range(timing["repeats"]):
             for side in (names if i % 2 == 0 else names[::-1]):
                 per_call[side].append(runners[side].repeat(w, timing["min_time"]))
-        if len(names) >= 2:  # median over adjacent (A, B) repeats of B's time / A's time: robust to load drift
-            a, b = per_call[names[0]], per_call[names[1]]
+        if len(names) >= 2:  # median over adjacent (ours, mace) repeats of mace's time / ours: robust to load drift
+            a, b = per_call[names[0]], per_call["mace" if "mace" in names else names[1]]
             out[names[0]][w + "_paired_ratio"] = statistics.median(tb / ta for ta, tb in zip(a, b))
         for side in names:
             med, info = statistics.median(per_call[side]), infos[side]["workloads"][w]
