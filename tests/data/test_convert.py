@@ -1,11 +1,13 @@
 """Conversion: exact round trip, manifest contents, bad input, atomicity, idempotency, the CLI."""
 import json
 import os
+from pathlib import Path
 
 import ase.io
 import numpy as np
 import pytest
 from ase import Atoms
+from ase.build import bulk
 from ase.calculators.singlepoint import SinglePointCalculator
 from ase.db import connect
 from data_helpers import data_file, emt_frames
@@ -315,20 +317,41 @@ def test_disk_full_is_one_line_naming_the_folder(tmp_path, emt_xyz, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_full_file_system_is_one_line(tmp_path, emt_xyz):
-    """A real full disk: a 256 KiB tmpfs, where LMDB reports "Input/output error" (skipped where mount is denied)."""
+def _convert_capturing_stderr(source: Path, out: Path) -> tuple[int, str]:
+    import contextlib
+    import io
+
+    from foundation.cli import main
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        status = main(["data", "convert", str(source), "--out", str(out)])
+    return status, err.getvalue()
+
+
+def test_a_full_file_system_is_one_line(tmp_path):
+    """A real full disk: a 256 KiB tmpfs, where LMDB reports "Input/output error" (skipped where mount is denied).
+    ~1 MB of records (400 frames of 32 atoms); the conversion runs in a forked child, which a full disk can kill."""
     import subprocess
-    import sys
+
+    from forked import run_forked
     mnt = tmp_path / "tiny"
     mnt.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here")
+    rng = np.random.default_rng(0)
+    frames = []
+    for _ in range(400):
+        atoms = bulk("Cu", "fcc", a=3.6, cubic=True).repeat(2)
+        atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)
+        atoms.calc = SinglePointCalculator(atoms, energy=float(rng.normal()), forces=rng.normal(size=(32, 3)))
+        frames.append(atoms)
+    ase.io.write(tmp_path / "big.xyz", frames)
     try:
-        proc = subprocess.run([sys.executable, "-m", "foundation.cli", "data", "convert",
-                               str(data_file("rmd17/rmd17_aspirin_train_01.xyz.xz")), "--out", str(mnt / "ds")],
-                              capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 2, proc.stderr[-2000:]
-        assert len(proc.stderr.strip().splitlines()) == 1 and "no space left" in proc.stderr
+        code, result = run_forked(lambda: _convert_capturing_stderr(tmp_path / "big.xyz", mnt / "ds"))
+        assert code == 0, f"convert killed its process (exit {code})"
+        status, err = result
+        assert status == 2, err[-2000:]
+        assert len(err.strip().splitlines()) == 1 and "no space left" in err
         assert os.listdir(mnt) == []
     finally:
         subprocess.run(["umount", str(mnt)], capture_output=True)
