@@ -133,14 +133,16 @@ class FoundationCalculator(Calculator):
     the first). ``skin`` (Å): neighbor-list skin for MD. ``compute_stress``: None (default) computes stress whenever
     it is defined, False never, True only where it is defined. The total charge (e) is read from
     ``atoms.info["charge"]`` (or ``"total_charge"``), default 0. ``implemented_properties`` lists what this model
-    gives (charges and dipole only with a charge head), found by one call on an isolated atom.
+    gives (charges and dipole only with a charge head), found by one call on an isolated atom. ``compile=True``
+    evaluates ``head`` through ``foundation.integrations.compiled`` (torch.compile: the first call of each new
+    composition compiles, then small-system MD runs faster; short-range models without charge embedding only).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "charges", "dipole"]
 
     def __init__(self, model: torch.nn.Module, head: str | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float64", skin: float = 0.5, compute_stress: bool | None = None,
-                 **kwargs):
+                 compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.model = inference_copy(model, device, dtype)
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
@@ -150,7 +152,13 @@ class FoundationCalculator(Calculator):
         self.head, self.head_index = select_head(config, head)
         self.compute_stress = compute_stress
         self.neighbors = SkinNeighborList(self.r_max, skin)
+        self.compiled = None
         self.implemented_properties = self._model_properties()
+        if compile:
+            if self.device.type != "cpu":
+                raise ValueError(f"compile=True is for CPU inference (device {device!r}); use compile=False")
+            from .integrations.compiled import compile_model
+            self.compiled = compile_model(self.model, head=self.head, dtype=dtype)
 
     def _model_properties(self) -> list[str]:
         """The ASE properties this model gives, from its outputs on one isolated atom of its first element."""
@@ -200,7 +208,8 @@ class FoundationCalculator(Calculator):
 
     def _forward(self, graphs: list[Data], stress: bool) -> dict[str, torch.Tensor]:
         batch = Batch.from_data_list(graphs).to(self.device)
-        out = self.model(batch, compute_forces=True, compute_stress=stress)
+        model = self.model if self.compiled is None else self.compiled
+        out = model(batch, compute_forces=True, compute_stress=stress)
         return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def _wants_stress(self, atoms: Atoms) -> bool:

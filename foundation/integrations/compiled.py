@@ -8,9 +8,10 @@ What is compiled is the differentiable part only: positions (n,3) Å, strain, sh
 (n,), the computation of the TorchScript artifact (``scripted.ShortRange.energies``: folded weights, nodes sorted by
 element, padded neighbour table). The data-dependent preparation (element order and slices, the padded table and its
 width K, ``.tolist()``) runs eagerly before, so the compiled graph has no graph break; forces and stress come from
-``torch.autograd.grad`` outside it, so AOTAutograd compiles the backward too. Shapes are dynamic (``dynamic=True``):
-an MD step with another edge count or table width K reuses the compiled code; a new composition (other per-element
-counts) or switching stress on/off compiles again (``torch._dynamo`` guards).
+``torch.autograd.grad`` outside it, so AOTAutograd compiles the backward too. With ``dynamic=True`` the edge count E
+and the neighbour-table width K are dynamic dimensions (``maybe_mark_dynamic``): an MD step with other E, K reuses
+the compiled code; the atom count and per-element counts are specialised (guards), so a new composition or switching
+stress on/off compiles again (fully symbolic shapes, ``torch.compile(dynamic=True)``, traced 4x slower).
 
 Not covered (ValueError): the long-range head, the total-charge embedding, and imported mace-torch components that
 the artifact lacks (``artifact.check_scriptable``). Inference only (no create_graph).
@@ -35,10 +36,12 @@ class EnergyCore(nn.Module):
         super().__init__()
         self.short_range = short_range
         self.short_range.sh.sph_func = _spherical_harmonics  # plain Python: dynamo cannot trace a ScriptFunction
+        # per-element node slices (element, start, stop): an attribute, so that dynamo specialises on the
+        # composition (a guard on its value) instead of tracing symbolic slice bounds
+        self.slices: tuple[tuple[int, int, int], ...] = ()
 
     def forward(self, pos: Tensor, sym: Tensor, shifts: Tensor, batch: Tensor, z: Tensor, sender: Tensor,
-                receiver: Tensor, order: Tensor, rank: Tensor, index: Tensor, send: Tensor,
-                slices: tuple[tuple[int, int, int], ...]) -> Tensor:
+                receiver: Tensor, order: Tensor, rank: Tensor, index: Tensor, send: Tensor) -> Tensor:
         """pos (n,3) Å, sym (B,3,3) symmetric strain (zeros; a grad leaf for stress), shifts (E,3) Å, batch (n,),
         z (n,) element index, sender/receiver (E,), ``ShortRange.prepare``'s tables with send shaped (n, K)."""
         pos_s = pos + torch.einsum("ni,nij->nj", pos, sym[batch])
@@ -46,7 +49,7 @@ class EnergyCore(nn.Module):
         vectors = pos_s[receiver] - pos_s[sender] + shifts_s
         charge = pos.new_zeros(pos.shape[0])
         energy, _ = self.short_range.energies(z, vectors, receiver, charge, order, rank, index, send.reshape(-1),
-                                              send.shape[1], list(slices))
+                                              send.shape[1], list(self.slices))
         return energy
 
 
@@ -72,12 +75,19 @@ class CompiledModel(nn.Module):
         self.dtype = copy.dtype
         self.register_buffer("element_index", copy.element_index.clone())
         self.core = EnergyCore(ShortRange(copy, head_index))
-        self.compiled = torch.compile(self.core, backend=backend, dynamic=dynamic, fullgraph=True)
+        self.dynamic = dynamic
+        self.compiled = torch.compile(self.core, backend=backend, dynamic=None if dynamic else False, fullgraph=True)
 
-    def tables(self, z: Tensor, sender: Tensor, receiver: Tensor) -> tuple:
-        """Eager, data-dependent preparation: (order, rank, index, send (n, K), slices as a tuple)."""
+    def tables(self, z: Tensor, sender: Tensor, receiver: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Eager, data-dependent preparation: (order (n,), rank (n,), index (E,), send (n, K)); sets the core's
+        slices. The edge count E and the width K are marked dynamic (one compiled graph for every MD step)."""
         order, rank, slices, index, send, k = self.core.short_range.prepare(z, sender, receiver)
-        return order, rank, index, send.view(z.shape[0], k), tuple(slices)
+        self.core.slices = tuple(slices)
+        send = send.view(z.shape[0], k)
+        if self.dynamic:
+            torch._dynamo.maybe_mark_dynamic(index, 0)
+            torch._dynamo.maybe_mark_dynamic(send, 1)
+        return order, rank, index, send
 
     def forward(self, batch, compute_forces: bool = True, compute_stress: bool = False) -> dict[str, Tensor]:
         """``batch``: a PyG Batch/Data of ``foundation.data.from_atoms`` graphs -> the model's outputs dict."""
@@ -94,9 +104,12 @@ class CompiledModel(nn.Module):
         pbc = batch[keys.PBC].view(-1, 3)
         displacement = torch.zeros_like(cell).requires_grad_(compute_stress)
         sym = 0.5 * (displacement + displacement.transpose(1, 2))
+        shifts = batch[keys.SHIFTS].to(self.dtype)
+        if self.dynamic:
+            for edge_tensor, dim in ((shifts, 0), (sender, 0), (receiver, 0)):
+                torch._dynamo.maybe_mark_dynamic(edge_tensor, dim)
         with torch.enable_grad():
-            node_energy = self.compiled(pos, sym, batch[keys.SHIFTS].to(self.dtype), vec, z, sender, receiver,
-                                        *self.tables(z, sender, receiver))
+            node_energy = self.compiled(pos, sym, shifts, vec, z, sender, receiver, *self.tables(z, sender, receiver))
         energy = torch.zeros(cell.shape[0], dtype=self.dtype).index_add(0, vec, node_energy)
         out = {keys.ENERGY: energy.detach(), keys.NODE_ENERGY: node_energy.detach()}
         if compute_forces or compute_stress:
