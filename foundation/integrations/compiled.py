@@ -23,8 +23,8 @@ from e3nn.o3._spherical_harmonics import _spherical_harmonics
 from torch import Tensor, nn
 
 from .. import keys
-from ..calculator import inference_copy, select_head
 from ..model import derivatives
+from ..model.inference import inference_copy, select_head
 from .scripted import ShortRange
 
 
