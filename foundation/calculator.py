@@ -16,8 +16,6 @@ a periodic direction have no stress (absent from the results; in a batched model
 """
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import torch
 from ase import Atoms
@@ -28,30 +26,7 @@ from torch_geometric.data import Batch, Data
 
 from . import keys
 from .data.graph import check_min_distance, from_atoms, neighbor_list
-
-DTYPES = {"float32": torch.float32, "float64": torch.float64, torch.float32: torch.float32,
-          torch.float64: torch.float64}
-
-
-def inference_copy(model: torch.nn.Module, device: str | torch.device, dtype: str | torch.dtype) -> torch.nn.Module:
-    """A copy of ``model`` on ``device``, cast to ``dtype`` ('float32' | 'float64' or the torch dtype), in eval mode.
-
-    The model passed in is left as it was (dtype, device, training mode), so several calculators or simulation
-    models can share it, each in its own precision.
-    """
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
-    return copy.deepcopy(model).to(device=torch.device(device), dtype=DTYPES[dtype]).eval()
-
-
-def select_head(config, head: str | None) -> tuple[str, int]:
-    """(name, index) of readout head ``head`` in ``config.heads`` (default: the first; a model without
-    ``heads`` has one, 'default')."""
-    heads = list(getattr(config, "heads", None) or ["default"])
-    head = heads[0] if head is None else head
-    if head not in heads:
-        raise ValueError(f"head {head!r} is not a head of this model; choose one of {heads}")
-    return head, heads.index(head)
+from .model.inference import DTYPES, inference_copy, select_head  # noqa: F401  (re-exported)
 
 
 class SkinNeighborList:
@@ -133,14 +108,16 @@ class FoundationCalculator(Calculator):
     the first). ``skin`` (Å): neighbor-list skin for MD. ``compute_stress``: None (default) computes stress whenever
     it is defined, False never, True only where it is defined. The total charge (e) is read from
     ``atoms.info["charge"]`` (or ``"total_charge"``), default 0. ``implemented_properties`` lists what this model
-    gives (charges and dipole only with a charge head), found by one call on an isolated atom.
+    gives (charges and dipole only with a charge head), found by one call on an isolated atom. ``compile=True``
+    evaluates ``head`` through ``foundation.integrations.compiled`` (torch.compile: the first call of each new
+    composition compiles, then small-system MD runs faster; short-range models without charge embedding only).
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies", "charges", "dipole"]
 
     def __init__(self, model: torch.nn.Module, head: str | None = None, device: str | torch.device = "cpu",
                  dtype: str | torch.dtype = "float64", skin: float = 0.5, compute_stress: bool | None = None,
-                 **kwargs):
+                 compile: bool = False, **kwargs):
         super().__init__(**kwargs)
         self.model = inference_copy(model, device, dtype)
         self.dtype, self.device = DTYPES[dtype], torch.device(device)
@@ -150,7 +127,13 @@ class FoundationCalculator(Calculator):
         self.head, self.head_index = select_head(config, head)
         self.compute_stress = compute_stress
         self.neighbors = SkinNeighborList(self.r_max, skin)
+        self.compiled = None
         self.implemented_properties = self._model_properties()
+        if compile:
+            if self.device.type != "cpu":
+                raise ValueError(f"compile=True is for CPU inference (device {device!r}); use compile=False")
+            from .integrations.compiled import compile_model
+            self.compiled = compile_model(self.model, head=self.head, dtype=dtype)
 
     def _model_properties(self) -> list[str]:
         """The ASE properties this model gives, from its outputs on one isolated atom of its first element."""
@@ -200,7 +183,8 @@ class FoundationCalculator(Calculator):
 
     def _forward(self, graphs: list[Data], stress: bool) -> dict[str, torch.Tensor]:
         batch = Batch.from_data_list(graphs).to(self.device)
-        out = self.model(batch, compute_forces=True, compute_stress=stress)
+        model = self.model if self.compiled is None else self.compiled
+        out = model(batch, compute_forces=True, compute_stress=stress)
         return {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor)}
 
     def _wants_stress(self, atoms: Atoms) -> bool:

@@ -1,5 +1,6 @@
 """Benchmark sides that run a `foundation export torchscript` artifact (imported by bench_model.py --artifact and
-bench_artifact_md.py): ``ScriptSide`` for the inference workloads, ``ArtifactCalculator`` for ASE MD."""
+bench_artifact_md.py): ``ScriptSide`` for the inference workloads, ``ArtifactCalculator`` for ASE MD; and
+``CompiledSide`` (bench_model.py --compiled), our model through ``foundation.integrations.compiled``."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,6 +29,27 @@ class ScriptSide(OursSide):
 
     def train(self, frames, avg_num_neighbors: float):
         raise ValueError("the TorchScript artifact is for inference: drop asp_train from --workloads with --artifact")
+
+
+class CompiledSide(OursSide):
+    """Our model through ``compile_model`` (torch.compile, inductor) in the benchmark's dtype; inference only. The
+    compile time (first call, untimed) is kept in ``compile_s``."""
+
+    compile_s: dict = {}
+
+    def infer(self, atoms, stress: bool, avg_num_neighbors: float):
+        import time
+
+        from foundation.integrations.compiled import compile_model
+        model, batch = self.model([atoms], avg_num_neighbors)
+        compiled = compile_model(model.eval(), dtype=self.dtype)
+        start = time.perf_counter()
+        compiled(batch, compute_stress=stress)
+        self.compile_s[self.preset] = time.perf_counter() - start
+        return lambda: compiled(batch, compute_stress=stress)
+
+    def train(self, frames, avg_num_neighbors: float):
+        raise ValueError("the compiled model is for inference: drop asp_train from --workloads with --compiled")
 
 
 class ArtifactCalculator(Calculator):

@@ -11,8 +11,9 @@ Workloads (each for every preset / L, both models, same structures, threads, dty
 Timing: graphs (neighbour lists) are built once, outside the timed region, on both sides; each repeat runs
 the call until at least --min-time seconds have passed and records seconds per call; the table shows the
 median over --repeats after --warmup untimed calls (default 3: mace-torch's TorchScript-compiled e3nn
-settles on the 3rd-4th call). A "paired" ratio is also given: the median over adjacent (ours, mace) repeats
-of their time ratio. Random weights, zero reference energies, no torch.compile on either side.
+settles on the 3rd-4th call; --compiled: torch.compile's first call, untimed). A "paired" ratio is also
+given: the median over adjacent (ours, mace) repeats of their time ratio. Random weights, zero reference
+energies, no torch.compile on either side except in the --compiled column (foundation.integrations.compiled).
 
 Both sides are timed alternately, repeat by repeat (A B, B A, ...), so the load of a shared machine hits
 them alike; the load average is recorded. mace-torch runs in its own venv (scripts/setup_mace_venv.sh) as a
@@ -289,15 +290,17 @@ def print_table(rows: list[dict], file=sys.stdout) -> None:
     """One line per (case, workload): ours, mace, ours/mace of the medians (>1: we are faster), and the
     median of the per-repeat ratios of adjacent (ours, mace) repeats."""
     head = (f"{'preset':<8} {'L':>2} {'workload':<10} {'ours':>10} {'mace':>10} {'ratio':>7} {'paired':>7} "
-            f"{'script':>10} {'s/mace':>7}  unit")
+            f"{'script':>10} {'s/mace':>7} {'compiled':>10} {'c/mace':>7}  unit")
     print(head, file=file)
     print("-" * len(head), file=file)
     for r in rows:
         ratio = f"{r['ours'] / r['mace']:.2f}x" if r.get("mace") and r.get("ours") else "-"
         paired = f"{r['paired']:.2f}x" if r.get("paired") else "-"
         script = f"{r['script'] / r['mace']:.2f}x" if r.get("mace") and r.get("script") else "-"
+        comp = f"{r['compiled'] / r['mace']:.2f}x" if r.get("mace") and r.get("compiled") else "-"
         print(f"{r['preset']:<8} {r['L']:>2} {r['workload']:<10} {fmt(r.get('ours')):>10} "
-              f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7} {fmt(r.get('script')):>10} {script:>7}  {r['unit']}",
+              f"{fmt(r.get('mace')):>10} {ratio:>7} {paired:>7} {fmt(r.get('script')):>10} {script:>7} "
+              f"{fmt(r.get('compiled')):>10} {comp:>7}  {r['unit']}",
               file=file)
 
 
@@ -320,6 +323,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mace-reduced-cg", action="store_true", help="mace use_reduced_cg=True (CLI default False)")
     p.add_argument("--artifact", action="store_true", help="also time the TorchScript artifact (column 'script'; "
                                                            "inference workloads only)")
+    p.add_argument("--compiled", action="store_true", help="also time foundation.integrations.compiled (torch.compile, "
+                                                           "column 'compiled'; inference only; compile untimed)")
     return p.parse_args(argv)
 
 
@@ -350,6 +355,9 @@ def main(argv=None) -> int:
         if args.artifact:
             from _artifact_side import ScriptSide
             runners["script"] = LocalRunner(ScriptSide(preset, {**overrides, **extra}, args.dtype))
+        if args.compiled:
+            from _artifact_side import CompiledSide
+            runners["compiled"] = LocalRunner(CompiledSide(preset, {**overrides, **extra}, args.dtype))
         if args.mace_python:
             from _mace_worker import WorkerClient  # scripts/ is on sys.path: this file's folder
             runners["mace"] = WorkerClient(args.mace_python, args.threads)
@@ -359,15 +367,20 @@ def main(argv=None) -> int:
             if "mace" in runners:
                 runners["mace"].close()
         case["load_after"] = os.getloadavg()
+        if args.compiled:
+            from _artifact_side import CompiledSide
+            case["compile_s"] = CompiledSide.compile_s.get(preset)
         report["cases"].append(case)
         for w in request["workloads"]:
             rows.append({"preset": preset, "L": hyper["max_L"], "workload": w, "unit": UNITS[w],
                          "ours": case["ours"][w]["throughput"],
                          "mace": case.get("mace", {}).get(w, {}).get("throughput"),
                          "paired": case["ours"].get(w + "_paired_ratio"),
-                         "script": case.get("script", {}).get(w, {}).get("throughput")})
+                         "script": case.get("script", {}).get(w, {}).get("throughput"),
+                         "compiled": case.get("compiled", {}).get(w, {}).get("throughput")})
         print(f"{preset} L={hyper['max_L']}: params ours {case['ours']['params']}, mace "
-              f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}",
+              f"{case.get('mace', {}).get('params', '-')}; load {case['load_before']} -> {case['load_after']}"
+              + (f"; compile {case['compile_s']:.0f} s" if case.get("compile_s") else ""),
               flush=True)
     print()
     print_table(rows)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from .. import __version__
-from ..calculator import inference_copy, select_head
+from ..model.inference import inference_copy, select_head
 from .deployed import DeployedModel
 
 METADATA = "foundation.json"

@@ -260,12 +260,14 @@ class ShortRange(nn.Module):
     def forward(self, z: Tensor, vectors: Tensor, sender: Tensor, receiver: Tensor, charge_per_atom: Tensor
                 ) -> tuple[Tensor, Tensor]:
         """z (n,) element index, vectors (E,3) Å = pos[receiver] - pos[sender] + shifts, charge_per_atom (n,) e."""
-        lengths = torch.linalg.norm(vectors, dim=-1)
-        r1 = lengths.unsqueeze(-1)
-        edge_feats = self.prefactor * torch.sin(self.freq * r1) / r1 * self.envelope(lengths).unsqueeze(-1)
-        sh = self.sh(vectors)
-        coordination = torch.zeros(z.shape[0], dtype=vectors.dtype, device=vectors.device).index_add(
-            0, receiver, self.envelope(lengths))
+        order, rank, slices, index, send, k = self.prepare(z, sender, receiver)
+        return self.energies(z, vectors, receiver, charge_per_atom, order, rank, index, send, k, slices)
+
+    def prepare(self, z: Tensor, sender: Tensor, receiver: Tensor
+                ) -> tuple[Tensor, Tensor, list[tuple[int, int, int]], Tensor, Tensor, int]:
+        """The data-dependent tables (no gradient flows through them): element order (n,) and its inverse rank (n,),
+        per-element slices (element, start, stop) of the sorted nodes, the padded neighbour table (index (E,),
+        send (nK,), K) of ``padded_neighbors`` in sorted node numbering."""
         order = torch.argsort(z, stable=True)
         rank = torch.empty_like(order)
         rank[order] = torch.arange(order.numel(), device=order.device)
@@ -277,6 +279,19 @@ class ShortRange(nn.Module):
                 slices.append((e, start, start + c))
                 start += c
         index, send, k = padded_neighbors(rank[sender], rank[receiver], z.shape[0])
+        return order, rank, slices, index, send, k
+
+    def energies(self, z: Tensor, vectors: Tensor, receiver: Tensor, charge_per_atom: Tensor, order: Tensor,
+                 rank: Tensor, index: Tensor, send: Tensor, k: int, slices: list[tuple[int, int, int]]
+                 ) -> tuple[Tensor, Tensor]:
+        """Per-atom energies (n,) eV and invariant features (n, C) from edge vectors (E,3) Å and ``prepare``'s
+        tables: the differentiable part (what ``foundation.integrations.compiled`` compiles)."""
+        lengths = torch.linalg.norm(vectors, dim=-1)
+        r1 = lengths.unsqueeze(-1)
+        edge_feats = self.prefactor * torch.sin(self.freq * r1) / r1 * self.envelope(lengths).unsqueeze(-1)
+        sh = self.sh(vectors)
+        coordination = torch.zeros(z.shape[0], dtype=vectors.dtype, device=vectors.device).index_add(
+            0, receiver, self.envelope(lengths))
         h = self.embedding[z[order]].unsqueeze(1)
         if self.max_charge > 0:
             h = h + self.charge_embedding(charge_per_atom[order]).unsqueeze(1)
