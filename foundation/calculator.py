@@ -130,10 +130,8 @@ class FoundationCalculator(Calculator):
         self.compiled = None
         self.implemented_properties = self._model_properties()
         if compile:
-            if self.device.type != "cpu":
-                raise ValueError(f"compile=True is for CPU inference (device {device!r}); use compile=False")
             from .integrations.compiled import compile_model
-            self.compiled = compile_model(self.model, head=self.head, dtype=dtype)
+            self.compiled = compile_model(self.model, head=self.head, dtype=dtype, device=self.device)
 
     def _model_properties(self) -> list[str]:
         """The ASE properties this model gives, from its outputs on one isolated atom of its first element."""

@@ -61,7 +61,7 @@ class CompiledModel(nn.Module):
     """
 
     def __init__(self, model, head: str | None = None, dtype: str | None = None, backend: str = "inductor",
-                 dynamic: bool = True):
+                 dynamic: bool = True, device: str | torch.device = "cpu"):
         super().__init__()
         from .artifact import check_scriptable
         config = model.config
@@ -71,7 +71,7 @@ class CompiledModel(nn.Module):
                              "use the eager model (or the TorchScript artifact)")
         self.config = config
         self.head, head_index = select_head(config, head)
-        copy = inference_copy(model, "cpu", dtype or config.dtype)
+        copy = inference_copy(model, device, dtype or config.dtype)
         self.dtype = copy.dtype
         self.register_buffer("element_index", copy.element_index.clone())
         self.core = EnergyCore(ShortRange(copy, head_index))
@@ -99,7 +99,7 @@ class CompiledModel(nn.Module):
         sender, receiver = edge_index[0], edge_index[1]
         n = pos.shape[0]
         vec = getattr(batch, "batch", None)
-        vec = torch.zeros(n, dtype=torch.long) if vec is None else vec
+        vec = torch.zeros(n, dtype=torch.long, device=pos.device) if vec is None else vec
         cell = batch[keys.CELL].to(self.dtype).view(-1, 3, 3)
         pbc = batch[keys.PBC].view(-1, 3)
         displacement = torch.zeros_like(cell).requires_grad_(compute_stress)
@@ -110,7 +110,7 @@ class CompiledModel(nn.Module):
                 torch._dynamo.maybe_mark_dynamic(edge_tensor, dim)
         with torch.enable_grad():
             node_energy = self.compiled(pos, sym, shifts, vec, z, sender, receiver, *self.tables(z, sender, receiver))
-        energy = torch.zeros(cell.shape[0], dtype=self.dtype).index_add(0, vec, node_energy)
+        energy = torch.zeros(cell.shape[0], dtype=self.dtype, device=pos.device).index_add(0, vec, node_energy)
         out = {keys.ENERGY: energy.detach(), keys.NODE_ENERGY: node_energy.detach()}
         if compute_forces or compute_stress:
             forces, stress, virials = derivatives.forces_and_stress(
@@ -122,6 +122,7 @@ class CompiledModel(nn.Module):
 
 
 def compile_model(model, head: str | None = None, dtype: str | None = None, backend: str = "inductor",
-                  dynamic: bool = True) -> CompiledModel:
-    """``CompiledModel(model, head, dtype, backend, dynamic)``: see the module docstring. ``model`` is not changed."""
-    return CompiledModel(model, head, dtype, backend, dynamic)
+                  dynamic: bool = True, device: str | torch.device = "cpu") -> CompiledModel:
+    """``CompiledModel(model, head, dtype, backend, dynamic, device)``: see the module docstring; the batch must be
+    on ``device`` (inductor generates C++ on CPU, Triton on CUDA; measured on CPU only). ``model`` is not changed."""
+    return CompiledModel(model, head, dtype, backend, dynamic, device)
