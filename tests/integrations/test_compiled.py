@@ -56,7 +56,7 @@ def test_compiled_equals_eager_without_graph_break_or_recompile(monkeypatch):
     assert len(shapes) == 3
     assert counter.frame_count == 1  # fullgraph=True: one graph, compiled once for every geometry
     # the calculator's opt-in path, given the compiled model above (a new one would be traced again)
-    monkeypatch.setattr(compiled_module, "compile_model", lambda m, head=None, dtype=None: compiled)
+    monkeypatch.setattr(compiled_module, "compile_model", lambda m, head=None, dtype=None, device="cpu": compiled)
     calc = FoundationCalculator(model, compile=True)
     atoms = acid.copy()
     atoms.calc = calc
