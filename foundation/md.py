@@ -148,9 +148,10 @@ def md(model: str, structure: str | Path, steps: int, temperature_k: float, ense
        timestep_fs: float = 1.0, *, trajectory: str | Path | None = None, log: str | Path | None = None,
        interval: int = 10, head: str | None = None, device: str = "cpu", dtype: str = "float64",
        revision: str | None = None, seed: int = 0, pressure_gpa: float = 0.0, friction_per_fs: float = 0.01,
-       model_class: type | None = None) -> MDSummary:
+       model_class: type | None = None, compile: bool = False) -> MDSummary:
     """``foundation md``: load ``model`` (Hub id or directory) and ``structure`` (any ASE-readable file, last
-    frame), run MD, write ``trajectory`` (default STRUCTURE_STEM.md.traj) and ``log`` (default .md.log)."""
+    frame), run MD, write ``trajectory`` (default STRUCTURE_STEM.md.traj) and ``log`` (default .md.log);
+    ``compile``: the calculator's energy through ``torch.compile`` (``FoundationCalculator(compile=True)``)."""
     from .calculator import FoundationCalculator
     from .data.readers import read_atoms
     structure = Path(structure)
@@ -161,6 +162,6 @@ def md(model: str, structure: str | Path, steps: int, temperature_k: float, ense
     trajectory = trajectory or f"{stem}.md.traj"
     log = log or f"{stem}.md.log"
     atoms.calc = FoundationCalculator.from_pretrained(model, head=head, device=device, dtype=dtype,
-                                                      revision=revision, model_class=model_class)
+                                                      revision=revision, model_class=model_class, compile=compile)
     return run_md(atoms, steps, temperature_k, ensemble, timestep_fs, trajectory=trajectory, log=log,
                   interval=interval, seed=seed, pressure_gpa=pressure_gpa, friction_per_fs=friction_per_fs)

@@ -131,3 +131,24 @@ def test_cli_md_runs_a_saved_foundation_model(tmp_path, capsys):
     assert rc == 0 and "ns/day" in out and "atom-steps/s" in out
     assert len(read(tmp_path / "cell.md.traj", ":")) == 3
     assert len((tmp_path / "cell.md.log").read_text().splitlines()) == 1 + 3
+
+
+def test_cli_md_compile_runs_through_the_compiled_energy(tmp_path, capsys, monkeypatch):
+    """``foundation md --compile`` hands ``compile=True`` to the calculator: the run goes through
+    ``integrations.compiled`` (here with the aot_eager backend: same tracing, no C++ build) for the chosen head."""
+    from foundation.cli import main
+    from foundation.integrations import compiled as compiled_module
+    made = []
+
+    def quick(model, head=None, dtype=None, device="cpu"):
+        made.append(compiled_module.CompiledModel(model, head, dtype, backend="aot_eager", device=device))
+        return made[-1]
+
+    monkeypatch.setattr(compiled_module, "compile_model", quick)
+    foundation_model().save_pretrained(tmp_path / "model")
+    write(tmp_path / "cell.xyz", cu_au_32())
+    rc = main(["md", str(tmp_path / "model"), str(tmp_path / "cell.xyz"), "--steps", "4", "--temperature", "300",
+               "--interval", "2", "--head", "r2scan", "--compile"])
+    assert rc == 0 and "ns/day" in capsys.readouterr().out
+    assert [m.head for m in made] == ["r2scan"]
+    assert len(read(tmp_path / "cell.md.traj", ":")) == 3
