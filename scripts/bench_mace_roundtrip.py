@@ -8,7 +8,9 @@
    checked-in ``trained`` fixture (a ``mace_run_train`` model, references recorded from its original ``.model``)
    is added. ``--fixtures DIR`` uses existing dumps instead (e.g. tests/interop/fixtures).
 2. ``foundation import mace DUMP`` then ``foundation export mace`` (its last step in the mace venv) -> back.model.
-3. ``make_mace_fixtures.py --evaluate`` runs ``MACECalculator`` on every back.model, same structures and batch.
+3. ``make_mace_fixtures.py --evaluate`` runs ``MACECalculator`` on every back.model, same structures and batch,
+   for every head of a multi-head model (mace's references are for one head, ``pt_head`` for MPA-0; on the other
+   heads the exported model is compared with our imported one).
 4. A fine-tune: ``foundation finetune recipes/finetune_imported_mace.yaml`` from the imported ``trained`` model
    (new head ``cuau``, full strategy, ``--finetune-steps`` steps on EMT-labelled Cu-Au cells), exported; mace's
    outputs of the export for both heads against our ``FoundationCalculator`` on the fine-tuned model.
@@ -135,9 +137,13 @@ def main(argv=None) -> int:
             back.parent.mkdir(exist_ok=True)
             cli("export", "mace", str(work / "imported" / dump.name), "--out", str(back),
                 "--mace-python", args.mace_python)
+            # a multi-head model: every head; the one mace's references were made for is compared with them, the
+            # others with our imported model
+            imported = FoundationModel.from_pretrained(work / "imported" / dump.name)
+            heads = [ref["head"]] if ref["head"] is None else list(imported.config.heads)
             jobs.append({"model": str(back), "out": str(work / "back" / f"{dump.name}.json"), "dtype": ref["dtype"],
-                         "heads": [ref["head"]], "structures": str(dump / "reference.json")})
-            rows.append((dump.name, ref, None))
+                         "heads": heads, "structures": str(dump / "reference.json")})
+            rows.append((dump.name, ref, imported))
         if args.finetune_steps:
             tuned = finetune(work / "imported" / TRAINED.name, work, args.finetune_steps)
             back = work / "back" / "finetuned.model"
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
             print(f"the fine-tune moved the backbone's weights by up to {shift:.1e}")
             jobs.append({"model": str(back), "out": str(work / "back" / "finetuned.json"), "dtype": "float64",
                          "heads": list(model.config.heads), "structures": str(TRAINED / "reference.json")})
-            rows.append(("finetuned", json.loads((TRAINED / "reference.json").read_text()), model))
+            rows.append(("finetuned", {**json.loads((TRAINED / "reference.json").read_text()), "head": "-"}, model))
         (work / "jobs.json").write_text(json.dumps(jobs))
         run_mace(args.mace_python, "--evaluate", str(work / "jobs.json"))
         print("| model (head) | dtype | max dev. energy (eV) | forces (eV/Å) | stress (eV/Å³) | within tolerance |")
@@ -156,8 +162,8 @@ def main(argv=None) -> int:
         for (name, ref, model), job in zip(rows, jobs):
             exported = json.loads(Path(job["out"]).read_text())
             for head in job["heads"]:
-                # the original mace model's references, or our calculator on the fine-tuned model
-                expected = ref if model is None else predict(model, ref, head, "float64")
+                # the original mace model's references, or our calculator (other heads, the fine-tuned model)
+                expected = ref if head == ref["head"] else predict(model, ref, head, job["dtype"])
                 dev = max_deviations(expected, exported[str(head)])
                 ok &= within(dev, job["dtype"])
                 print(row(f"{name} ({head})" if head else name, job["dtype"], dev))
