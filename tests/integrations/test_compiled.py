@@ -1,13 +1,15 @@
 """``foundation.integrations.compiled`` on the tiniest model: one full graph (no break), compiled == eager in float64,
 a new geometry with another edge count reuses the compiled graph, and ``FoundationCalculator(compile=True)``.
 
-The backend is 'aot_eager' (dynamo + AOTAutograd tracing, forward and backward, without inductor's C++ code
-generation, which takes minutes on CPU): it checks what can go wrong in tracing (graph breaks, guards, exactness of
-the traced computation) in CI time. Inductor's speed is measured by ``scripts/bench_model.py --compiled``.
+The tracing checks use the 'aot_eager' backend (dynamo + AOTAutograd, forward and backward, without inductor's C++
+code generation): graph breaks, guards, exactness of the traced computation, in seconds. One test compiles with the
+default backend, inductor (~30-40 s cold), and checks its kernels against eager. Inductor's speed is measured by
+``scripts/bench_model.py --compiled``.
 """
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from ase.build import molecule
 from torch._dynamo.testing import CompileCounterWithBackend
@@ -64,3 +66,15 @@ def test_compiled_equals_eager_without_graph_break_or_recompile(monkeypatch):
     assert abs(atoms.get_potential_energy() - eager[0]) <= 1e-10 * abs(eager[0])
     np.testing.assert_allclose(atoms.get_forces(), eager[1], rtol=1e-10, atol=1e-12)
     assert counter.frame_count == 1 and counter.op_count > 0  # the calculator went through the compiled graph
+
+
+@pytest.mark.slow
+def test_inductor_compiles_and_equals_eager():
+    """The default backend (inductor: C++ kernels built with the machine's compiler, ~40 s cold on 2 CPU cores, a
+    few seconds from inductor's on-disk cache) gives the eager model's energy and forces in float64."""
+    torch._dynamo.reset()
+    model = tiny_model()
+    g = graph(molecule("CH3COOH"), model.config.r_max)
+    out, ref = compile_model(model)(g), model(g, compute_forces=True)
+    np.testing.assert_allclose(out["energy"].numpy(), ref["energy"].detach().numpy(), rtol=1e-12)
+    np.testing.assert_allclose(out["forces"].numpy(), ref["forces"].detach().numpy(), rtol=1e-10, atol=1e-12)
