@@ -282,6 +282,11 @@ def add_lora(model: FoundationModel, rank: int, alpha: float, seed: int = 0,
     return targets
 
 
+def lora_keys(keys) -> list[str]:
+    """The state-dict keys among ``keys`` that belong to unmerged LoRA adapters (``add_lora``'s parametrizations)."""
+    return sorted(k for k in keys if ".parametrizations." in k or ".lora_" in k)
+
+
 def has_lora(model: nn.Module) -> bool:
     return any(isinstance(m, LoRA) for m in model.modules())
 

@@ -65,21 +65,22 @@ def read_dump(dump_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return hyper, tensors
 
 
-def run_dumper(model_file: Path, mace_python: str, out_dir: Path) -> None:
-    """Run ``mace_dump.py`` under ``mace_python`` (the mace-torch environment) to dump ``model_file``."""
+def run_mace_side(mace_python: str, *args: str) -> str:
+    """``mace_dump.py ARGS`` under ``mace_python`` (the mace-torch environment, never this one: PYTHONPATH is
+    dropped); returns its stdout. A missing interpreter, one without mace-torch, or a failure is a ValueError."""
     if not Path(mace_python).is_file():
         raise ValueError(f"--mace-python {mace_python} does not exist; create a mace-torch venv with "
                          "`bash scripts/setup_mace_venv.sh DIR` and pass DIR/bin/python")
     env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
     env.pop("PYTHONPATH", None)
-    proc = subprocess.run([mace_python, str(DUMPER), str(model_file), str(out_dir)], env=env, capture_output=True,
-                          text=True, timeout=3600)
+    proc = subprocess.run([mace_python, str(DUMPER), *args], env=env, capture_output=True, text=True, timeout=3600)
     if proc.returncode == 3:
         raise ValueError(f"--mace-python {mace_python} cannot import mace-torch; install it there "
                          "(bash scripts/setup_mace_venv.sh DIR) or pass the python of a mace-torch environment")
     if proc.returncode != 0:
-        raise ValueError(f"the mace dumper failed on {model_file} (exit {proc.returncode}): "
+        raise ValueError(f"mace_dump.py {' '.join(args)} failed in the mace environment (exit {proc.returncode}): "
                          f"{proc.stderr.strip()[-1500:]}")
+    return proc.stdout
 
 
 def family_of(hyper: dict) -> str:
@@ -145,7 +146,7 @@ def import_mace(source: str | Path, out: str | Path, mace_python: str | None = N
                 raise ValueError(f"{source} is a mace .model file (a pickle, never opened here): pass --mace-python "
                                  "PYTHON of a mace-torch environment to dump it, or pass a dump directory")
             dump = Path(tmp) / "dump"
-            run_dumper(source, mace_python, dump)
+            run_mace_side(mace_python, str(source), str(dump))
         hyper, tensors = read_dump(dump)
         model = build_model(hyper, tensors)
         src = hyper.get("source") or {}

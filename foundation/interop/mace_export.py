@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import tempfile
 from pathlib import Path
 
@@ -24,15 +22,20 @@ import torch
 
 from ..model.config import ModelConfig
 from ..nn.cg import conv_paths, coupling_trees, symmetric_basis, symmetrize
-from .mace import DUMPER
-from .mace_weights import act_ratio, readout_factor, w3j_signs
+from .mace import run_mace_side
+from .mace_weights import act_ratio, grouped_paths, readout_factor, w3j_signs
 
 F64 = torch.float64
 
 
-def lora_keys(keys) -> list[str]:
-    """State-dict keys of unmerged LoRA adapters (``finetune.surgery.add_lora`` parametrizations)."""
-    return sorted(k for k in keys if ".parametrizations." in k or ".lora_" in k)
+def refuse_lora(keys, where: str) -> None:
+    """ValueError naming the first unmerged LoRA adapter among the state-dict ``keys`` of ``where``, if any."""
+    from ..finetune.surgery import lora_keys
+    adapters = lora_keys(keys)
+    if adapters:
+        raise ValueError(f"{where} has unmerged LoRA adapters ({adapters[0]}, ... {len(adapters)} tensors), which "
+                         "mace-torch cannot express; merge them first (foundation.finetune.surgery.merged_copy, or "
+                         "export the fine-tune run's saved model, whose adapters are merged)")
 
 
 def check_exportable(model_or_config, keys=None) -> None:
@@ -41,11 +44,7 @@ def check_exportable(model_or_config, keys=None) -> None:
     cfg = model_or_config if isinstance(model_or_config, ModelConfig) else model_or_config.config
     if keys is None and not isinstance(model_or_config, ModelConfig):
         keys = model_or_config.state_dict().keys()
-    adapters = lora_keys(keys or [])
-    if adapters:
-        raise ValueError(f"this model has unmerged LoRA adapters ({adapters[0]}, ... {len(adapters)} tensors), which "
-                         "mace-torch cannot express; merge them first (foundation.finetune.surgery.merged_copy, or "
-                         "export the fine-tune run's saved model, whose adapters are merged)")
+    refuse_lora(keys or [], "this model")
     if cfg.energy_form != "mace":
         raise ValueError("this model uses foundation's faded energy assembly (isolated atoms get exactly E0), which "
                          "mace-torch cannot express; only imported mace models and their fine-tunes export")
@@ -60,19 +59,6 @@ def check_exportable(model_or_config, keys=None) -> None:
     p = (cfg.pair_repulsion or {}).get("p", 5)
     if p != int(p):
         raise ValueError(f"pair_repulsion p = {p} is not an integer; mace-torch's ZBLBasis stores p as an integer")
-
-
-def _run(mace_python: str, *args: str) -> str:
-    if not Path(mace_python).is_file():
-        raise ValueError(f"--mace-python {mace_python} does not exist; bash scripts/setup_mace_venv.sh DIR")
-    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
-    env.pop("PYTHONPATH", None)
-    proc = subprocess.run([mace_python, str(DUMPER), *args], env=env, capture_output=True, text=True, timeout=3600)
-    if proc.returncode == 3:
-        raise ValueError(f"--mace-python {mace_python} cannot import mace-torch")
-    if proc.returncode != 0:
-        raise ValueError(f"the mace side failed (exit {proc.returncode}): {proc.stderr.strip()[-1500:]}")
-    return proc.stdout
 
 
 def _signs_of_columns(nu: int, max_ell: int, L: int, signs: dict) -> torch.Tensor:
@@ -100,8 +86,7 @@ def _interaction(cfg: ModelConfig, sd: dict, t: int, ratio: float) -> dict:
         if k > 0:
             w = w / ratio
         if k == n_layers - 1:
-            ours = [(l1, l2, l3) for l1, l3 in sorted({(p[0], p[2]) for p in paths})
-                    for l2 in sorted(p[1] for p in paths if (p[0], p[2]) == (l1, l3))]
+            ours = grouped_paths(paths)
             w = w.view(w.shape[0], len(paths), c)[:, [ours.index(p) for p in paths]].reshape(w.shape[0], -1)
         out[f"{pre}.conv_tp_weights.layer{k}.weight"] = w
     out[f"{pre}.linear.weight"] = torch.cat([sd[f"{pre}.linear.{l3}"].reshape(-1) for l3 in range(cfg.max_ell + 1)])
@@ -240,10 +225,7 @@ def _load(model) -> object:
     weights = Path(model) / "model.safetensors"
     if weights.is_file():
         with safe_open(str(weights), "pt") as f:
-            adapters = lora_keys(f.keys())
-        if adapters:
-            raise ValueError(f"{weights} holds unmerged LoRA adapters ({adapters[0]}, ...), which mace-torch cannot "
-                             "express; export a saved model whose adapters are merged (a fine-tune run's model/)")
+            refuse_lora(f.keys(), str(weights))
     return FoundationModel.from_pretrained(model)
 
 
@@ -256,7 +238,7 @@ def export_mace(model, out_file: str | Path, mace_python: str) -> Path:
     out_file = Path(out_file)
     if out_file.exists():
         raise ValueError(f"--out {out_file} exists; choose a new file")
-    env = json.loads(_run(mace_python, "--environment").strip().splitlines()[-1])
+    env = json.loads(run_mace_side(mace_python, "--environment").strip().splitlines()[-1])
     cls = mace_class(model.config, (getattr(model, "hub_metadata", None) or {}).get("provenance"))
     tensors = mace_tensors(model, w3j_signs(env["w3j_signature"]), env["act_constant"], cls)
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +247,7 @@ def export_mace(model, out_file: str | Path, mace_python: str) -> Path:
         (Path(tmp) / "export.json").write_text(json.dumps(spec))
         staged = out_file.with_name(f".{out_file.name}.partial")
         try:
-            _run(mace_python, "--build", tmp, str(staged))
+            run_mace_side(mace_python, "--build", tmp, str(staged))
             staged.rename(out_file)
         finally:
             staged.unlink(missing_ok=True)

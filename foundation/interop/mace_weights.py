@@ -31,6 +31,13 @@ def readout_factor(act: float, hidden: int, n_heads: int) -> float:
     return act_ratio(act) * (hidden / (hidden * n_heads)) ** 0.5
 
 
+def grouped_paths(paths: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """Our order of the convolution paths (l1, l2, l3) in the radial MLP's output columns: grouped by (l1, l3), then
+    l2; ``paths`` is mace's instruction order (sorted by l3, then l1, l2)."""
+    return [(l1, l2, l3) for l1, l3 in sorted({(p[0], p[2]) for p in paths})
+            for l2 in sorted(p[1] for p in paths if (p[0], p[2]) == (l1, l3))]
+
+
 def _get(tensors: dict, key: str, shape: tuple | None = None) -> torch.Tensor:
     if key not in tensors:
         raise ValueError(f"model.safetensors of the dump has no tensor {key!r}; the dump is incomplete or from "
@@ -166,9 +173,7 @@ def _interaction(tensors: dict, cfg: ModelConfig, t: int, ratio: float, hyper: d
         if k > 0:
             w = w * ratio
         if k == len(sizes) - 1:  # columns: mace's instructions (sorted by l3, then l1, l2) -> our (l1, l3) groups
-            ours = [(l1, l2, l3) for l1, l3 in sorted({(p[0], p[2]) for p in paths})
-                    for l2 in sorted(p[1] for p in paths if (p[0], p[2]) == (l1, l3))]
-            w = w.view(sizes[k], len(paths), c)[:, [paths.index(p) for p in ours]].reshape(sizes[k], -1)
+            w = w.view(sizes[k], len(paths), c)[:, [paths.index(p) for p in grouped_paths(paths)]].reshape(sizes[k], -1)
         out[f"interactions.{t}.radial.weights.{k}"] = w
     counts = [sum(1 for p in paths if p[2] == l3) for l3 in range(cfg.max_ell + 1)]
     blocks = [(c, c)] * len(paths)
